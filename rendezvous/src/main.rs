@@ -1,0 +1,92 @@
+//! The `natter-rendezvous` command: run a rendezvous server.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use natter_rendezvous::rate_limit::RateLimit;
+use natter_rendezvous::{driver, Config, Server};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Rendezvous server for natter peers: sees their external addresses, introduces them, answers STUN"
+)]
+struct Cli {
+    /// Address to listen on; repeat for several. `[::]:PORT` is dual-stack.
+    #[arg(long, default_value = "0.0.0.0:7777")]
+    bind: Vec<SocketAddr>,
+    /// Seconds between the refreshes peers must send.
+    #[arg(long, default_value_t = 15)]
+    refresh_secs: u64,
+    /// A registration expires after this many missed refreshes.
+    #[arg(long, default_value_t = 3)]
+    missed_refreshes: u32,
+    /// Most peers registered at once.
+    #[arg(long, default_value_t = 100_000)]
+    max_peers: usize,
+    /// Sustained datagrams per second accepted from one source IP (IPv6: /64).
+    #[arg(long, default_value_t = 20.0)]
+    rate_per_ip: f32,
+    /// Burst of datagrams accepted from one source IP.
+    #[arg(long, default_value_t = 40.0)]
+    burst_per_ip: f32,
+    /// Seconds between stats lines in the log (0: none).
+    #[arg(long, default_value_t = 60)]
+    stats_secs: u64,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let config = Config {
+        refresh_interval: Duration::from_secs(cli.refresh_secs.max(1)),
+        missed_refreshes: cli.missed_refreshes.max(1),
+        max_peers: cli.max_peers,
+        rate_limit: RateLimit {
+            per_second: cli.rate_per_ip,
+            burst: cli.burst_per_ip.max(1.0),
+            max_sources: 65_536,
+        },
+    };
+    let sockets = driver::bind(&cli.bind).context("cannot start the rendezvous")?;
+    for socket in &sockets {
+        tracing::info!(addr = %socket.local_addr()?, "listening");
+    }
+    let stats_every = (cli.stats_secs > 0).then(|| Duration::from_secs(cli.stats_secs));
+    driver::run(sockets, Server::new(config), stats_every, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,157 @@
+//! Per-source token buckets, so one address cannot monopolise the server.
+//!
+//! IPv6 sources are keyed by their /64, since one host usually owns a whole
+//! /64 and could otherwise rotate through it. The table is capped: when it is
+//! full, sources without a bucket share one overflow bucket, so a flood of
+//! spoofed addresses costs bounded memory and only throttles other new
+//! sources while it lasts. Idle buckets are reclaimed by `sweep`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimit {
+    /// Datagrams per second each source may send, sustained.
+    pub per_second: f32,
+    /// Datagrams a source may send in a burst.
+    pub burst: f32,
+    /// Most sources tracked at once.
+    pub max_sources: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f32,
+    updated: Instant,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Instant, limit: &RateLimit) {
+        let elapsed = now.saturating_duration_since(self.updated).as_secs_f32();
+        self.tokens = (self.tokens + elapsed * limit.per_second).min(limit.burst);
+        self.updated = now;
+    }
+
+    fn take(&mut self, now: Instant, limit: &RateLimit) -> bool {
+        self.refill(now, limit);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct RateLimiter {
+    limit: RateLimit,
+    buckets: HashMap<IpAddr, Bucket>,
+    overflow: Option<Bucket>,
+}
+
+impl RateLimiter {
+    pub fn new(limit: RateLimit) -> Self {
+        Self {
+            limit,
+            buckets: HashMap::new(),
+            overflow: None,
+        }
+    }
+
+    /// Takes one token for `source`; false means drop the datagram.
+    pub fn allow(&mut self, now: Instant, source: IpAddr) -> bool {
+        let key = bucket_key(source);
+        let fresh = Bucket {
+            tokens: self.limit.burst,
+            updated: now,
+        };
+        if let Some(bucket) = self.buckets.get_mut(&key) {
+            return bucket.take(now, &self.limit);
+        }
+        if self.buckets.len() < self.limit.max_sources {
+            return self
+                .buckets
+                .entry(key)
+                .or_insert(fresh)
+                .take(now, &self.limit);
+        }
+        self.overflow.get_or_insert(fresh).take(now, &self.limit)
+    }
+
+    /// Forgets sources whose bucket has refilled: they are idle.
+    pub fn sweep(&mut self, now: Instant) {
+        let limit = self.limit;
+        self.buckets.retain(|_, bucket| {
+            bucket.refill(now, &limit);
+            bucket.tokens < limit.burst
+        });
+        if self.buckets.len() < limit.max_sources {
+            self.overflow = None;
+        }
+    }
+
+    pub fn tracked_sources(&self) -> usize {
+        self.buckets.len()
+    }
+}
+
+fn bucket_key(source: IpAddr) -> IpAddr {
+    match source.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(prefix.into())
+        }
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const LIMIT: RateLimit = RateLimit {
+        per_second: 10.0,
+        burst: 5.0,
+        max_sources: 2,
+    };
+
+    #[test]
+    fn burst_then_refill() {
+        let mut limiter = RateLimiter::new(LIMIT);
+        let t0 = Instant::now();
+        let ip: IpAddr = "198.51.100.1".parse().unwrap();
+        assert!((0..5).all(|_| limiter.allow(t0, ip)));
+        assert!(!limiter.allow(t0, ip));
+        // 10 per second: one token after 100 ms.
+        assert!(limiter.allow(t0 + Duration::from_millis(100), ip));
+        assert!(!limiter.allow(t0 + Duration::from_millis(100), ip));
+    }
+
+    #[test]
+    fn ipv6_sources_share_their_slash_64() {
+        let mut limiter = RateLimiter::new(LIMIT);
+        let t0 = Instant::now();
+        for i in 0..5u16 {
+            let ip = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, i));
+            assert!(limiter.allow(t0, ip));
+        }
+        let sibling = "2001:db8:0:1::ffff".parse().unwrap();
+        assert!(!limiter.allow(t0, sibling));
+        assert_eq!(limiter.tracked_sources(), 1);
+    }
+
+    #[test]
+    fn table_is_capped_and_swept() {
+        let mut limiter = RateLimiter::new(LIMIT);
+        let t0 = Instant::now();
+        for i in 0..100u32 {
+            limiter.allow(t0, IpAddr::V4(i.into()));
+        }
+        assert_eq!(limiter.tracked_sources(), LIMIT.max_sources);
+        limiter.sweep(t0 + Duration::from_secs(1));
+        assert_eq!(limiter.tracked_sources(), 0);
+    }
+}

@@ -1,0 +1,104 @@
+//! Counters for the periodic stats line and for tests that account for every
+//! datagram: `datagrams_in == accepted + refused + dropped`.
+
+use std::fmt;
+
+/// Why a datagram was dropped without a reply (or with only a version notice).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    RateLimited,
+    UnknownProtocol,
+    StunMalformed,
+    StunNotBindingRequest,
+    UnsupportedVersion,
+    WrongKind,
+    Malformed,
+    Unpadded,
+    BadToken,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 9] = [
+        Self::RateLimited,
+        Self::UnknownProtocol,
+        Self::StunMalformed,
+        Self::StunNotBindingRequest,
+        Self::UnsupportedVersion,
+        Self::WrongKind,
+        Self::Malformed,
+        Self::Unpadded,
+        Self::BadToken,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limited",
+            Self::UnknownProtocol => "unknown_protocol",
+            Self::StunMalformed => "stun_malformed",
+            Self::StunNotBindingRequest => "stun_not_binding_request",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::WrongKind => "wrong_kind",
+            Self::Malformed => "malformed",
+            Self::Unpadded => "unpadded",
+            Self::BadToken => "bad_token",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Datagrams that did what they asked (registered, refreshed, left, STUN).
+    pub accepted: u64,
+    /// Datagrams answered with an error (room full, server full, bad token).
+    pub refused: u64,
+    drops: [u64; DropReason::ALL.len()],
+    pub registrations: u64,
+    pub introductions: u64,
+    pub stun_responses: u64,
+    pub expired: u64,
+}
+
+impl Stats {
+    pub fn drop(&mut self, reason: DropReason) {
+        self.drops[reason as usize] += 1;
+    }
+
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize]
+    }
+
+    pub fn dropped_total(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "in={} out={} bytes_in={} bytes_out={} accepted={} refused={} registrations={} introductions={} stun={} expired={} dropped={}",
+            self.datagrams_in,
+            self.datagrams_out,
+            self.bytes_in,
+            self.bytes_out,
+            self.accepted,
+            self.refused,
+            self.registrations,
+            self.introductions,
+            self.stun_responses,
+            self.expired,
+            self.dropped_total(),
+        )?;
+        for reason in DropReason::ALL {
+            let count = self.dropped(reason);
+            if count > 0 {
+                write!(f, " drop_{}={count}", reason.name())?;
+            }
+        }
+        Ok(())
+    }
+}

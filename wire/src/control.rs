@@ -1,0 +1,365 @@
+//! Control messages between a peer and the rendezvous server.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::{expect_kind, push_header, FrameKind, WireError, MAX_DATAGRAM};
+
+/// Longest room code the rendezvous accepts, in bytes.
+pub const MAX_ROOM_CODE: usize = 64;
+
+/// Most host candidates one peer may advertise.
+pub const MAX_HOST_CANDIDATES: usize = 8;
+
+/// Every `Register` datagram is padded with zeros to this size, and the
+/// rendezvous ignores shorter ones. No reply is ever larger (a test checks the
+/// largest possible `Introduce`), so the server cannot be used to amplify a
+/// spoofed flood, as QUIC pads its Initial packets for the same reason.
+pub const REGISTER_PADDED_LEN: usize = 256;
+
+fn codec() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_DATAGRAM>()
+}
+
+/// The name of a meeting room on the rendezvous: opaque bytes, at most
+/// [`MAX_ROOM_CODE`] long.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RoomCode(Vec<u8>);
+
+impl RoomCode {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Self, WireError> {
+        let code = Self(bytes.into());
+        code.check()?;
+        Ok(code)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn check(&self) -> Result<(), WireError> {
+        check_len("room code", self.0.len(), MAX_ROOM_CODE)
+    }
+}
+
+/// A peer asks to be (or stay) registered in a room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    pub room: RoomCode,
+    /// Addresses of the peer's own interfaces, for peers on the same LAN.
+    pub host_candidates: Vec<SocketAddr>,
+    /// Echoed in the reply so the peer can match it to this request.
+    pub client_nonce: u64,
+    /// The token from an earlier `Registered`: proves a refresh comes from the
+    /// peer that registered, so nobody else can redirect or evict it.
+    pub peer_token: Option<u64>,
+}
+
+/// Datagrams a peer sends to the rendezvous.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    Register(Register),
+    Leave { room: RoomCode, peer_token: u64 },
+}
+
+/// Which side of the pair drives path nomination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Controlling,
+    Controlled,
+}
+
+/// Why the rendezvous refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerErrorKind {
+    /// The room already holds two peers.
+    RoomFull,
+    /// The server is at its configured peer limit.
+    ServerFull,
+    /// The `peer_token` does not match the registration it names.
+    BadToken,
+}
+
+impl std::fmt::Display for ServerErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::RoomFull => "the room already holds two peers",
+            Self::ServerFull => "the rendezvous is at its peer limit",
+            Self::BadToken => "the registration token was not accepted",
+        })
+    }
+}
+
+/// Datagrams the rendezvous sends to a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    Registered {
+        client_nonce: u64,
+        /// The peer's address as the server saw it in `recv_from`.
+        reflexive: SocketAddr,
+        peer_token: u64,
+        refresh_interval_ms: u32,
+    },
+    /// Sent to both peers of a room at once, so their punch bursts start
+    /// together.
+    Introduce {
+        session_id: u64,
+        your_role: Role,
+        other_reflexive: SocketAddr,
+        other_host_candidates: Vec<SocketAddr>,
+    },
+    Error {
+        client_nonce: u64,
+        kind: ServerErrorKind,
+    },
+}
+
+impl ClientMessage {
+    /// Encodes the message; `Register` is padded to [`REGISTER_PADDED_LEN`].
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        self.check()?;
+        let mut out = encode_frame(FrameKind::ToServer, self)?;
+        if let Self::Register(_) = self {
+            out.resize(out.len().max(REGISTER_PADDED_LEN), 0);
+        }
+        Ok(out)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let message: Self = decode_body(expect_kind(bytes, FrameKind::ToServer)?)?;
+        message.check()?;
+        Ok(message)
+    }
+
+    fn check(&self) -> Result<(), WireError> {
+        match self {
+            Self::Register(register) => {
+                register.room.check()?;
+                check_len(
+                    "host candidate list",
+                    register.host_candidates.len(),
+                    MAX_HOST_CANDIDATES,
+                )
+            }
+            Self::Leave { room, .. } => room.check(),
+        }
+    }
+}
+
+impl ServerMessage {
+    pub fn encode(&self) -> Result<Vec<u8>, WireError> {
+        if let Self::Introduce {
+            other_host_candidates,
+            ..
+        } = self
+        {
+            check_len(
+                "host candidate list",
+                other_host_candidates.len(),
+                MAX_HOST_CANDIDATES,
+            )?;
+        }
+        encode_frame(FrameKind::FromServer, self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        decode_body(expect_kind(bytes, FrameKind::FromServer)?)
+    }
+
+    /// The reply to a frame of another protocol version: a bare header with
+    /// this build's version and no body. Its layout never changes, so a peer
+    /// of any version decodes it as `UnsupportedVersion { got: ours }` and can
+    /// say which version the server speaks.
+    pub fn version_notice() -> [u8; 2] {
+        [FrameKind::FromServer as u8, super::VERSION]
+    }
+}
+
+fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), WireError> {
+    if len > max {
+        return Err(WireError::LimitExceeded { field, len, max });
+    }
+    Ok(())
+}
+
+fn encode_frame(kind: FrameKind, message: &impl Serialize) -> Result<Vec<u8>, WireError> {
+    let mut out = Vec::with_capacity(64);
+    push_header(&mut out, kind);
+    bincode::serde::encode_into_std_write(message, &mut out, codec())
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    if out.len() > MAX_DATAGRAM {
+        return Err(WireError::TooLarge(out.len()));
+    }
+    Ok(out)
+}
+
+fn decode_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
+    let (message, used) = bincode::serde::decode_from_slice(body, codec())
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    if body[used..].iter().any(|&b| b != 0) {
+        return Err(WireError::TrailingGarbage);
+    }
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn v6(i: u16) -> SocketAddr {
+        SocketAddr::new(
+            std::net::Ipv6Addr::new(0xffff, i, i, i, i, i, i, 0xffff).into(),
+            65535,
+        )
+    }
+
+    fn register() -> ClientMessage {
+        ClientMessage::Register(Register {
+            room: RoomCode::new(*b"7-crossword").unwrap(),
+            host_candidates: vec!["192.168.1.5:4000".parse().unwrap(), v6(1)],
+            client_nonce: 42,
+            peer_token: Some(u64::MAX),
+        })
+    }
+
+    fn largest_introduce() -> ServerMessage {
+        ServerMessage::Introduce {
+            session_id: u64::MAX,
+            your_role: Role::Controlled,
+            other_reflexive: v6(0xffff),
+            other_host_candidates: (0..MAX_HOST_CANDIDATES as u16).map(v6).collect(),
+        }
+    }
+
+    #[test]
+    fn client_messages_round_trip() {
+        let leave = ClientMessage::Leave {
+            room: RoomCode::new(vec![0xff; MAX_ROOM_CODE]).unwrap(),
+            peer_token: 1,
+        };
+        for message in [register(), leave] {
+            let bytes = message.encode().unwrap();
+            assert_eq!(ClientMessage::decode(&bytes).unwrap(), message);
+        }
+    }
+
+    #[test]
+    fn server_messages_round_trip() {
+        let messages = [
+            ServerMessage::Registered {
+                client_nonce: 9,
+                reflexive: "203.0.113.7:61000".parse().unwrap(),
+                peer_token: 77,
+                refresh_interval_ms: 15_000,
+            },
+            largest_introduce(),
+            ServerMessage::Error {
+                client_nonce: 3,
+                kind: ServerErrorKind::RoomFull,
+            },
+        ];
+        for message in messages {
+            let bytes = message.encode().unwrap();
+            assert_eq!(ServerMessage::decode(&bytes).unwrap(), message);
+        }
+    }
+
+    #[test]
+    fn register_is_padded_and_no_reply_is_larger() {
+        let register = register().encode().unwrap();
+        assert_eq!(register.len(), REGISTER_PADDED_LEN);
+        let introduce = largest_introduce().encode().unwrap();
+        assert!(
+            introduce.len() <= REGISTER_PADDED_LEN,
+            "largest Introduce is {} bytes",
+            introduce.len()
+        );
+    }
+
+    #[test]
+    fn limits_are_enforced_on_encode_and_decode() {
+        assert!(matches!(
+            RoomCode::new(vec![0; MAX_ROOM_CODE + 1]),
+            Err(WireError::LimitExceeded { .. })
+        ));
+        let too_many = ClientMessage::Register(Register {
+            room: RoomCode::new(*b"r").unwrap(),
+            host_candidates: vec!["10.0.0.1:1".parse().unwrap(); MAX_HOST_CANDIDATES + 1],
+            client_nonce: 0,
+            peer_token: None,
+        });
+        assert!(matches!(
+            too_many.encode(),
+            Err(WireError::LimitExceeded { .. })
+        ));
+        // Forge the same message by hand: the decoder must refuse it too.
+        let mut forged = vec![FrameKind::ToServer as u8, crate::VERSION];
+        bincode::serde::encode_into_std_write(&too_many, &mut forged, codec()).unwrap();
+        assert!(matches!(
+            ClientMessage::decode(&forged),
+            Err(WireError::LimitExceeded { .. })
+        ));
+    }
+
+    #[test]
+    fn hostile_length_prefix_is_refused_without_allocating() {
+        // Register, room code claiming u64::MAX bytes.
+        let mut bytes = vec![FrameKind::ToServer as u8, crate::VERSION, 0];
+        bytes.extend([0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(
+            ClientMessage::decode(&bytes),
+            Err(WireError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn padding_must_be_zero() {
+        let mut bytes = register().encode().unwrap();
+        *bytes.last_mut().unwrap() = 1;
+        assert_eq!(
+            ClientMessage::decode(&bytes),
+            Err(WireError::TrailingGarbage)
+        );
+    }
+
+    #[test]
+    fn version_notice_reads_as_unsupported_version_to_other_versions() {
+        let notice = ServerMessage::version_notice();
+        assert_eq!(
+            crate::split_header(&notice).map(|(kind, body)| (kind, body.len())),
+            Ok((FrameKind::FromServer, 0))
+        );
+        assert!(ServerMessage::decode(&notice).is_err());
+    }
+
+    #[test]
+    fn wrong_direction_is_refused() {
+        let bytes = register().encode().unwrap();
+        assert_eq!(
+            ServerMessage::decode(&bytes),
+            Err(WireError::WrongKind {
+                expected: FrameKind::FromServer,
+                got: FrameKind::ToServer
+            })
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..1400), kind in 0xC0u8..=0xCF) {
+            let _ = ClientMessage::decode(&bytes);
+            let _ = ServerMessage::decode(&bytes);
+            // Again with a valid header, so the body decoder is exercised.
+            if bytes.len() >= 2 {
+                bytes[0] = kind;
+                bytes[1] = crate::VERSION;
+                let _ = ClientMessage::decode(&bytes);
+                let _ = ServerMessage::decode(&bytes);
+            }
+        }
+    }
+}
