@@ -348,3 +348,390 @@ impl Server {
         self.transmits.push_back(Transmit { via, to, bytes });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DropReason;
+    use natter_wire::{MAX_HOST_CANDIDATES, VERSION};
+
+    const A: &str = "198.51.100.1:40000";
+    const B: &str = "203.0.113.2:50000";
+    const C: &str = "192.0.2.3:60000";
+
+    struct Harness {
+        server: Server,
+        now: Instant,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            Self::with_config(Config::default())
+        }
+
+        fn with_config(config: Config) -> Self {
+            Self {
+                server: Server::with_seed(config, 7),
+                now: Instant::now(),
+            }
+        }
+
+        fn advance(&mut self, by: Duration) {
+            self.now += by;
+            self.server.handle_timeout(self.now);
+        }
+
+        fn send(&mut self, from: &str, message: ClientMessage) -> Vec<(SocketAddr, ServerMessage)> {
+            self.send_raw(from, &message.encode().unwrap())
+        }
+
+        fn send_raw(&mut self, from: &str, bytes: &[u8]) -> Vec<(SocketAddr, ServerMessage)> {
+            self.server
+                .handle_datagram(self.now, 0, from.parse().unwrap(), bytes);
+            std::iter::from_fn(|| self.server.poll_transmit())
+                .map(|t| (t.to, ServerMessage::decode(&t.bytes).unwrap()))
+                .collect()
+        }
+
+        fn register(&mut self, from: &str, token: Option<u64>) -> Vec<(SocketAddr, ServerMessage)> {
+            self.send(from, register("room", token))
+        }
+
+        fn token(&mut self, from: &str) -> u64 {
+            match self.register(from, None).first() {
+                Some((_, ServerMessage::Registered { peer_token, .. })) => *peer_token,
+                other => panic!("expected Registered, got {other:?}"),
+            }
+        }
+    }
+
+    fn register(room: &str, peer_token: Option<u64>) -> ClientMessage {
+        ClientMessage::Register(Register {
+            room: RoomCode::new(room.as_bytes()).unwrap(),
+            host_candidates: vec!["192.168.1.10:40000".parse().unwrap()],
+            client_nonce: 5,
+            peer_token,
+        })
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn registration_reports_the_observed_address() {
+        let mut h = Harness::new();
+        let replies = h.register(A, None);
+        let [(
+            to,
+            ServerMessage::Registered {
+                client_nonce,
+                reflexive,
+                refresh_interval_ms,
+                ..
+            },
+        )] = replies.as_slice()
+        else {
+            panic!("unexpected replies {replies:?}");
+        };
+        assert_eq!((*to, *reflexive, *client_nonce), (addr(A), addr(A), 5));
+        assert_eq!(*refresh_interval_ms, 15_000);
+        assert_eq!((h.server.peers(), h.server.rooms()), (1, 1));
+    }
+
+    #[test]
+    fn second_peer_triggers_simultaneous_introduction() {
+        let mut h = Harness::new();
+        h.register(A, None);
+        let replies = h.register(B, None);
+        assert_eq!(replies.len(), 3, "{replies:?}");
+        assert!(matches!(replies[0], (to, ServerMessage::Registered { .. }) if to == addr(B)));
+        let introductions: Vec<_> = replies[1..]
+            .iter()
+            .map(|(to, message)| match message {
+                ServerMessage::Introduce {
+                    session_id,
+                    your_role,
+                    other_reflexive,
+                    other_host_candidates,
+                } => (
+                    *to,
+                    *session_id,
+                    *your_role,
+                    *other_reflexive,
+                    other_host_candidates.len(),
+                ),
+                other => panic!("expected Introduce, got {other:?}"),
+            })
+            .collect();
+        let (to_a, session_a, role_a, other_a, hosts_a) = introductions[0];
+        let (to_b, session_b, role_b, other_b, hosts_b) = introductions[1];
+        assert_eq!(
+            (to_a, other_a, role_a),
+            (addr(A), addr(B), Role::Controlling)
+        );
+        assert_eq!(
+            (to_b, other_b, role_b),
+            (addr(B), addr(A), Role::Controlled)
+        );
+        assert_eq!(session_a, session_b);
+        assert_eq!((hosts_a, hosts_b), (1, 1));
+        assert_eq!(h.server.stats().introductions, 1);
+    }
+
+    #[test]
+    fn third_peer_is_refused_with_room_full() {
+        let mut h = Harness::new();
+        h.register(A, None);
+        h.register(B, None);
+        let replies = h.register(C, None);
+        assert!(matches!(
+            replies.as_slice(),
+            [(
+                _,
+                ServerMessage::Error {
+                    kind: ServerErrorKind::RoomFull,
+                    ..
+                }
+            )]
+        ));
+        assert_eq!(h.server.peers(), 2);
+    }
+
+    #[test]
+    fn retried_register_from_same_address_keeps_the_token() {
+        let mut h = Harness::new();
+        let first = h.token(A);
+        assert_eq!(h.token(A), first);
+        assert_eq!(h.server.peers(), 1);
+    }
+
+    #[test]
+    fn refresh_repeats_a_lost_introduction() {
+        let mut h = Harness::new();
+        let token = h.token(A);
+        h.register(B, None);
+        let replies = h.register(A, Some(token));
+        assert!(matches!(
+            replies.as_slice(),
+            [
+                (_, ServerMessage::Registered { .. }),
+                (
+                    _,
+                    ServerMessage::Introduce {
+                        your_role: Role::Controlling,
+                        ..
+                    }
+                )
+            ]
+        ));
+    }
+
+    #[test]
+    fn registrations_expire_after_missed_refreshes() {
+        let mut h = Harness::new();
+        let token = h.token(A);
+        h.token(B);
+        // A keeps refreshing, B stays silent.
+        for _ in 0..4 {
+            h.advance(Duration::from_secs(15));
+            h.register(A, Some(token));
+        }
+        assert_eq!(h.server.peers(), 1);
+        assert_eq!(h.server.stats().expired, 1);
+        // B's slot is free again: a newcomer is introduced to A.
+        let replies = h.register(C, None);
+        assert_eq!(replies.len(), 3);
+        h.advance(Duration::from_secs(60));
+        assert_eq!((h.server.peers(), h.server.rooms()), (0, 0));
+    }
+
+    #[test]
+    fn refresh_and_leave_need_the_right_token() {
+        let mut h = Harness::new();
+        let token = h.token(A);
+        let replies = h.register(A, Some(token ^ 1));
+        assert!(matches!(
+            replies.as_slice(),
+            [(
+                _,
+                ServerMessage::Error {
+                    kind: ServerErrorKind::BadToken,
+                    ..
+                }
+            )]
+        ));
+        let room = RoomCode::new(*b"room").unwrap();
+        let forged = ClientMessage::Leave {
+            room: room.clone(),
+            peer_token: token ^ 1,
+        };
+        assert!(h.send(C, forged).is_empty());
+        assert_eq!(h.server.stats().dropped(DropReason::BadToken), 1);
+        assert_eq!(h.server.peers(), 1);
+        h.send(
+            A,
+            ClientMessage::Leave {
+                room,
+                peer_token: token,
+            },
+        );
+        assert_eq!((h.server.peers(), h.server.rooms()), (0, 0));
+    }
+
+    #[test]
+    fn a_spoofed_register_cannot_redirect_a_peer() {
+        let mut h = Harness::new();
+        h.token(A);
+        // Someone else claims the same room without the token: a new member,
+        // never a change to A's address.
+        h.register(C, None);
+        let replies = h.register(B, None);
+        assert!(matches!(
+            replies.as_slice(),
+            [(
+                _,
+                ServerMessage::Error {
+                    kind: ServerErrorKind::RoomFull,
+                    ..
+                }
+            )]
+        ));
+    }
+
+    #[test]
+    fn rebinding_updates_the_address_and_reintroduces() {
+        let mut h = Harness::new();
+        let token = h.token(A);
+        h.register(B, None);
+        let rebound = "198.51.100.1:40999";
+        let replies = h.register(rebound, Some(token));
+        assert_eq!(replies.len(), 3, "{replies:?}");
+        let introduced_to_b = replies.iter().find_map(|(to, m)| match m {
+            ServerMessage::Introduce {
+                other_reflexive, ..
+            } if *to == addr(B) => Some(*other_reflexive),
+            _ => None,
+        });
+        assert_eq!(introduced_to_b, Some(addr(rebound)));
+        assert_eq!(h.server.stats().introductions, 2);
+    }
+
+    #[test]
+    fn server_full_is_reported() {
+        let mut h = Harness::with_config(Config {
+            max_peers: 1,
+            ..Config::default()
+        });
+        h.register(A, None);
+        let replies = h.send(B, register("other", None));
+        assert!(matches!(
+            replies.as_slice(),
+            [(
+                _,
+                ServerMessage::Error {
+                    kind: ServerErrorKind::ServerFull,
+                    ..
+                }
+            )]
+        ));
+        assert_eq!(h.server.rooms(), 1);
+    }
+
+    #[test]
+    fn rate_limit_drops_floods_per_source() {
+        let mut h = Harness::new();
+        let request = stun::binding_request(stun::TransactionId::new([1; 12]));
+        let answered = (0..100).filter(|_| !h.send_raw_stun(A, &request)).count();
+        assert_eq!(answered, 40, "the burst allows 40");
+        assert_eq!(h.server.stats().dropped(DropReason::RateLimited), 60);
+        // Another source is unaffected, and A recovers with time.
+        assert!(!h.send_raw_stun(B, &request));
+        h.now += Duration::from_millis(100);
+        assert!(!h.send_raw_stun(A, &request));
+    }
+
+    impl Harness {
+        /// Sends a STUN request; true when nothing came back.
+        fn send_raw_stun(&mut self, from: &str, bytes: &[u8]) -> bool {
+            self.server.handle_datagram(self.now, 0, addr(from), bytes);
+            let reply = self.server.poll_transmit();
+            if let Some(reply) = &reply {
+                assert!(matches!(
+                    stun::parse(&reply.bytes),
+                    Ok(stun::Message::BindingSuccess { mapped, .. }) if mapped == addr(from)
+                ));
+            }
+            reply.is_none()
+        }
+    }
+
+    #[test]
+    fn unpadded_register_is_dropped() {
+        let mut h = Harness::new();
+        let mut bytes = register("room", None).encode().unwrap();
+        while bytes.last() == Some(&0) {
+            bytes.pop();
+        }
+        bytes.push(0); // the `peer_token: None` tag
+        assert!(h.send_raw(A, &bytes).is_empty());
+        assert_eq!(h.server.stats().dropped(DropReason::Unpadded), 1);
+    }
+
+    #[test]
+    fn other_versions_get_a_version_notice() {
+        let mut h = Harness::new();
+        let mut bytes = register("room", None).encode().unwrap();
+        bytes[1] = VERSION + 1;
+        h.server.handle_datagram(h.now, 0, addr(A), &bytes);
+        let reply = h.server.poll_transmit().unwrap();
+        assert_eq!(reply.bytes, ServerMessage::version_notice());
+        assert_eq!(h.server.stats().dropped(DropReason::UnsupportedVersion), 1);
+    }
+
+    #[test]
+    fn no_reply_is_larger_than_the_register_that_caused_it() {
+        let mut h = Harness::new();
+        let full = |peer_token| {
+            ClientMessage::Register(Register {
+                room: RoomCode::new(vec![b'x'; 64]).unwrap(),
+                host_candidates: vec!["[2001:db8::1]:65535".parse().unwrap(); MAX_HOST_CANDIDATES],
+                client_nonce: u64::MAX,
+                peer_token,
+            })
+        };
+        let a = "[2001:db8:1::1]:65535";
+        let first = full(None).encode().unwrap();
+        h.server.handle_datagram(h.now, 0, addr(a), &first);
+        let token = match ServerMessage::decode(&h.server.poll_transmit().unwrap().bytes) {
+            Ok(ServerMessage::Registered { peer_token, .. }) => peer_token,
+            other => panic!("{other:?}"),
+        };
+        h.server
+            .handle_datagram(h.now, 0, addr("[2001:db8:2::2]:65535"), &first);
+        while h.server.poll_transmit().is_some() {}
+        let refresh = full(Some(token)).encode().unwrap();
+        h.server.handle_datagram(h.now, 0, addr(a), &refresh);
+        let sent: usize = std::iter::from_fn(|| h.server.poll_transmit())
+            .map(|t| t.bytes.len())
+            .sum();
+        assert!(
+            sent <= refresh.len(),
+            "{sent} bytes sent for a {}-byte request",
+            refresh.len()
+        );
+    }
+
+    #[test]
+    fn every_datagram_is_accounted_for() {
+        let mut h = Harness::new();
+        h.register(A, None);
+        h.send_raw(A, b"garbage");
+        h.send_raw(A, &[0xC1, VERSION, 0xff]);
+        h.register(B, None);
+        h.register(C, None);
+        let stats = h.server.stats();
+        assert_eq!(stats.datagrams_in, 5);
+        assert_eq!(stats.accepted + stats.refused + stats.dropped_total(), 5);
+    }
+}

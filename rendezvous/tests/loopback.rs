@@ -1,0 +1,126 @@
+//! The rendezvous on real loopback sockets: two peers meet, and independent
+//! STUN clients learn their mapped address from it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use natter_rendezvous::{driver, Config};
+use natter_wire::{ClientMessage, Register, Role, RoomCode, ServerMessage};
+use tokio::net::UdpSocket;
+use tokio::time::timeout;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+async fn recv_message(socket: &UdpSocket) -> ServerMessage {
+    let mut buf = [0u8; 2048];
+    let (len, _) = timeout(WAIT, socket.recv_from(&mut buf))
+        .await
+        .expect("no reply from the rendezvous within 5 s")
+        .unwrap();
+    ServerMessage::decode(&buf[..len]).unwrap()
+}
+
+fn register(room: &str) -> Vec<u8> {
+    ClientMessage::Register(Register {
+        room: RoomCode::new(room.as_bytes()).unwrap(),
+        host_candidates: vec![],
+        client_nonce: 1,
+        peer_token: None,
+    })
+    .encode()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn two_peers_are_introduced_with_their_observed_addresses() {
+    let server = driver::start(&["127.0.0.1:0".parse().unwrap()], Config::default()).unwrap();
+    let rendezvous = server.local_addrs[0];
+    let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+
+    a.send_to(&register("loopback-room"), rendezvous)
+        .await
+        .unwrap();
+    let ServerMessage::Registered { reflexive, .. } = recv_message(&a).await else {
+        panic!("expected Registered");
+    };
+    assert_eq!(reflexive, a.local_addr().unwrap());
+
+    b.send_to(&register("loopback-room"), rendezvous)
+        .await
+        .unwrap();
+    assert!(matches!(
+        recv_message(&b).await,
+        ServerMessage::Registered { .. }
+    ));
+    let introduced = |message: ServerMessage| match message {
+        ServerMessage::Introduce {
+            session_id,
+            your_role,
+            other_reflexive,
+            ..
+        } => (session_id, your_role, other_reflexive),
+        other => panic!("expected Introduce, got {other:?}"),
+    };
+    let (session_a, role_a, other_of_a) = introduced(recv_message(&a).await);
+    let (session_b, role_b, other_of_b) = introduced(recv_message(&b).await);
+    assert_eq!(session_a, session_b);
+    assert_eq!((role_a, role_b), (Role::Controlling, Role::Controlled));
+    assert_eq!(other_of_a, b.local_addr().unwrap());
+    assert_eq!(other_of_b, a.local_addr().unwrap());
+
+    let stats = server.shutdown().await.unwrap();
+    assert_eq!(stats.introductions, 1);
+}
+
+#[tokio::test]
+async fn dual_stack_socket_reports_canonical_ipv4_addresses() {
+    let Ok(server) = driver::start(&["[::]:0".parse().unwrap()], Config::default()) else {
+        eprintln!("skipped: this machine cannot bind [::]");
+        return;
+    };
+    let port = server.local_addrs[0].port();
+    let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    a.send_to(
+        &register("v4-over-v6"),
+        SocketAddr::from(([127, 0, 0, 1], port)),
+    )
+    .await
+    .unwrap();
+    let ServerMessage::Registered { reflexive, .. } = recv_message(&a).await else {
+        panic!("expected Registered");
+    };
+    assert_eq!(reflexive, a.local_addr().unwrap());
+    server.shutdown().await.unwrap();
+}
+
+/// An independent STUN implementation (the `stun-client` crate, on
+/// async-std) learns its mapped address from the rendezvous.
+#[tokio::test]
+async fn stun_client_crate_gets_its_mapped_address() {
+    let server = driver::start(&["127.0.0.1:0".parse().unwrap()], Config::default()).unwrap();
+    let rendezvous = server.local_addrs[0];
+    let (local, mapped) = tokio::task::spawn_blocking(move || {
+        async_std::task::block_on(async move {
+            let socket = async_std::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .unwrap();
+            let local = socket.local_addr().unwrap();
+            let mut client = stun_client::Client::from_socket(std::sync::Arc::new(socket), None);
+            let response =
+                async_std::future::timeout(WAIT, client.binding_request(rendezvous, None))
+                    .await
+                    .expect("stun-client got no answer within 5 s")
+                    .expect("stun-client failed");
+            assert_eq!(response.get_class(), stun_client::Class::SuccessResponse);
+            (
+                local,
+                stun_client::Attribute::get_xor_mapped_address(&response),
+            )
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(mapped, Some(local));
+    assert_eq!(server.shutdown().await.unwrap().stun_responses, 1);
+}
