@@ -25,7 +25,7 @@ fn codec() -> impl bincode::config::Config {
 /// The name of a meeting room on the rendezvous: opaque bytes, at most
 /// [`MAX_ROOM_CODE`] long.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct RoomCode(Vec<u8>);
+pub struct RoomCode(#[serde(deserialize_with = "bounded::<_, MAX_ROOM_CODE, _>")] Vec<u8>);
 
 impl RoomCode {
     pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Self, WireError> {
@@ -48,6 +48,7 @@ impl RoomCode {
 pub struct Register {
     pub room: RoomCode,
     /// Addresses of the peer's own interfaces, for peers on the same LAN.
+    #[serde(deserialize_with = "bounded::<_, MAX_HOST_CANDIDATES, _>")]
     pub host_candidates: Vec<SocketAddr>,
     /// Echoed in the reply so the peer can match it to this request.
     pub client_nonce: u64,
@@ -107,6 +108,7 @@ pub enum ServerMessage {
         session_id: u64,
         your_role: Role,
         other_reflexive: SocketAddr,
+        #[serde(deserialize_with = "bounded::<_, MAX_HOST_CANDIDATES, _>")]
         other_host_candidates: Vec<SocketAddr>,
     },
     Error {
@@ -127,9 +129,7 @@ impl ClientMessage {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
-        let message: Self = decode_body(expect_kind(bytes, FrameKind::ToServer)?)?;
-        message.check()?;
-        Ok(message)
+        decode_body(expect_kind(bytes, FrameKind::ToServer)?)
     }
 
     fn check(&self) -> Result<(), WireError> {
@@ -174,6 +174,43 @@ impl ServerMessage {
     pub fn version_notice() -> [u8; 2] {
         [FrameKind::FromServer as u8, super::VERSION]
     }
+}
+
+/// Deserializes a sequence of at most `MAX` items, refusing longer ones
+/// before reading them. A plain `Vec` would reserve room for the claimed
+/// length first, letting a short datagram make the decoder allocate for
+/// hundreds of addresses.
+fn bounded<'de, T, const MAX: usize, D>(deserializer: D) -> Result<Vec<T>, D::Error>
+where
+    T: Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+{
+    struct BoundedVisitor<T, const MAX: usize>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>, const MAX: usize> serde::de::Visitor<'de> for BoundedVisitor<T, MAX> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a sequence of at most {MAX} items")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let claimed = seq.size_hint().unwrap_or(0);
+            if claimed > MAX {
+                return Err(serde::de::Error::invalid_length(claimed, &self));
+            }
+            let mut items = Vec::with_capacity(claimed);
+            while let Some(item) = seq.next_element()? {
+                if items.len() == MAX {
+                    return Err(serde::de::Error::invalid_length(MAX + 1, &self));
+                }
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+
+    deserializer.deserialize_seq(BoundedVisitor::<T, MAX>(std::marker::PhantomData))
 }
 
 fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), WireError> {
@@ -299,7 +336,7 @@ mod tests {
         bincode::serde::encode_into_std_write(&too_many, &mut forged, codec()).unwrap();
         assert!(matches!(
             ClientMessage::decode(&forged),
-            Err(WireError::LimitExceeded { .. })
+            Err(WireError::Malformed(reason)) if reason.contains("at most 8")
         ));
     }
 
