@@ -1,0 +1,7 @@
+//! Shared helpers for integration tests.
+//!
+//! Include from a test crate with `mod support;`. Not every test uses every
+//! helper, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+pub mod netns;
