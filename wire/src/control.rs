@@ -187,7 +187,9 @@ where
 {
     struct BoundedVisitor<T, const MAX: usize>(std::marker::PhantomData<T>);
 
-    impl<'de, T: Deserialize<'de>, const MAX: usize> serde::de::Visitor<'de> for BoundedVisitor<T, MAX> {
+    impl<'de, T: Deserialize<'de>, const MAX: usize> serde::de::Visitor<'de>
+        for BoundedVisitor<T, MAX>
+    {
         type Value = Vec<T>;
 
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -220,7 +222,10 @@ fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), WireErro
     Ok(())
 }
 
-fn encode_frame(kind: FrameKind, message: &impl Serialize) -> Result<Vec<u8>, WireError> {
+pub(crate) fn encode_frame(
+    kind: FrameKind,
+    message: &impl Serialize,
+) -> Result<Vec<u8>, WireError> {
     let mut out = Vec::with_capacity(64);
     push_header(&mut out, kind);
     bincode::serde::encode_into_std_write(message, &mut out, codec())
@@ -231,7 +236,7 @@ fn encode_frame(kind: FrameKind, message: &impl Serialize) -> Result<Vec<u8>, Wi
     Ok(out)
 }
 
-fn decode_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
+pub(crate) fn decode_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
     let (message, used) = bincode::serde::decode_from_slice(body, codec())
         .map_err(|e| WireError::Malformed(e.to_string()))?;
     if body[used..].iter().any(|&b| b != 0) {

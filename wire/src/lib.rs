@@ -22,13 +22,14 @@
 //! future protocol version yields [`WireError::UnsupportedVersion`], never a
 //! misparse.
 //!
-//! Control bodies are bincode 2 (serde) with a byte limit of [`MAX_DATAGRAM`]:
+//! Control and punch bodies are bincode 2 (serde) with a byte limit of [`MAX_DATAGRAM`]:
 //! a hostile length prefix can never make the decoder allocate more than one
 //! datagram's worth. Data frames are laid out by hand because they are on the
 //! hot path and their header is authenticated data for the AEAD seal.
 
 mod control;
 mod data;
+mod punch;
 pub mod stun;
 
 pub use control::{
@@ -36,6 +37,7 @@ pub use control::{
     MAX_ROOM_CODE, REGISTER_PADDED_LEN,
 };
 pub use data::{DataHeader, DATA_HEADER_LEN};
+pub use punch::PunchMessage;
 
 /// The protocol version this build speaks.
 pub const VERSION: u8 = 1;
@@ -58,6 +60,8 @@ pub enum FrameKind {
     ToServer = 0xC1,
     /// Rendezvous to peer: [`ServerMessage`].
     FromServer = 0xC2,
+    /// Peer to peer while punching: [`PunchMessage`].
+    Punch = 0xC3,
     /// Peer to peer session traffic: [`DataHeader`] then the payload.
     Data = 0xC4,
 }
@@ -67,6 +71,7 @@ impl FrameKind {
         match byte {
             0xC1 => Some(Self::ToServer),
             0xC2 => Some(Self::FromServer),
+            0xC3 => Some(Self::Punch),
             0xC4 => Some(Self::Data),
             _ => None,
         }
