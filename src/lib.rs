@@ -3,9 +3,27 @@
 //! The library is layered; each module can be read alone:
 //!
 //! - [`wire`]: every datagram on the wire (natter frames and STUN).
+//! - [`rendezvous_client`]: register at the rendezvous, learn the other peer.
+//! - [`punch`]: probe the other peer's candidates, nominate a working path.
+//! - [`reliable`]: the reliable, ordered channel over datagrams.
+//! - [`link`]: the three above as one state machine over one socket.
+//! - [`session`]: the tokio shell: [`Peer::builder`] connects and returns a
+//!   [`Session`].
+//! - [`candidates`]: this machine's interface addresses.
 //!
 //! Protocol logic lives in sans-IO state machines (no sockets, no clock, no
 //! tasks); thin tokio drivers own the sockets and timers. See
 //! `docs/ARCHITECTURE.md`.
 
 pub use natter_wire as wire;
+
+pub mod candidates;
+pub mod error;
+pub mod link;
+pub mod punch;
+pub mod reliable;
+pub mod rendezvous_client;
+pub mod session;
+
+pub use error::ConnectError;
+pub use session::{Error, Peer, PeerBuilder, Received, Session};

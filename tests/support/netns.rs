@@ -100,7 +100,13 @@ pub fn natlab_available() -> bool {
             if std::env::var(REQUIRE_ENV).as_deref() == Ok("1") {
                 panic!("{REQUIRE_ENV}=1 but natlab cannot run: {reason}");
             }
-            eprintln!("SKIPPED natlab test: {reason} (set {REQUIRE_ENV}=1 to make this a failure)");
+            // Straight to the process's stderr: the test harness captures
+            // `eprintln!` of passing tests, and a skip must show in CI logs.
+            use std::io::Write;
+            let _ = writeln!(
+                io::stderr().lock(),
+                "SKIPPED natlab test: {reason} (set {REQUIRE_ENV}=1 to make this a failure)"
+            );
             false
         }
     }
@@ -250,6 +256,26 @@ impl Lab {
         NsChild::spawn(&self.ns(host), program, args)
     }
 
+    /// Starts `program args...` in `host`'s namespace with stdin, stdout and
+    /// stderr piped (take them from the child); killed when the result is dropped.
+    pub fn spawn_piped<I, S>(
+        &self,
+        host: &str,
+        program: impl AsRef<OsStr>,
+        args: I,
+    ) -> io::Result<NsChild>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = ns_command(&self.ns(host), program);
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        NsChild::from_command(&mut cmd)
+    }
+
     /// Tears the lab down now (instead of at drop) and reports failure.
     pub fn down(mut self) -> io::Result<()> {
         self.teardown()
@@ -372,6 +398,25 @@ impl NsChild {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+impl NsChild {
+    /// Sends SIGTERM, waits up to `grace` for the child to exit, then kills it.
+    /// Returns the exit status.
+    pub fn terminate(&mut self, grace: Duration) -> io::Result<ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status);
+        }
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: plain kill(2) on our own, not yet reaped child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        if let Some(status) = self.wait_timeout(grace)? {
+            return Ok(status);
+        }
+        let _ = self.child.kill();
+        self.child.wait()
     }
 }
 

@@ -1,0 +1,170 @@
+//! The `natter` commands: argument parsing, logging set-up, and dispatch.
+
+mod chat;
+mod demo;
+mod pipe;
+mod report;
+mod stun;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use natter::link::LinkConfig;
+use natter::session::{Error, Peer, Session};
+use report::Reporter;
+use tokio::sync::mpsc;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Peer-to-peer messenger over UDP hole punching",
+    after_help = "Both peers run the same command with the same --code; a rendezvous \
+                  (natter-rendezvous) introduces them and they connect directly."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Interactive line chat with the other peer.
+    Chat(ConnectArgs),
+    /// Send stdin to the other peer and write what it sends to stdout,
+    /// byte-exact. Exits 0 once both directions have ended.
+    Pipe(ConnectArgs),
+    /// Run a rendezvous and two peers on loopback in this process, connect
+    /// them, exchange messages and a 10 MiB stream, and show the timings.
+    Demo,
+    /// Ask a STUN server (any natter rendezvous is one) for this machine's
+    /// external address, as seen from the server.
+    Stun {
+        /// STUN server, HOST:PORT.
+        server: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
+}
+
+#[derive(Args)]
+struct ConnectArgs {
+    /// Rendezvous server, HOST:PORT.
+    #[arg(long, env = "NATTER_RENDEZVOUS")]
+    rendezvous: String,
+    /// The code both peers use to find each other (at most 64 bytes).
+    #[arg(long)]
+    code: String,
+    /// Local address for the peer's one UDP socket.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    bind: SocketAddr,
+    /// Seconds to wait for the other peer to show up.
+    #[arg(long, default_value_t = 300)]
+    wait_secs: u64,
+    /// Milliseconds of punching before giving up on a direct path.
+    #[arg(long, default_value_t = 5000)]
+    punch_timeout_ms: u64,
+    /// Status as one JSON object per line on stderr.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("natter: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Chat(args) => connect_and(args, chat::run).await,
+            Command::Pipe(args) => connect_and(args, pipe::run).await,
+            Command::Demo => report_failure(Reporter { json: false }, demo::run().await),
+            Command::Stun { server, timeout_ms } => {
+                let result = stun::query(&server, Duration::from_millis(timeout_ms)).await;
+                report_failure(
+                    Reporter { json: false },
+                    result.map(|mapped| println!("{mapped}")),
+                )
+            }
+        }
+    })
+}
+
+/// Connects as `args` say, then hands the session to `run`.
+async fn connect_and<F, Fut>(args: ConnectArgs, run: F) -> ExitCode
+where
+    F: FnOnce(Session, Reporter) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let reporter = Reporter { json: args.json };
+    let mut config = LinkConfig::default();
+    config.rendezvous.wait_timeout = Duration::from_secs(args.wait_secs);
+    config.punch.timeout = Duration::from_millis(args.punch_timeout_ms);
+    let (progress_tx, mut progress) = mpsc::unbounded_channel();
+    let connecting = Peer::builder()
+        .rendezvous(args.rendezvous)
+        .code(args.code)
+        .bind(args.bind)
+        .config(config)
+        .progress(progress_tx)
+        .connect();
+    tokio::pin!(connecting);
+    let session = loop {
+        tokio::select! {
+            Some(step) = progress.recv() => reporter.progress(&step),
+            result = &mut connecting => break result,
+        }
+    };
+    while let Ok(step) = progress.try_recv() {
+        reporter.progress(&step);
+    }
+    let session = match session {
+        Ok(session) => session,
+        Err(error) => {
+            reporter.error(error_kind(&error), &error.to_string());
+            return ExitCode::FAILURE;
+        }
+    };
+    reporter.connected(&session.path());
+    report_failure(reporter, run(session, reporter).await)
+}
+
+fn report_failure(reporter: Reporter, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let kind = error.downcast_ref::<Error>().map_or("error", error_kind);
+            reporter.error(kind, &format!("{error:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn error_kind(error: &Error) -> &'static str {
+    match error {
+        Error::Connect(connect) => connect.kind(),
+        Error::Resolve { .. } | Error::NoRendezvous => "bad_rendezvous",
+        Error::BadCode(_) => "bad_code",
+        Error::TooLarge { .. } => "too_large",
+        Error::Closed(_) => "closed",
+        Error::Io(_) => "io",
+    }
+}
+
+/// Logs go to stderr only: stdout carries user data in pipe mode.
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,84 @@
+//! Status output on stderr: human lines, or one JSON object per line with
+//! `--json`. Stdout is left to user data.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use natter::punch::CandidateKind;
+use natter::session::{PathInfo, Progress};
+use serde_json::{json, Value};
+
+#[derive(Clone, Copy)]
+pub struct Reporter {
+    pub json: bool,
+}
+
+impl Reporter {
+    pub fn progress(&self, progress: &Progress) {
+        match progress {
+            Progress::Registered { reflexive } => self.emit(
+                json!({"event": "registered", "reflexive": reflexive.to_string()}),
+                format!("registered at the rendezvous; it sees this machine as {reflexive}; waiting for the other peer"),
+            ),
+            Progress::Introduced { candidates } => self.emit(
+                json!({"event": "introduced", "candidates": candidate_list(candidates)}),
+                format!("introduced to the other peer; punching towards {}", candidate_list(candidates).join(", ")),
+            ),
+        }
+    }
+
+    pub fn connected(&self, info: &PathInfo) {
+        let via = info.path.kind.as_str();
+        let elapsed_ms = info.elapsed.as_millis() as u64;
+        self.emit(
+            json!({
+                "event": "connected",
+                "path": "direct",
+                "remote": info.path.remote.to_string(),
+                "local": info.local.to_string(),
+                "via": via,
+                "elapsed_ms": elapsed_ms,
+            }),
+            format!(
+                "connected directly to {} ({via} candidate) in {elapsed_ms} ms",
+                info.path.remote
+            ),
+        );
+    }
+
+    pub fn closed(&self, reason: &str) {
+        self.emit(
+            json!({"event": "closed", "reason": reason}),
+            format!("closed: {reason}"),
+        );
+    }
+
+    pub fn error(&self, kind: &str, message: &str) {
+        self.emit(
+            json!({"event": "error", "kind": kind, "message": message}),
+            format!("error: {message}"),
+        );
+    }
+
+    pub fn transferred(&self, sent: u64, received: u64, elapsed: Duration) {
+        self.emit(
+            json!({"event": "transferred", "sent_bytes": sent, "received_bytes": received, "elapsed_ms": elapsed.as_millis() as u64}),
+            format!("sent {sent} bytes, received {received} bytes in {:.2} s", elapsed.as_secs_f64()),
+        );
+    }
+
+    fn emit(&self, json: Value, human: String) {
+        if self.json {
+            eprintln!("{json}");
+        } else {
+            eprintln!("natter: {human}");
+        }
+    }
+}
+
+fn candidate_list(candidates: &[(SocketAddr, CandidateKind)]) -> Vec<String> {
+    candidates
+        .iter()
+        .map(|(addr, kind)| format!("{} {addr}", kind.as_str()))
+        .collect()
+}

@@ -1,0 +1,53 @@
+//! Why connecting to the other peer failed, in words a user can act on.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use natter_wire::ServerErrorKind;
+
+use crate::punch::CandidateReport;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    #[error("rendezvous {server} did not answer within {} s: is the address right, the server running and UDP allowed?", waited.as_secs_f32())]
+    RendezvousUnreachable {
+        server: SocketAddr,
+        waited: Duration,
+    },
+    #[error("rendezvous {server} stopped answering ({} s of silence)", silent_for.as_secs())]
+    RendezvousLost {
+        server: SocketAddr,
+        silent_for: Duration,
+    },
+    #[error("rendezvous refused: {0}")]
+    Refused(ServerErrorKind),
+    #[error("protocol version mismatch: this natter speaks version {ours}, the other side version {theirs}; upgrade the older one")]
+    VersionMismatch { ours: u8, theirs: u8 },
+    #[error("nobody else joined the room within {} s", waited.as_secs())]
+    NoPeer { waited: Duration },
+    #[error("punching failed: no direct path to the other peer{}", reports(.0))]
+    PunchFailed(Vec<CandidateReport>),
+}
+
+impl ConnectError {
+    /// A short stable name for `--json` output.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::RendezvousUnreachable { .. } => "rendezvous_unreachable",
+            Self::RendezvousLost { .. } => "rendezvous_lost",
+            Self::Refused(ServerErrorKind::RoomFull) => "room_full",
+            Self::Refused(ServerErrorKind::ServerFull) => "server_full",
+            Self::Refused(ServerErrorKind::BadToken) => "bad_token",
+            Self::VersionMismatch { .. } => "version_mismatch",
+            Self::NoPeer { .. } => "no_peer",
+            Self::PunchFailed(_) => "punch_failed",
+        }
+    }
+}
+
+fn reports(reports: &[CandidateReport]) -> String {
+    if reports.is_empty() {
+        return " (the other peer advertised no candidates)".into();
+    }
+    reports.iter().map(|r| format!("\n  {r}")).collect()
+}

@@ -1,0 +1,605 @@
+//! Hole punching: find a path that works both ways between two peers.
+//!
+//! Both peers start at the same moment (the rendezvous introduced them
+//! together) and send probes to every candidate address of the other side:
+//! its host addresses and its reflexive address. An outgoing probe opens the
+//! sender's NAT towards that address; the other side's probes then get
+//! through, and each probe is answered with a `ProbeAck` sent to the address
+//! the probe came from as `recv_from` saw it. A candidate whose probe was
+//! acknowledged works both ways. A probe from an address that is not a known
+//! candidate (the other side is behind a NAT that maps each destination
+//! anew) adds it as a peer-reflexive candidate, as ICE does.
+//!
+//! The controlling peer then nominates the best working candidate (host
+//! before reflexive, then lowest round trip) and both switch to it.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use natter_wire::{PunchMessage, Role};
+
+#[derive(Debug, Clone)]
+pub struct PunchConfig {
+    /// Probe interval at the start, while both NATs are opening.
+    pub fast_interval: Duration,
+    /// How long to probe at `fast_interval` before backing off.
+    pub fast_phase: Duration,
+    /// Longest interval between probe rounds after backing off.
+    pub max_interval: Duration,
+    /// Give up when no path is nominated by then.
+    pub timeout: Duration,
+    /// How long the controlling peer waits after the first working candidate
+    /// for a better one (a host path) before nominating.
+    pub nomination_delay: Duration,
+}
+
+impl Default for PunchConfig {
+    fn default() -> Self {
+        Self {
+            fast_interval: Duration::from_millis(20),
+            fast_phase: Duration::from_millis(200),
+            max_interval: Duration::from_millis(500),
+            timeout: Duration::from_secs(5),
+            nomination_delay: Duration::from_millis(50),
+        }
+    }
+}
+
+/// How a candidate address was learned. The order is the preference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CandidateKind {
+    /// An interface address of the other peer (same LAN).
+    Host,
+    /// The other peer's address as the rendezvous saw it.
+    Reflexive,
+    /// An address the other peer's probes came from that it did not know.
+    PeerReflexive,
+}
+
+impl CandidateKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Host => "host",
+            Self::Reflexive => "reflexive",
+            Self::PeerReflexive => "peer-reflexive",
+        }
+    }
+}
+
+/// What happened on one candidate address; reported when punching fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CandidateReport {
+    pub addr: SocketAddr,
+    pub kind: CandidateKind,
+    pub probes_sent: u32,
+    pub acks_received: u32,
+    pub probes_received: u32,
+}
+
+impl fmt::Display for CandidateReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}: {} probes sent, {} acknowledged, {} received from it",
+            self.kind.as_str(),
+            self.addr,
+            self.probes_sent,
+            self.acks_received,
+            self.probes_received
+        )
+    }
+}
+
+/// The path punching settled on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Path {
+    pub remote: SocketAddr,
+    pub kind: CandidateKind,
+    /// Round trip of the probe that proved the path, if this side measured it.
+    pub rtt: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PunchEvent {
+    Connected(Path),
+    Failed(Vec<CandidateReport>),
+}
+
+#[derive(Debug)]
+struct Candidate {
+    report: CandidateReport,
+    rtt: Option<Duration>,
+}
+
+/// Probes in flight are remembered to pair acknowledgements with them and
+/// measure round trips; older ones are forgotten.
+const MAX_OUTSTANDING_PROBES: usize = 256;
+/// Most candidates tracked, so a flood of probes from random addresses
+/// cannot grow the state.
+const MAX_CANDIDATES: usize = 32;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Probing,
+    /// Controlling: nominated `candidate`, waiting for its acknowledgement.
+    Nominating {
+        candidate: usize,
+        nonce: u64,
+    },
+    Connected,
+    Failed,
+}
+
+pub struct Puncher {
+    config: PunchConfig,
+    session_id: u64,
+    role: Role,
+    started: Instant,
+    candidates: Vec<Candidate>,
+    outstanding: VecDeque<(u64, usize, Instant)>,
+    next_nonce: u64,
+    next_round: Instant,
+    nominate_at: Option<Instant>,
+    state: State,
+    transmits: VecDeque<(SocketAddr, PunchMessage)>,
+    events: VecDeque<PunchEvent>,
+    /// Datagrams for another session or a stranger, ignored.
+    pub ignored: u64,
+}
+
+impl Puncher {
+    /// Starts punching towards `remote` candidates; the first probe round is
+    /// due at once.
+    pub fn new(
+        now: Instant,
+        config: PunchConfig,
+        session_id: u64,
+        role: Role,
+        remote: impl IntoIterator<Item = (SocketAddr, CandidateKind)>,
+        nonce_seed: u64,
+    ) -> Self {
+        let mut puncher = Self {
+            config,
+            session_id,
+            role,
+            started: now,
+            candidates: Vec::new(),
+            outstanding: VecDeque::new(),
+            next_nonce: nonce_seed,
+            next_round: now,
+            nominate_at: None,
+            state: State::Probing,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            ignored: 0,
+        };
+        for (addr, kind) in remote {
+            puncher.add_candidate(addr, kind);
+        }
+        puncher
+    }
+
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.state == State::Connected
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if matches!(self.state, State::Connected | State::Failed) {
+            return;
+        }
+        if now >= self.started + self.config.timeout {
+            self.state = State::Failed;
+            let reports = self.candidates.iter().map(|c| c.report.clone()).collect();
+            self.events.push_back(PunchEvent::Failed(reports));
+            return;
+        }
+        if self.nominate_at.is_some_and(|at| now >= at) && self.state == State::Probing {
+            self.nominate();
+        }
+        if now >= self.next_round {
+            self.send_round(now);
+            let elapsed = now - self.started;
+            let interval = if elapsed < self.config.fast_phase {
+                self.config.fast_interval
+            } else {
+                // Double with every fast phase that has passed, up to the cap.
+                let doublings = (elapsed.as_millis() / self.config.fast_phase.as_millis().max(1))
+                    .min(16) as u32;
+                (self.config.fast_interval * 2u32.pow(doublings)).min(self.config.max_interval)
+            };
+            self.next_round = now + interval;
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if matches!(self.state, State::Connected | State::Failed) {
+            return None;
+        }
+        let deadline = self.started + self.config.timeout;
+        let mut next = self.next_round.min(deadline);
+        if let Some(at) = self.nominate_at {
+            if self.state == State::Probing {
+                next = next.min(at);
+            }
+        }
+        Some(next)
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, PunchMessage)> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<PunchEvent> {
+        self.events.pop_front()
+    }
+
+    /// A punch message from `from`. Answers probes and nominations in every
+    /// state, so a peer that is still punching gets through after this side
+    /// has connected.
+    pub fn handle_message(&mut self, now: Instant, from: SocketAddr, message: PunchMessage) {
+        if message.session_id() != self.session_id {
+            self.ignored += 1;
+            return;
+        }
+        let session_id = self.session_id;
+        match message {
+            PunchMessage::Probe { nonce, .. } => {
+                let index = self.find_or_learn(from);
+                if let Some(index) = index {
+                    self.candidates[index].report.probes_received += 1;
+                }
+                self.transmits.push_back((
+                    from,
+                    PunchMessage::ProbeAck {
+                        session_id,
+                        nonce,
+                        observed: from,
+                    },
+                ));
+            }
+            PunchMessage::ProbeAck { nonce, .. } => self.handle_probe_ack(now, from, nonce),
+            PunchMessage::Nominate { nonce, .. } => {
+                self.transmits
+                    .push_back((from, PunchMessage::NominateAck { session_id, nonce }));
+                if self.role == Role::Controlled && self.state == State::Probing {
+                    let index = self.find_or_learn(from);
+                    let kind = index.map_or(CandidateKind::PeerReflexive, |i| {
+                        self.candidates[i].report.kind
+                    });
+                    let rtt = index.and_then(|i| self.candidates[i].rtt);
+                    self.connect(Path {
+                        remote: from,
+                        kind,
+                        rtt,
+                    });
+                }
+            }
+            PunchMessage::NominateAck { nonce, .. } => {
+                if let State::Nominating {
+                    nonce: expected, ..
+                } = self.state
+                {
+                    if nonce == expected {
+                        self.handle_data_from(from);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The nominated candidate answered (a `NominateAck`, or session data):
+    /// the other side took the nomination.
+    pub fn handle_data_from(&mut self, from: SocketAddr) {
+        if let State::Nominating { candidate, .. } = self.state {
+            let chosen = &self.candidates[candidate];
+            if chosen.report.addr == from {
+                let path = Path {
+                    remote: from,
+                    kind: chosen.report.kind,
+                    rtt: chosen.rtt,
+                };
+                self.connect(path);
+            }
+        }
+    }
+
+    fn handle_probe_ack(&mut self, now: Instant, from: SocketAddr, nonce: u64) {
+        let Some(position) = self.outstanding.iter().position(|&(n, _, _)| n == nonce) else {
+            self.ignored += 1;
+            return;
+        };
+        let (_, index, sent) = self
+            .outstanding
+            .remove(position)
+            .expect("position is valid");
+        let candidate = &mut self.candidates[index];
+        if candidate.report.addr != from {
+            self.ignored += 1;
+            return;
+        }
+        candidate.report.acks_received += 1;
+        let rtt = now.saturating_duration_since(sent);
+        candidate.rtt = Some(candidate.rtt.map_or(rtt, |old| old.min(rtt)));
+        if self.role == Role::Controlling && self.state == State::Probing {
+            let best_possible = candidate.report.kind == CandidateKind::Host;
+            let at = if best_possible {
+                now
+            } else {
+                now + self.config.nomination_delay
+            };
+            self.nominate_at = Some(self.nominate_at.map_or(at, |old| old.min(at)));
+            if best_possible {
+                self.nominate();
+            }
+        }
+    }
+
+    /// Controlling: pick the best working candidate and ask the other side
+    /// to use it. Retransmitted with each probe round until acknowledged.
+    fn nominate(&mut self) {
+        let best = self
+            .candidates
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.rtt.map(|rtt| (c.report.kind, rtt, i)))
+            .min();
+        if let Some((_, _, candidate)) = best {
+            let nonce = self.take_nonce();
+            self.state = State::Nominating { candidate, nonce };
+            self.send_nomination(candidate, nonce);
+        }
+    }
+
+    fn send_nomination(&mut self, candidate: usize, nonce: u64) {
+        let message = PunchMessage::Nominate {
+            session_id: self.session_id,
+            nonce,
+        };
+        self.transmits
+            .push_back((self.candidates[candidate].report.addr, message));
+    }
+
+    fn connect(&mut self, path: Path) {
+        self.state = State::Connected;
+        self.events.push_back(PunchEvent::Connected(path));
+    }
+
+    fn send_round(&mut self, now: Instant) {
+        if let State::Nominating { candidate, nonce } = self.state {
+            self.send_nomination(candidate, nonce);
+        }
+        for index in 0..self.candidates.len() {
+            // Working candidates are probed too: more samples refine their
+            // round trip, which decides the nomination.
+            let nonce = self.take_nonce();
+            if self.outstanding.len() == MAX_OUTSTANDING_PROBES {
+                self.outstanding.pop_front();
+            }
+            self.outstanding.push_back((nonce, index, now));
+            let candidate = &mut self.candidates[index];
+            candidate.report.probes_sent += 1;
+            self.transmits.push_back((
+                candidate.report.addr,
+                PunchMessage::Probe {
+                    session_id: self.session_id,
+                    nonce,
+                },
+            ));
+        }
+    }
+
+    fn take_nonce(&mut self) -> u64 {
+        // A bijective scramble of a counter: unique per puncher, and not
+        // predictable from the previous nonce without the seed.
+        self.next_nonce = self.next_nonce.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.next_nonce;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn find_or_learn(&mut self, addr: SocketAddr) -> Option<usize> {
+        self.candidates
+            .iter()
+            .position(|c| c.report.addr == addr)
+            .or_else(|| self.add_candidate(addr, CandidateKind::PeerReflexive))
+    }
+
+    fn add_candidate(&mut self, addr: SocketAddr, kind: CandidateKind) -> Option<usize> {
+        if let Some(existing) = self.candidates.iter().position(|c| c.report.addr == addr) {
+            return Some(existing);
+        }
+        if self.candidates.len() == MAX_CANDIDATES {
+            return None;
+        }
+        self.candidates.push(Candidate {
+            report: CandidateReport {
+                addr,
+                kind,
+                probes_sent: 0,
+                acks_received: 0,
+                probes_received: 0,
+            },
+            rtt: None,
+        });
+        Some(self.candidates.len() - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// Two punchers wired back to back through a function that decides
+    /// which (from, to) datagrams get through and how `to` sees `from`.
+    struct Pair {
+        now: Instant,
+        a: Puncher,
+        b: Puncher,
+        a_addr: SocketAddr,
+        b_addr: SocketAddr,
+    }
+
+    impl Pair {
+        fn new(
+            a_candidates: Vec<(SocketAddr, CandidateKind)>,
+            b_candidates: Vec<(SocketAddr, CandidateKind)>,
+        ) -> Self {
+            let now = Instant::now();
+            let config = PunchConfig::default();
+            Self {
+                now,
+                a: Puncher::new(now, config.clone(), 9, Role::Controlling, b_candidates, 1),
+                b: Puncher::new(now, config, 9, Role::Controlled, a_candidates, 2),
+                a_addr: addr("10.0.0.1:1000"),
+                b_addr: addr("10.0.0.2:2000"),
+            }
+        }
+
+        /// Runs until both sides report, delivering datagrams whose
+        /// destination is the other side's real address.
+        fn run(&mut self) -> (PunchEvent, PunchEvent) {
+            let (mut a_event, mut b_event) = (None, None);
+            for _ in 0..10_000 {
+                self.a.handle_timeout(self.now);
+                self.b.handle_timeout(self.now);
+                for _ in 0..100 {
+                    let mut moved = false;
+                    while let Some((to, message)) = self.a.poll_transmit() {
+                        moved = true;
+                        if to == self.b_addr {
+                            self.b.handle_message(self.now, self.a_addr, message);
+                        }
+                    }
+                    while let Some((to, message)) = self.b.poll_transmit() {
+                        moved = true;
+                        if to == self.a_addr {
+                            self.a.handle_message(self.now, self.b_addr, message);
+                        }
+                    }
+                    if !moved {
+                        break;
+                    }
+                }
+                a_event = a_event.or_else(|| self.a.poll_event());
+                b_event = b_event.or_else(|| self.b.poll_event());
+                if let (Some(a), Some(b)) = (&a_event, &b_event) {
+                    return (a.clone(), b.clone());
+                }
+                let next = [self.a.poll_timeout(), self.b.poll_timeout()]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .expect("a side that has not reported has a timer");
+                self.now = next.max(self.now + Duration::from_millis(1));
+            }
+            panic!("punching never finished");
+        }
+    }
+
+    #[test]
+    fn working_candidate_is_nominated_and_both_connect() {
+        let mut pair = Pair::new(
+            vec![(addr("10.0.0.1:1000"), CandidateKind::Reflexive)],
+            vec![
+                (addr("192.0.2.99:9"), CandidateKind::Host),
+                (addr("10.0.0.2:2000"), CandidateKind::Reflexive),
+            ],
+        );
+        let (a, b) = pair.run();
+        let PunchEvent::Connected(path_a) = a else {
+            panic!("{a:?}")
+        };
+        let PunchEvent::Connected(path_b) = b else {
+            panic!("{b:?}")
+        };
+        assert_eq!(path_a.remote, pair.b_addr);
+        assert_eq!(path_a.kind, CandidateKind::Reflexive);
+        assert_eq!(path_b.remote, pair.a_addr);
+    }
+
+    #[test]
+    fn unknown_source_becomes_peer_reflexive() {
+        // B does not know A's real address; A's probes teach it.
+        let mut pair = Pair::new(
+            vec![(addr("198.51.100.1:5"), CandidateKind::Reflexive)],
+            vec![(addr("10.0.0.2:2000"), CandidateKind::Reflexive)],
+        );
+        let (a, b) = pair.run();
+        assert!(matches!(a, PunchEvent::Connected(_)), "{a:?}");
+        let PunchEvent::Connected(path_b) = b else {
+            panic!("{b:?}")
+        };
+        assert_eq!(
+            (path_b.remote, path_b.kind),
+            (pair.a_addr, CandidateKind::PeerReflexive)
+        );
+    }
+
+    #[test]
+    fn no_path_fails_with_a_report_per_candidate() {
+        let mut pair = Pair::new(
+            vec![(addr("198.51.100.1:5"), CandidateKind::Reflexive)],
+            vec![(addr("198.51.100.2:6"), CandidateKind::Reflexive)],
+        );
+        let started = pair.now;
+        let (a, _) = pair.run();
+        let PunchEvent::Failed(reports) = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(reports.len(), 1);
+        assert_eq!(reports[0].acks_received, 0);
+        // 10 rounds in the fast phase, then backing off to 500 ms.
+        assert!(
+            (15..30).contains(&reports[0].probes_sent),
+            "{:?}",
+            reports[0]
+        );
+        assert_eq!(pair.now - started, PunchConfig::default().timeout);
+    }
+
+    #[test]
+    fn other_sessions_are_ignored_and_counted() {
+        let now = Instant::now();
+        let mut puncher = Puncher::new(now, PunchConfig::default(), 1, Role::Controlled, [], 0);
+        puncher.handle_message(
+            now,
+            addr("10.0.0.9:9"),
+            PunchMessage::Probe {
+                session_id: 2,
+                nonce: 0,
+            },
+        );
+        assert_eq!(puncher.ignored, 1);
+        assert!(puncher.poll_transmit().is_none());
+    }
+
+    #[test]
+    fn probe_flood_from_many_addresses_is_bounded() {
+        let now = Instant::now();
+        let mut puncher = Puncher::new(now, PunchConfig::default(), 1, Role::Controlled, [], 0);
+        for port in 0..10_000u16 {
+            let from = SocketAddr::from(([198, 51, 100, 1], port));
+            puncher.handle_message(
+                now,
+                from,
+                PunchMessage::Probe {
+                    session_id: 1,
+                    nonce: 0,
+                },
+            );
+            puncher.poll_transmit();
+        }
+        assert_eq!(puncher.candidates.len(), MAX_CANDIDATES);
+    }
+}

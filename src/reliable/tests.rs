@@ -1,0 +1,366 @@
+//! Connection-level unit tests: two connections over a perfect or lossy
+//! wire with a fixed delay, in virtual time. The randomised, adversarial
+//! network lives in `tests/reliable_sim.rs`.
+
+use super::*;
+
+const MS: Duration = Duration::from_millis(1);
+
+/// Decides whether a datagram is dropped: (sent by A, its index among that
+/// side's datagrams, payload).
+type DropRule = Box<dyn FnMut(bool, u64, &[u8]) -> bool>;
+
+struct Pair {
+    a: Connection,
+    b: Connection,
+    start: Instant,
+    now: Instant,
+    one_way: Duration,
+    /// Datagrams in flight: arrival time, whether for B, payload.
+    wire: VecDeque<(Instant, bool, Vec<u8>)>,
+    sent: [u64; 2],
+    drop: DropRule,
+    a_events: Vec<Event>,
+    b_events: Vec<Event>,
+}
+
+impl Pair {
+    fn new(config: Config) -> Self {
+        Self::with_configs(config.clone(), config)
+    }
+
+    fn with_configs(a: Config, b: Config) -> Self {
+        let start = Instant::now();
+        Self {
+            a: Connection::new(a, start),
+            b: Connection::new(b, start),
+            start,
+            now: start,
+            one_way: 10 * MS,
+            wire: VecDeque::new(),
+            sent: [0, 0],
+            drop: Box::new(|_, _, _| false),
+            a_events: Vec::new(),
+            b_events: Vec::new(),
+        }
+    }
+
+    fn elapsed(&self) -> Duration {
+        self.now - self.start
+    }
+
+    fn pump(&mut self) {
+        for from_a in [true, false] {
+            loop {
+                let conn = if from_a { &mut self.a } else { &mut self.b };
+                let Some(payload) = conn.poll_transmit(self.now) else {
+                    break;
+                };
+                assert!(payload.len() <= conn.config().max_payload);
+                let index = &mut self.sent[usize::from(!from_a)];
+                *index += 1;
+                if !(self.drop)(from_a, *index - 1, &payload) {
+                    self.wire
+                        .push_back((self.now + self.one_way, from_a, payload));
+                }
+            }
+        }
+        while let Some(event) = self.a.poll_event() {
+            self.a_events.push(event);
+        }
+        while let Some(event) = self.b.poll_event() {
+            self.b_events.push(event);
+        }
+    }
+
+    /// Runs until `done` holds or virtual time passes `limit`.
+    fn run_until(&mut self, limit: Duration, done: impl Fn(&Pair) -> bool) {
+        for _ in 0..1_000_000 {
+            self.pump();
+            if done(self) {
+                return;
+            }
+            let next = [
+                self.wire.front().map(|(at, _, _)| *at),
+                self.a.poll_timeout(),
+                self.b.poll_timeout(),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            match next {
+                Some(next) if next <= self.start + limit => self.now = self.now.max(next),
+                _ => {
+                    self.now = self.start + limit;
+                    return;
+                }
+            }
+            while self.wire.front().is_some_and(|(at, _, _)| *at <= self.now) {
+                let (_, to_b, payload) = self.wire.pop_front().unwrap();
+                let conn = if to_b { &mut self.b } else { &mut self.a };
+                conn.handle_datagram(self.now, &payload);
+            }
+            for conn in [&mut self.a, &mut self.b] {
+                if conn.poll_timeout().is_some_and(|t| t <= self.now) {
+                    conn.handle_timeout(self.now);
+                }
+            }
+        }
+        panic!("run_until did not settle");
+    }
+
+    fn messages(events: &[Event]) -> Vec<Vec<u8>> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message(m) => Some(m.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn acknowledged(events: &[Event]) -> Vec<MessageId> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Acknowledged(id) => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+#[test]
+fn delivers_messages_in_order_both_ways() {
+    let mut pair = Pair::new(Config::default());
+    let sent_by_a = vec![
+        pattern(10, 1),
+        Vec::new(),
+        pattern(100_000, 2),
+        pattern(1, 3),
+    ];
+    let sent_by_b = vec![pattern(5000, 4), pattern(0, 5)];
+    for m in &sent_by_a {
+        pair.a.send(m.clone()).unwrap();
+    }
+    for m in &sent_by_b {
+        pair.b.send(m.clone()).unwrap();
+    }
+    pair.run_until(Duration::from_secs(10), |p| p.a.is_idle() && p.b.is_idle());
+    assert_eq!(Pair::messages(&pair.b_events), sent_by_a);
+    assert_eq!(Pair::messages(&pair.a_events), sent_by_b);
+    assert_eq!(
+        Pair::acknowledged(&pair.a_events),
+        (0..4).map(MessageId).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        Pair::acknowledged(&pair.b_events),
+        vec![MessageId(0), MessageId(1)]
+    );
+    assert_eq!(pair.a.stats().packets_lost, 0);
+    assert!(pair.a.stats().smoothed_rtt >= 20 * MS && pair.a.stats().smoothed_rtt < 30 * MS);
+}
+
+#[test]
+fn send_refuses_oversized_messages_a_full_buffer_and_after_close() {
+    let config = Config {
+        max_message_size: 1000,
+        send_buffer: 1500,
+        ..Config::default()
+    };
+    let mut conn = Connection::new(config, Instant::now());
+    assert_eq!(
+        conn.send(vec![0; 1001]),
+        Err(SendError::TooLarge {
+            len: 1001,
+            max: 1000
+        })
+    );
+    assert_eq!(conn.send(vec![0; 1000]), Ok(MessageId(0)));
+    assert_eq!(conn.send_buffer_available(), 498);
+    assert_eq!(conn.send(vec![0; 600]), Err(SendError::WouldBlock));
+    assert_eq!(conn.send(vec![0; 400]), Ok(MessageId(1)));
+    conn.close();
+    assert_eq!(conn.send(Vec::new()), Err(SendError::Closed));
+}
+
+#[test]
+fn a_lost_packet_is_retransmitted_fast_in_a_new_packet() {
+    let mut pair = Pair::new(Config::default());
+    pair.drop = Box::new(|from_a, index, _| from_a && index == 2);
+    let message = pattern(20 * 1100, 7);
+    pair.a.send(message.clone()).unwrap();
+    pair.run_until(Duration::from_secs(10), |p| p.a.is_idle() && p.b.is_idle());
+    assert_eq!(Pair::messages(&pair.b_events), vec![message]);
+    let stats = pair.a.stats();
+    assert_eq!(stats.packets_lost, 1);
+    // The repeated bytes may spill into a second packet when the first also
+    // carries an ACK frame.
+    assert!((1..=2).contains(&stats.packets_retransmitted));
+    assert_eq!(stats.packets_sent, pair.sent[0]);
+    // Found by the packet threshold one round trip later, not by a timeout
+    // (the first PTO would be a second away with the initial RTT).
+    assert!(pair.elapsed() < 150 * MS, "took {:?}", pair.elapsed());
+}
+
+#[test]
+fn a_lost_tail_is_recovered_by_the_probe_timeout() {
+    let mut pair = Pair::new(Config::default());
+    // Lose the last (third) data packet of the message the first time.
+    pair.drop = Box::new(|from_a, index, _| from_a && index == 2);
+    let message = pattern(3 * 1100, 9);
+    pair.a.send(message.clone()).unwrap();
+    pair.run_until(Duration::from_secs(10), |p| !p.b_events.is_empty());
+    assert_eq!(Pair::messages(&pair.b_events), vec![message]);
+    assert_eq!(pair.a.stats().packets_retransmitted, 1);
+    // Nothing after it to trigger fast retransmit: the time threshold or
+    // the PTO (initial RTT 333 ms) must do it, within about one PTO.
+    assert!(pair.elapsed() < 1200 * MS, "took {:?}", pair.elapsed());
+}
+
+#[test]
+fn garbage_duplicates_and_bad_acks_are_counted_and_ignored() {
+    let now = Instant::now();
+    let mut a = Connection::new(Config::default(), now);
+    let mut b = Connection::new(Config::default(), now);
+    a.send(b"hi".to_vec()).unwrap();
+    let packet = a.poll_transmit(now).unwrap();
+    b.handle_datagram(now, &packet);
+    b.handle_datagram(now, &packet);
+    b.handle_datagram(now, &[]);
+    b.handle_datagram(now, &[0xff; 40]);
+    // An ACK for a packet B never sent.
+    let mut bogus = Vec::new();
+    packet::write_varint(&mut bogus, 1);
+    packet::write_ack(&mut bogus, &[5..6], 0, 100);
+    b.handle_datagram(now, &bogus);
+    let stats = b.stats();
+    assert_eq!(stats.packets_received, 1);
+    assert_eq!(stats.duplicate_packets, 1);
+    assert_eq!(stats.malformed_packets, 3);
+    assert_eq!(b.poll_event(), Some(Event::Message(b"hi".to_vec())));
+    assert_eq!(b.poll_event(), None);
+}
+
+#[test]
+fn stream_data_beyond_the_window_is_refused() {
+    let now = Instant::now();
+    let mut b = Connection::new(Config::default(), now);
+    let mut hostile = Vec::new();
+    packet::write_varint(&mut hostile, 0);
+    // Before B's first MAX_DATA reaches it, the peer may only assume the
+    // initial credit... but B enforces its own, larger, window.
+    let window = b.config().receive_window as u64;
+    packet::write_stream_header(&mut hostile, window, 1);
+    hostile.push(0);
+    b.handle_datagram(now, &hostile);
+    assert_eq!(b.stats().malformed_packets, 1);
+    assert_eq!(b.stats().receive_buffered, 0);
+}
+
+#[test]
+fn keepalive_pings_after_send_silence_and_keeps_the_peer_alive() {
+    let mut pair = Pair::new(Config::default());
+    pair.a.send(b"hello".to_vec()).unwrap();
+    pair.run_until(Duration::from_secs(1), |p| p.a.is_idle() && p.b.is_idle());
+    let idle_since = pair.elapsed();
+    let before = pair.a.stats().packets_sent;
+    // Only keepalive and idle timers remain.
+    let timeout = pair.a.poll_timeout().unwrap() - pair.start;
+    assert!(timeout > idle_since + Duration::from_secs(14));
+    assert!(timeout <= idle_since + Duration::from_secs(15));
+    pair.run_until(Duration::from_secs(200), |_| false);
+    assert!(pair.a_events.iter().all(|e| !matches!(e, Event::TimedOut)));
+    assert!(!pair.a.is_closed() && !pair.b.is_closed());
+    // Roughly one PING each way every 15 s, each acknowledged.
+    let pings = pair.a.stats().packets_sent - before;
+    assert!((10..=30).contains(&pings), "{pings} packets");
+}
+
+#[test]
+fn silence_from_the_peer_times_out() {
+    let mut pair = Pair::new(Config::default());
+    pair.a.send(b"hello".to_vec()).unwrap();
+    pair.run_until(Duration::from_secs(1), |p| p.a.is_idle() && p.b.is_idle());
+    let last_heard = pair.elapsed();
+    // B vanishes: nothing it sends arrives any more.
+    pair.drop = Box::new(|from_a, _, _| !from_a);
+    pair.run_until(Duration::from_secs(300), |p| p.a.is_closed());
+    assert_eq!(pair.a_events.last(), Some(&Event::TimedOut));
+    assert_eq!(pair.elapsed(), last_heard + Duration::from_secs(60));
+    assert_eq!(pair.a.poll_timeout(), None);
+    assert_eq!(pair.a.send(Vec::new()), Err(SendError::Closed));
+}
+
+#[test]
+fn graceful_close_delivers_everything_then_closes_both_sides() {
+    let mut pair = Pair::new(Config::default());
+    let from_a = pattern(30_000, 1);
+    let from_b = pattern(50_000, 2);
+    pair.a.send(from_a.clone()).unwrap();
+    pair.b.send(from_b.clone()).unwrap();
+    pair.a.close();
+    pair.run_until(Duration::from_secs(120), |p| {
+        p.a.poll_timeout().is_none() && p.b.poll_timeout().is_none()
+    });
+    assert_eq!(Pair::messages(&pair.b_events), vec![from_a]);
+    assert_eq!(Pair::messages(&pair.a_events), vec![from_b]);
+    assert_eq!(
+        pair.a_events.last(),
+        Some(&Event::Closed {
+            reason: CloseReason::Local
+        })
+    );
+    assert_eq!(
+        pair.b_events.last(),
+        Some(&Event::Closed {
+            reason: CloseReason::Peer
+        })
+    );
+    assert!(pair.a.is_closed() && pair.b.is_closed());
+    assert_eq!(pair.b.send(Vec::new()), Err(SendError::Closed));
+}
+
+#[test]
+fn close_survives_a_lost_final_ack() {
+    let mut pair = Pair::new(Config::default());
+    pair.a.close();
+    // Drop every packet A sends once it has reported Closed... except that
+    // the drop rule cannot see that, so drop A's packets after its third.
+    pair.drop = Box::new(|from_a, index, _| from_a && (2..4).contains(&index));
+    pair.run_until(Duration::from_secs(200), |p| {
+        p.a.poll_timeout().is_none() && p.b.poll_timeout().is_none()
+    });
+    assert!(matches!(pair.a_events.last(), Some(Event::Closed { .. })));
+    assert!(matches!(pair.b_events.last(), Some(Event::Closed { .. })));
+}
+
+#[test]
+fn a_peer_announcing_an_oversized_message_is_abandoned() {
+    let big = Config {
+        max_message_size: 10_000,
+        ..Config::default()
+    };
+    let small = Config {
+        max_message_size: 100,
+        ..Config::default()
+    };
+    let mut pair = Pair::with_configs(big, small);
+    pair.a.send(vec![0; 5000]).unwrap();
+    pair.run_until(Duration::from_secs(10), |p| p.b.is_closed());
+    assert_eq!(
+        pair.b_events,
+        vec![Event::Closed {
+            reason: CloseReason::PeerMessageTooLarge {
+                len: 5000,
+                max: 100
+            }
+        }]
+    );
+}

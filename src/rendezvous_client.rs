@@ -1,0 +1,427 @@
+//! A peer's side of the rendezvous protocol: register in a room, keep the
+//! registration fresh, and learn the other peer's candidates.
+//!
+//! Register is retransmitted with exponential backoff until the server
+//! answers; a server that never answers is reported with the time waited.
+//! After `Registered`, refreshes keep both the registration and the NAT
+//! mapping towards the server alive until `Introduce` arrives.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use natter_wire::{
+    split_header, ClientMessage, FrameKind, Register, Role, RoomCode, ServerErrorKind,
+    ServerMessage, WireError,
+};
+
+use crate::error::ConnectError;
+
+#[derive(Debug, Clone)]
+pub struct RendezvousConfig {
+    /// First retransmission delay of an unanswered Register; doubles.
+    pub initial_retransmit: Duration,
+    pub max_retransmit: Duration,
+    /// Give up when the server has not answered the first Register by then.
+    pub register_timeout: Duration,
+    /// Give up when nobody else joins the room by then.
+    pub wait_timeout: Duration,
+}
+
+impl Default for RendezvousConfig {
+    fn default() -> Self {
+        Self {
+            initial_retransmit: Duration::from_millis(250),
+            max_retransmit: Duration::from_secs(2),
+            register_timeout: Duration::from_secs(5),
+            wait_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RendezvousEvent {
+    Registered {
+        reflexive: SocketAddr,
+    },
+    Introduced {
+        session_id: u64,
+        role: Role,
+        reflexive: SocketAddr,
+        host_candidates: Vec<SocketAddr>,
+    },
+    Failed(ConnectError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Sending Register until the first answer.
+    Registering,
+    Registered,
+    /// Left the room or failed: nothing more to send.
+    Done,
+}
+
+pub struct RendezvousClient {
+    config: RendezvousConfig,
+    server: SocketAddr,
+    room: RoomCode,
+    host_candidates: Vec<SocketAddr>,
+    nonce: u64,
+    token: Option<u64>,
+    state: State,
+    started: Instant,
+    registered_at: Option<Instant>,
+    last_heard: Option<Instant>,
+    next_send: Instant,
+    retransmit: Duration,
+    refresh_interval: Duration,
+    introduced: Option<u64>,
+    transmits: VecDeque<Vec<u8>>,
+    events: VecDeque<RendezvousEvent>,
+}
+
+impl RendezvousClient {
+    pub fn new(
+        now: Instant,
+        config: RendezvousConfig,
+        server: SocketAddr,
+        room: RoomCode,
+        host_candidates: Vec<SocketAddr>,
+        nonce: u64,
+    ) -> Self {
+        Self {
+            retransmit: config.initial_retransmit,
+            config,
+            server,
+            room,
+            host_candidates,
+            nonce,
+            token: None,
+            state: State::Registering,
+            started: now,
+            registered_at: None,
+            last_heard: None,
+            next_send: now,
+            refresh_interval: Duration::from_secs(15),
+            introduced: None,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    /// A datagram from the server's address.
+    pub fn handle_datagram(&mut self, now: Instant, bytes: &[u8]) {
+        if self.state == State::Done {
+            return;
+        }
+        let message = match ServerMessage::decode(bytes) {
+            Ok(message) => message,
+            Err(_) => {
+                // A version notice: the server speaks another version.
+                if let Err(WireError::UnsupportedVersion { got }) = split_header(bytes) {
+                    if bytes[0] == FrameKind::FromServer as u8 {
+                        self.fail(ConnectError::VersionMismatch {
+                            ours: natter_wire::VERSION,
+                            theirs: got,
+                        });
+                    }
+                }
+                return;
+            }
+        };
+        self.last_heard = Some(now);
+        match message {
+            ServerMessage::Registered {
+                client_nonce,
+                reflexive,
+                peer_token,
+                refresh_interval_ms,
+            } if client_nonce == self.nonce => {
+                self.token = Some(peer_token);
+                self.refresh_interval =
+                    Duration::from_millis(refresh_interval_ms.into()).max(Duration::from_secs(1));
+                if self.state == State::Registering {
+                    self.state = State::Registered;
+                    self.registered_at = Some(now);
+                    self.events
+                        .push_back(RendezvousEvent::Registered { reflexive });
+                }
+                self.next_send = now + self.refresh_period();
+            }
+            ServerMessage::Introduce {
+                session_id,
+                your_role,
+                other_reflexive,
+                other_host_candidates,
+            } if self.state == State::Registered && self.introduced != Some(session_id) => {
+                self.introduced = Some(session_id);
+                self.events.push_back(RendezvousEvent::Introduced {
+                    session_id,
+                    role: your_role,
+                    reflexive: other_reflexive,
+                    host_candidates: other_host_candidates,
+                });
+            }
+            ServerMessage::Error { client_nonce, kind } if client_nonce == self.nonce => match kind
+            {
+                // Our registration expired (we were away too long): start over.
+                ServerErrorKind::BadToken => {
+                    self.token = None;
+                    self.next_send = now;
+                }
+                ServerErrorKind::RoomFull | ServerErrorKind::ServerFull => {
+                    self.fail(ConnectError::Refused(kind))
+                }
+            },
+            _ => {}
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Done => return,
+            State::Registering if now >= self.started + self.config.register_timeout => {
+                return self.fail(ConnectError::RendezvousUnreachable {
+                    server: self.server,
+                    waited: self.config.register_timeout,
+                });
+            }
+            State::Registered => {
+                let registered_at = self.registered_at.expect("set when registered");
+                if self.introduced.is_none() && now >= registered_at + self.config.wait_timeout {
+                    return self.fail(ConnectError::NoPeer {
+                        waited: self.config.wait_timeout,
+                    });
+                }
+                let last_heard = self.last_heard.expect("set when registered");
+                if now >= last_heard + 3 * self.refresh_interval {
+                    return self.fail(ConnectError::RendezvousLost {
+                        server: self.server,
+                        silent_for: now - last_heard,
+                    });
+                }
+            }
+            State::Registering => {}
+        }
+        if now >= self.next_send {
+            self.send_register();
+            self.next_send = match self.state {
+                State::Registering => {
+                    let next = now + self.retransmit;
+                    self.retransmit = (self.retransmit * 2).min(self.config.max_retransmit);
+                    next
+                }
+                _ => now + self.refresh_period(),
+            };
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Done => None,
+            State::Registering => Some(
+                self.next_send
+                    .min(self.started + self.config.register_timeout),
+            ),
+            State::Registered => Some(self.next_send),
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<RendezvousEvent> {
+        self.events.pop_front()
+    }
+
+    /// Tells the server we are done (the path is up, or we are quitting) and
+    /// stops all traffic to it.
+    pub fn leave(&mut self) {
+        if let (Some(peer_token), State::Registered) = (self.token, self.state) {
+            let leave = ClientMessage::Leave {
+                room: self.room.clone(),
+                peer_token,
+            };
+            self.transmits
+                .push_back(leave.encode().expect("a valid room code encodes"));
+        }
+        self.state = State::Done;
+    }
+
+    /// While waiting for the other peer, refresh more often than required,
+    /// so a lost Introduce (repeated by the server on each refresh) costs
+    /// seconds, not a whole refresh interval.
+    fn refresh_period(&self) -> Duration {
+        if self.introduced.is_none() {
+            self.refresh_interval / 3
+        } else {
+            self.refresh_interval
+        }
+    }
+
+    fn send_register(&mut self) {
+        let register = ClientMessage::Register(Register {
+            room: self.room.clone(),
+            host_candidates: self.host_candidates.clone(),
+            client_nonce: self.nonce,
+            peer_token: self.token,
+        });
+        self.transmits.push_back(
+            register
+                .encode()
+                .expect("candidates are capped when gathered"),
+        );
+    }
+
+    fn fail(&mut self, error: ConnectError) {
+        self.state = State::Done;
+        self.events.push_back(RendezvousEvent::Failed(error));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(now: Instant) -> RendezvousClient {
+        RendezvousClient::new(
+            now,
+            RendezvousConfig::default(),
+            "203.0.113.1:7777".parse().unwrap(),
+            RoomCode::new(*b"room").unwrap(),
+            vec![],
+            42,
+        )
+    }
+
+    fn registered(nonce: u64) -> Vec<u8> {
+        ServerMessage::Registered {
+            client_nonce: nonce,
+            reflexive: "198.51.100.4:4000".parse().unwrap(),
+            peer_token: 5,
+            refresh_interval_ms: 15_000,
+        }
+        .encode()
+        .unwrap()
+    }
+
+    #[test]
+    fn register_is_retransmitted_then_times_out() {
+        let start = Instant::now();
+        let mut c = client(start);
+        let mut sent = 0;
+        let mut now = start;
+        while let Some(next) = c.poll_timeout() {
+            now = next;
+            c.handle_timeout(now);
+            while c.poll_transmit().is_some() {
+                sent += 1;
+            }
+        }
+        // 0, 0.25, 0.75, 1.75, 3.75 s, then the 5 s deadline.
+        assert_eq!(sent, 5);
+        assert_eq!(now - start, Duration::from_secs(5));
+        assert!(matches!(
+            c.poll_event(),
+            Some(RendezvousEvent::Failed(
+                ConnectError::RendezvousUnreachable { .. }
+            ))
+        ));
+    }
+
+    #[test]
+    fn registered_then_introduced_once() {
+        let now = Instant::now();
+        let mut c = client(now);
+        c.handle_timeout(now);
+        assert!(c.poll_transmit().is_some());
+        c.handle_datagram(now, &registered(42));
+        assert!(matches!(
+            c.poll_event(),
+            Some(RendezvousEvent::Registered { .. })
+        ));
+        let introduce = ServerMessage::Introduce {
+            session_id: 7,
+            your_role: Role::Controlled,
+            other_reflexive: "203.0.113.9:9".parse().unwrap(),
+            other_host_candidates: vec![],
+        }
+        .encode()
+        .unwrap();
+        c.handle_datagram(now, &introduce);
+        c.handle_datagram(now, &introduce);
+        assert!(matches!(
+            c.poll_event(),
+            Some(RendezvousEvent::Introduced { session_id: 7, .. })
+        ));
+        assert_eq!(c.poll_event(), None);
+    }
+
+    #[test]
+    fn answers_for_another_nonce_are_ignored() {
+        let now = Instant::now();
+        let mut c = client(now);
+        c.handle_datagram(now, &registered(41));
+        assert_eq!(c.poll_event(), None);
+    }
+
+    #[test]
+    fn room_full_and_version_mismatch_fail_clearly() {
+        let now = Instant::now();
+        let mut c = client(now);
+        let full = ServerMessage::Error {
+            client_nonce: 42,
+            kind: ServerErrorKind::RoomFull,
+        };
+        c.handle_datagram(now, &full.encode().unwrap());
+        assert_eq!(
+            c.poll_event(),
+            Some(RendezvousEvent::Failed(ConnectError::Refused(
+                ServerErrorKind::RoomFull
+            )))
+        );
+        let mut c = client(now);
+        c.handle_datagram(
+            now,
+            &[FrameKind::FromServer as u8, natter_wire::VERSION + 1],
+        );
+        assert!(matches!(
+            c.poll_event(),
+            Some(RendezvousEvent::Failed(
+                ConnectError::VersionMismatch { .. }
+            ))
+        ));
+    }
+
+    #[test]
+    fn waiting_refreshes_and_eventually_gives_up() {
+        let start = Instant::now();
+        let mut c = client(start);
+        c.handle_timeout(start);
+        c.handle_datagram(start, &registered(42));
+        c.poll_event();
+        let mut now = start;
+        let mut refreshes = 0;
+        while let Some(next) = c.poll_timeout() {
+            now = next;
+            c.handle_timeout(now);
+            while c.poll_transmit().is_some() {
+                refreshes += 1;
+                c.handle_datagram(now, &registered(42));
+            }
+        }
+        assert!(matches!(
+            c.poll_event(),
+            Some(RendezvousEvent::Failed(ConnectError::NoPeer { .. }))
+        ));
+        assert_eq!(now - start, Duration::from_secs(300));
+        // One refresh every 5 s while waiting.
+        assert_eq!(refreshes, 59);
+    }
+}

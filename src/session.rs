@@ -1,0 +1,528 @@
+//! The tokio shell around [`Link`]: one task owns the UDP socket, the timer
+//! and the link; a [`Session`] handle talks to it through channels.
+//!
+//! Messages on the session carry a one-byte tag so a byte stream can end
+//! while the other direction goes on (a half-close, as TCP's FIN):
+//! `0` then data, or `1` alone for "no more data from me".
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use natter_wire::RoomCode;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::candidates::host_candidates;
+use crate::error::ConnectError;
+use crate::link::{Link, LinkConfig, LinkEvent};
+use crate::punch::{CandidateKind, Path};
+use crate::reliable::{MessageId, SendError};
+
+const TAG_DATA: u8 = 0;
+const TAG_END: u8 = 1;
+/// Messages delivered but not yet read by the application. Past this the
+/// driver stops taking messages from the channel, whose receive window then
+/// holds the sender back.
+const INCOMING_QUEUE: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("cannot resolve rendezvous address {addr}: {reason}")]
+    Resolve { addr: String, reason: String },
+    #[error("no rendezvous address given (--rendezvous or NATTER_RENDEZVOUS)")]
+    NoRendezvous,
+    #[error("bad code: {0}")]
+    BadCode(natter_wire::WireError),
+    #[error("message of {len} bytes is larger than the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("session closed: {0}")]
+    Closed(String),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// What a peer reports while it connects, for progress output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Progress {
+    Registered {
+        reflexive: SocketAddr,
+    },
+    Introduced {
+        candidates: Vec<(SocketAddr, CandidateKind)>,
+    },
+}
+
+/// How the session's path was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathInfo {
+    pub path: Path,
+    pub local: SocketAddr,
+    pub elapsed: Duration,
+}
+
+/// Something the other peer sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    Data(Vec<u8>),
+    /// The other peer will send no more data.
+    End,
+}
+
+/// Builds and connects a peer.
+pub struct Peer;
+
+impl Peer {
+    pub fn builder() -> PeerBuilder {
+        PeerBuilder {
+            rendezvous: None,
+            code: None,
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            config: LinkConfig::default(),
+            progress: None,
+        }
+    }
+}
+
+pub struct PeerBuilder {
+    rendezvous: Option<String>,
+    code: Option<Vec<u8>>,
+    bind: SocketAddr,
+    config: LinkConfig,
+    progress: Option<mpsc::UnboundedSender<Progress>>,
+}
+
+impl PeerBuilder {
+    /// The rendezvous server, `HOST:PORT`.
+    pub fn rendezvous(mut self, addr: impl Into<String>) -> Self {
+        self.rendezvous = Some(addr.into());
+        self
+    }
+
+    /// The room both peers name at the rendezvous.
+    pub fn code(mut self, code: impl Into<Vec<u8>>) -> Self {
+        self.code = Some(code.into());
+        self
+    }
+
+    /// Local address of the one socket the peer uses (default `0.0.0.0:0`).
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = addr;
+        self
+    }
+
+    pub fn config(mut self, config: LinkConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Where to report registration and introduction while connecting.
+    pub fn progress(mut self, progress: mpsc::UnboundedSender<Progress>) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// Registers, waits for the other peer, punches, and returns the session
+    /// on the path that opened.
+    pub async fn connect(self) -> Result<Session, Error> {
+        let room = RoomCode::new(self.code.unwrap_or_default()).map_err(Error::BadCode)?;
+        let server_name = self.rendezvous.ok_or(Error::NoRendezvous)?;
+        let server = resolve(&server_name, self.bind).await?;
+        let socket = UdpSocket::bind(self.bind).await?;
+        let local = socket.local_addr()?;
+        let hosts = host_candidates(local);
+        let max_message = self.config.channel.max_message_size;
+        let link = Link::new(
+            Instant::now().into_std(),
+            self.config,
+            server,
+            room,
+            hosts,
+            rand::random(),
+        );
+        let (commands, command_rx) = mpsc::channel(16);
+        let (incoming_tx, incoming) = mpsc::channel(INCOMING_QUEUE);
+        let (connected_tx, connected) = oneshot::channel();
+        let driver = Driver {
+            socket,
+            commands: command_rx,
+            incoming: incoming_tx,
+            state: DriverState {
+                link,
+                progress: self.progress,
+                connected: Some(connected_tx),
+                acks: HashMap::new(),
+            },
+        };
+        let task = tokio::spawn(driver.run());
+        let (path, elapsed) = match connected.await {
+            Ok(result) => result?,
+            Err(_) => return Err(task_failure(task).await),
+        };
+        Ok(Session {
+            path: PathInfo {
+                path,
+                local,
+                elapsed,
+            },
+            sender: SessionSender {
+                commands,
+                max_message,
+            },
+            receiver: SessionReceiver {
+                incoming,
+                task: Some(task),
+                closed: None,
+            },
+        })
+    }
+}
+
+async fn resolve(name: &str, bind: SocketAddr) -> Result<SocketAddr, Error> {
+    let resolve_error = |reason: String| Error::Resolve {
+        addr: name.to_string(),
+        reason,
+    };
+    let addrs = tokio::net::lookup_host(name)
+        .await
+        .map_err(|e| resolve_error(e.to_string()))?;
+    let mut fallback = None;
+    for addr in addrs {
+        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
+        if addr.is_ipv4() == bind.is_ipv4() {
+            return Ok(addr);
+        }
+        fallback.get_or_insert(addr);
+    }
+    Err(resolve_error(match fallback {
+        Some(other) => format!("only {other} found, of another address family than {bind}"),
+        None => "no addresses found".into(),
+    }))
+}
+
+async fn task_failure(task: JoinHandle<io::Result<()>>) -> Error {
+    match task.await {
+        Ok(Err(error)) => Error::Io(error),
+        Ok(Ok(())) => Error::Closed("the peer stopped before connecting".into()),
+        Err(join) => Error::Io(io::Error::other(join)),
+    }
+}
+
+enum Command {
+    Send {
+        message: Vec<u8>,
+        acked: Option<oneshot::Sender<()>>,
+    },
+    Close,
+}
+
+enum Delivery {
+    Message(Vec<u8>),
+    Closed(String),
+}
+
+/// A connected session with the other peer. [`Session::split`] gives a
+/// sending and a receiving half for use from two tasks.
+pub struct Session {
+    path: PathInfo,
+    sender: SessionSender,
+    receiver: SessionReceiver,
+}
+
+impl Session {
+    pub fn path(&self) -> PathInfo {
+        self.path
+    }
+
+    pub async fn send(&self, data: &[u8]) -> Result<(), Error> {
+        self.sender.send(data).await
+    }
+
+    pub async fn finish(&self) -> Result<(), Error> {
+        self.sender.finish().await
+    }
+
+    pub async fn recv(&mut self) -> Result<Received, Error> {
+        self.receiver.recv().await
+    }
+
+    /// Closes gracefully: what was sent is delivered first. Returns the
+    /// reason the session ended.
+    pub async fn close(self) -> Result<String, Error> {
+        self.sender.close().await;
+        self.receiver.closed().await
+    }
+
+    pub fn split(self) -> (SessionSender, SessionReceiver) {
+        (self.sender, self.receiver)
+    }
+}
+
+/// The sending half of a [`Session`].
+#[derive(Clone)]
+pub struct SessionSender {
+    commands: mpsc::Sender<Command>,
+    max_message: usize,
+}
+
+impl SessionSender {
+    /// Queues `data` as one message; waits while the channel's send buffer
+    /// is full.
+    pub async fn send(&self, data: &[u8]) -> Result<(), Error> {
+        if data.len() + 1 > self.max_message {
+            return Err(Error::TooLarge {
+                len: data.len(),
+                max: self.max_message - 1,
+            });
+        }
+        let mut message = Vec::with_capacity(data.len() + 1);
+        message.push(TAG_DATA);
+        message.extend_from_slice(data);
+        self.command(Command::Send {
+            message,
+            acked: None,
+        })
+        .await
+    }
+
+    /// Tells the other peer no more data follows, and waits until it has
+    /// received everything sent before.
+    pub async fn finish(&self) -> Result<(), Error> {
+        let (acked, done) = oneshot::channel();
+        self.command(Command::Send {
+            message: vec![TAG_END],
+            acked: Some(acked),
+        })
+        .await?;
+        done.await
+            .map_err(|_| Error::Closed("the session ended before the peer confirmed".into()))
+    }
+
+    /// Asks for a graceful close; the receiving half reports when it is done.
+    pub async fn close(&self) {
+        let _ = self.commands.send(Command::Close).await;
+    }
+
+    async fn command(&self, command: Command) -> Result<(), Error> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| Error::Closed("the session ended".into()))
+    }
+}
+
+/// The receiving half of a [`Session`].
+pub struct SessionReceiver {
+    incoming: mpsc::Receiver<Delivery>,
+    task: Option<JoinHandle<io::Result<()>>>,
+    closed: Option<String>,
+}
+
+impl SessionReceiver {
+    /// The next thing the other peer sent. After the session closed, every
+    /// call returns `Error::Closed` with the reason.
+    pub async fn recv(&mut self) -> Result<Received, Error> {
+        if let Some(reason) = &self.closed {
+            return Err(Error::Closed(reason.clone()));
+        }
+        let delivery = self.incoming.recv().await;
+        let reason = match delivery {
+            Some(Delivery::Message(mut message)) => match message.first() {
+                Some(&TAG_DATA) => {
+                    message.remove(0);
+                    return Ok(Received::Data(message));
+                }
+                Some(&TAG_END) => return Ok(Received::End),
+                _ => "the peer sent a message natter does not know".to_string(),
+            },
+            Some(Delivery::Closed(reason)) => reason,
+            None => "the session's task stopped".to_string(),
+        };
+        if let Some(task) = self.task.take() {
+            task.await.map_err(io::Error::other)??;
+        }
+        self.closed = Some(reason.clone());
+        Err(Error::Closed(reason))
+    }
+
+    /// Reads (and drops) until the session has closed; returns why.
+    pub async fn closed(mut self) -> Result<String, Error> {
+        loop {
+            match self.recv().await {
+                Ok(_) => continue,
+                Err(Error::Closed(reason)) => return Ok(reason),
+                Err(other) => return Err(other),
+            }
+        }
+    }
+}
+
+/// The task behind a [`Session`]: the socket, the channels to the handles,
+/// and the link.
+struct Driver {
+    socket: UdpSocket,
+    commands: mpsc::Receiver<Command>,
+    incoming: mpsc::Sender<Delivery>,
+    state: DriverState,
+}
+
+struct DriverState {
+    link: Link,
+    progress: Option<mpsc::UnboundedSender<Progress>>,
+    connected: Option<oneshot::Sender<Result<(Path, Duration), ConnectError>>>,
+    acks: HashMap<MessageId, oneshot::Sender<()>>,
+}
+
+impl Driver {
+    async fn run(self) -> io::Result<()> {
+        let Driver {
+            socket,
+            mut commands,
+            incoming,
+            mut state,
+        } = self;
+        let mut buf = vec![0u8; 2048];
+        // A message the application has no room for yet, and a send the
+        // channel had no room for yet: both hold their queue back.
+        let mut undelivered: Option<Vec<u8>> = None;
+        let mut unsent: Option<(Vec<u8>, Option<oneshot::Sender<()>>)> = None;
+        let mut commands_open = true;
+        loop {
+            if let Some((message, acked)) = unsent.take() {
+                unsent = state.try_send(message, acked);
+            }
+            state.flush(&socket).await;
+            if undelivered.is_none() {
+                if let Some(reason) = state.handle_events(&incoming, &mut undelivered) {
+                    // Last words (a Leave, the close acknowledgement) still go out.
+                    state.flush(&socket).await;
+                    let _ = incoming.send(Delivery::Closed(reason)).await;
+                    return Ok(());
+                }
+            }
+            let timeout = state.link.poll_timeout().map(Instant::from_std);
+            tokio::select! {
+                received = socket.recv_from(&mut buf) => match received {
+                    Ok((len, from)) => {
+                        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+                        state.link.handle_datagram(Instant::now().into_std(), from, &buf[..len]);
+                    }
+                    // ICMP errors of earlier sends (port unreachable while
+                    // punching) surface here; they are expected.
+                    Err(error) => tracing::debug!(%error, "recv_from"),
+                },
+                _ = sleep_until(timeout) => state.link.handle_timeout(Instant::now().into_std()),
+                command = commands.recv(), if unsent.is_none() && commands_open => match command {
+                    Some(Command::Send { message, acked }) => unsent = state.try_send(message, acked),
+                    Some(Command::Close) => state.link.close(),
+                    None => {
+                        // Every handle was dropped: close gracefully.
+                        commands_open = false;
+                        state.link.close();
+                    }
+                },
+                permit = incoming.reserve(), if undelivered.is_some() => match permit {
+                    Ok(permit) => permit.send(Delivery::Message(undelivered.take().expect("checked"))),
+                    Err(_) => undelivered = None,
+                },
+            }
+        }
+    }
+}
+
+impl DriverState {
+    fn try_send(
+        &mut self,
+        message: Vec<u8>,
+        acked: Option<oneshot::Sender<()>>,
+    ) -> Option<(Vec<u8>, Option<oneshot::Sender<()>>)> {
+        match self.link.send(message.clone()) {
+            Ok(id) => {
+                if let Some(acked) = acked {
+                    self.acks.insert(id, acked);
+                }
+                None
+            }
+            Err(SendError::WouldBlock) => Some((message, acked)),
+            // Closing: the caller learns from the dropped ack or the
+            // session's close reason. Sizes are checked by the sender.
+            Err(error) => {
+                tracing::debug!(%error, "message not sent");
+                None
+            }
+        }
+    }
+
+    async fn flush(&mut self, socket: &UdpSocket) {
+        while let Some(transmit) = self.link.poll_transmit(Instant::now().into_std()) {
+            if let Err(error) = socket.send_to(&transmit.bytes, transmit.to).await {
+                tracing::debug!(to = %transmit.to, %error, "send_to");
+            }
+        }
+    }
+
+    /// Handles link events until one cannot be delivered yet; returns the
+    /// close reason when the link is done.
+    fn handle_events(
+        &mut self,
+        incoming: &mpsc::Sender<Delivery>,
+        undelivered: &mut Option<Vec<u8>>,
+    ) -> Option<String> {
+        while let Some(event) = self.link.poll_event() {
+            match event {
+                LinkEvent::Registered { reflexive } => {
+                    self.report(Progress::Registered { reflexive })
+                }
+                LinkEvent::Introduced { candidates, .. } => {
+                    self.report(Progress::Introduced { candidates })
+                }
+                LinkEvent::Connected { path, elapsed } => {
+                    if let Some(connected) = self.connected.take() {
+                        let _ = connected.send(Ok((path, elapsed)));
+                    }
+                }
+                LinkEvent::Message(message) => {
+                    // Otherwise delivered, or the application stopped listening.
+                    if let Err(mpsc::error::TrySendError::Full(Delivery::Message(message))) =
+                        incoming.try_send(Delivery::Message(message))
+                    {
+                        *undelivered = Some(message);
+                        return None;
+                    }
+                }
+                LinkEvent::Acknowledged(id) => {
+                    if let Some(acked) = self.acks.remove(&id) {
+                        let _ = acked.send(());
+                    }
+                }
+                LinkEvent::Closed { reason } => return Some(reason),
+                LinkEvent::Failed(error) => {
+                    let reason = error.to_string();
+                    if let Some(connected) = self.connected.take() {
+                        let _ = connected.send(Err(error));
+                    }
+                    return Some(reason);
+                }
+            }
+        }
+        None
+    }
+
+    fn report(&self, progress: Progress) {
+        if let Some(tx) = &self.progress {
+            let _ = tx.send(progress);
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,341 @@
+//! Two sans-IO peers and the sans-IO rendezvous, each peer behind a simulated
+//! NAT of one of the four classic types, in virtual time. Checks which pairs
+//! connect directly and that data flows over the nominated path.
+//!
+//! The NAT model follows RFC 4787: a mapping is endpoint-independent or
+//! endpoint-dependent (symmetric), and inbound filtering is
+//! endpoint-independent (full cone), address-dependent (restricted cone) or
+//! address-and-port-dependent (port-restricted cone and symmetric).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use natter::link::{Link, LinkConfig, LinkEvent};
+use natter::punch::CandidateKind;
+use natter::wire::RoomCode;
+use natter_rendezvous::{Config, Server};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NatType {
+    FullCone,
+    AddressRestricted,
+    PortRestricted,
+    Symmetric,
+}
+
+const ALL: [NatType; 4] = [
+    NatType::FullCone,
+    NatType::AddressRestricted,
+    NatType::PortRestricted,
+    NatType::Symmetric,
+];
+
+struct Nat {
+    kind: NatType,
+    public_ip: IpAddr,
+    /// (internal, destination if endpoint-dependent) -> external port.
+    mappings: HashMap<(SocketAddr, Option<SocketAddr>), u16>,
+    /// external port -> (internal, destinations sent to).
+    ports: HashMap<u16, (SocketAddr, Vec<SocketAddr>)>,
+    next_port: u16,
+}
+
+impl Nat {
+    fn new(kind: NatType, public_ip: &str, first_port: u16) -> Self {
+        Self {
+            kind,
+            public_ip: public_ip.parse().unwrap(),
+            mappings: HashMap::new(),
+            ports: HashMap::new(),
+            next_port: first_port,
+        }
+    }
+
+    fn outbound(&mut self, internal: SocketAddr, to: SocketAddr) -> SocketAddr {
+        let key = (internal, (self.kind == NatType::Symmetric).then_some(to));
+        let port = *self.mappings.entry(key).or_insert_with(|| {
+            // Symmetric NATs hand out scattered ports, so guessing the next
+            // one does not help.
+            self.next_port = self.next_port.wrapping_mul(7).wrapping_add(1009) | 1024;
+            self.next_port
+        });
+        let (_, sent_to) = self.ports.entry(port).or_insert((internal, Vec::new()));
+        if !sent_to.contains(&to) {
+            sent_to.push(to);
+        }
+        SocketAddr::new(self.public_ip, port)
+    }
+
+    fn inbound(&self, to_port: u16, from: SocketAddr) -> Option<SocketAddr> {
+        let (internal, sent_to) = self.ports.get(&to_port)?;
+        let allowed = match self.kind {
+            NatType::FullCone => true,
+            NatType::AddressRestricted => sent_to.iter().any(|d| d.ip() == from.ip()),
+            NatType::PortRestricted | NatType::Symmetric => sent_to.contains(&from),
+        };
+        allowed.then_some(*internal)
+    }
+}
+
+struct Host {
+    link: Link,
+    internal: SocketAddr,
+    nat: Option<Nat>,
+    connected: Option<(SocketAddr, CandidateKind, Duration)>,
+    failed: Option<String>,
+    received: Vec<Vec<u8>>,
+}
+
+/// A datagram in flight, delivered at `at`.
+struct Packet {
+    from: SocketAddr,
+    to: SocketAddr,
+    bytes: Vec<u8>,
+}
+
+struct World {
+    now: Instant,
+    start: Instant,
+    server: Server,
+    server_addr: SocketAddr,
+    hosts: Vec<Host>,
+    in_flight: BTreeMap<(Instant, u64), Packet>,
+    sequence: u64,
+    latency: Duration,
+}
+
+impl World {
+    fn new(a: Option<NatType>, b: Option<NatType>) -> Self {
+        let start = Instant::now();
+        let server_addr: SocketAddr = "203.0.113.10:7777".parse().unwrap();
+        let mut config = LinkConfig::default();
+        config.rendezvous.wait_timeout = Duration::from_secs(30);
+        let room = RoomCode::new(*b"nat-sim").unwrap();
+        let host = |internal: &str, nat: Option<Nat>, seed: u64| {
+            let internal: SocketAddr = internal.parse().unwrap();
+            Host {
+                link: Link::new(
+                    start,
+                    config.clone(),
+                    server_addr,
+                    room.clone(),
+                    vec![internal],
+                    seed,
+                ),
+                internal,
+                nat,
+                connected: None,
+                failed: None,
+                received: Vec::new(),
+            }
+        };
+        let (a_addr, b_addr) = match (a, b) {
+            (Some(_), Some(_)) => ("192.168.1.2:5000", "192.168.2.2:5000"),
+            (None, _) => ("203.0.113.20:5000", "192.168.2.2:5000"),
+            (_, None) => ("192.168.1.2:5000", "203.0.113.21:5000"),
+        };
+        Self {
+            now: start,
+            start,
+            server: Server::with_seed(Config::default(), 1),
+            server_addr,
+            hosts: vec![
+                host(a_addr, a.map(|t| Nat::new(t, "203.0.113.11", 20_000)), 11),
+                host(b_addr, b.map(|t| Nat::new(t, "203.0.113.12", 30_000)), 22),
+            ],
+            in_flight: BTreeMap::new(),
+            sequence: 0,
+            latency: Duration::from_millis(15),
+        }
+    }
+
+    fn send(&mut self, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
+        self.sequence += 1;
+        self.in_flight.insert(
+            (self.now + self.latency, self.sequence),
+            Packet { from, to, bytes },
+        );
+    }
+
+    /// Routes a packet that reached the public network to its receiver,
+    /// through the receiver's NAT.
+    fn deliver(&mut self, packet: Packet) {
+        if packet.to == self.server_addr {
+            self.server
+                .handle_datagram(self.now, 0, packet.from, &packet.bytes);
+            return;
+        }
+        for host in &mut self.hosts {
+            let internal = match &host.nat {
+                Some(nat) if nat.public_ip == packet.to.ip() => {
+                    nat.inbound(packet.to.port(), packet.from)
+                }
+                None if host.internal == packet.to => Some(host.internal),
+                _ => continue,
+            };
+            if let Some(internal) = internal {
+                if internal == host.internal {
+                    host.link
+                        .handle_datagram(self.now, packet.from, &packet.bytes);
+                }
+            }
+            return;
+        }
+        // A private address of another network, or nobody: dropped.
+    }
+
+    fn step(&mut self) {
+        // Outgoing datagrams from the server and the hosts.
+        while let Some(transmit) = self.server.poll_transmit() {
+            self.send(self.server_addr, transmit.to, transmit.bytes);
+        }
+        for index in 0..self.hosts.len() {
+            while let Some(transmit) = self.hosts[index].link.poll_transmit(self.now) {
+                let host = &mut self.hosts[index];
+                let from = match &mut host.nat {
+                    Some(nat) => nat.outbound(host.internal, transmit.to),
+                    None => host.internal,
+                };
+                self.send(from, transmit.to, transmit.bytes);
+            }
+            let host = &mut self.hosts[index];
+            while let Some(event) = host.link.poll_event() {
+                match event {
+                    LinkEvent::Connected { path, elapsed } => {
+                        host.connected = Some((path.remote, path.kind, elapsed))
+                    }
+                    LinkEvent::Failed(error) => host.failed = Some(error.to_string()),
+                    LinkEvent::Message(message) => host.received.push(message),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Runs until `done` or `limit` of virtual time passed.
+    fn run_until(&mut self, limit: Duration, done: impl Fn(&World) -> bool) {
+        for _ in 0..1_000_000 {
+            self.step();
+            if done(self) || self.now - self.start > limit {
+                return;
+            }
+            let timers = self
+                .hosts
+                .iter()
+                .filter_map(|h| h.link.poll_timeout())
+                .chain(self.server.poll_timeout());
+            let next_packet = self.in_flight.keys().next().map(|(at, _)| *at);
+            let Some(next) = timers.chain(next_packet).min() else {
+                return;
+            };
+            self.now = next.max(self.now);
+            if let Some(entry) = self.in_flight.first_entry() {
+                if entry.key().0 <= self.now {
+                    let packet = entry.remove();
+                    self.deliver(packet);
+                    continue;
+                }
+            }
+            self.server.handle_timeout(self.now);
+            for host in &mut self.hosts {
+                host.link.handle_timeout(self.now);
+            }
+        }
+        panic!("simulation did not settle");
+    }
+}
+
+fn expected_direct(a: NatType, b: NatType) -> bool {
+    use NatType::*;
+    !matches!(
+        (a, b),
+        (Symmetric, PortRestricted) | (PortRestricted, Symmetric) | (Symmetric, Symmetric)
+    )
+}
+
+fn settled(world: &World) -> bool {
+    world
+        .hosts
+        .iter()
+        .all(|h| h.connected.is_some() || h.failed.is_some())
+}
+
+#[test]
+fn connectivity_matrix_of_the_four_nat_types() {
+    let mut table = String::new();
+    for a in ALL {
+        for b in ALL {
+            let mut world = World::new(Some(a), Some(b));
+            world.run_until(Duration::from_secs(20), settled);
+            let outcome: Vec<_> = world
+                .hosts
+                .iter()
+                .map(|h| match (&h.connected, &h.failed) {
+                    (Some((remote, kind, elapsed)), _) => {
+                        format!(
+                            "direct via {} {remote} in {} ms",
+                            kind.as_str(),
+                            elapsed.as_millis()
+                        )
+                    }
+                    (_, Some(error)) => format!("failed: {}", error.lines().next().unwrap()),
+                    _ => "unsettled".into(),
+                })
+                .collect();
+            table += &format!("{a:?} x {b:?}: {outcome:?}\n");
+            let connected = world.hosts.iter().all(|h| h.connected.is_some());
+            let failed = world.hosts.iter().all(|h| h.failed.is_some());
+            if expected_direct(a, b) {
+                assert!(connected, "{a:?} x {b:?} should connect: {outcome:?}");
+                // Each side's path is the other side's external address.
+                for (me, other) in [(0, 1), (1, 0)] {
+                    let remote = world.hosts[me].connected.unwrap().0;
+                    let other_public = world.hosts[other].nat.as_ref().unwrap().public_ip;
+                    assert_eq!(remote.ip(), other_public, "{a:?} x {b:?}");
+                }
+            } else {
+                assert!(failed, "{a:?} x {b:?} should fail to punch: {outcome:?}");
+                let error = world.hosts[0].failed.as_ref().unwrap();
+                assert!(
+                    error.contains("punching failed") && error.contains("probes sent"),
+                    "{error}"
+                );
+            }
+        }
+    }
+    println!("{table}");
+}
+
+#[test]
+fn data_flows_over_the_punched_path_both_ways() {
+    let mut world = World::new(
+        Some(NatType::PortRestricted),
+        Some(NatType::AddressRestricted),
+    );
+    world.run_until(Duration::from_secs(20), settled);
+    assert!(world.hosts.iter().all(|h| h.connected.is_some()));
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i * 31) as u8).collect();
+    world.hosts[0].link.send(b"hello from a".to_vec()).unwrap();
+    world.hosts[0].link.send(big.clone()).unwrap();
+    world.hosts[1].link.send(b"hello from b".to_vec()).unwrap();
+    world.run_until(Duration::from_secs(40), |w| {
+        w.hosts[1].received.len() == 2 && w.hosts[0].received.len() == 1
+    });
+    assert_eq!(world.hosts[1].received, vec![b"hello from a".to_vec(), big]);
+    assert_eq!(world.hosts[0].received, vec![b"hello from b".to_vec()]);
+}
+
+#[test]
+fn public_peer_connects_to_a_symmetric_nat() {
+    let mut world = World::new(None, Some(NatType::Symmetric));
+    world.run_until(Duration::from_secs(20), settled);
+    let (remote_of_public, kind, _) = world.hosts[0].connected.expect("public peer connects");
+    // The symmetric NAT's probe port was unknown to the rendezvous.
+    assert_eq!(kind, CandidateKind::PeerReflexive);
+    assert_eq!(
+        remote_of_public.ip(),
+        "203.0.113.12".parse::<IpAddr>().unwrap()
+    );
+    assert!(world.hosts[1].connected.is_some());
+}

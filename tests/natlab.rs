@@ -1,0 +1,1215 @@
+//! End-to-end hole punching through the NAT lab (`scripts/natlab.sh`): a real
+//! `natter-rendezvous` in host `rv` (203.0.113.10:7777) and two real
+//! `natter pipe --json` processes behind lab NATs, exchanging seeded
+//! pseudo-random payloads that are checked byte for byte.
+//!
+//! * `nat_type_matrix`: every ordered pair of the four NAT types. All connect
+//!   directly except symmetric against port-restricted or symmetric, which
+//!   must fail with `punch_failed` and list the candidates they tried.
+//! * `extra_topologies`: two peers behind the same NAT (host candidates), a
+//!   public peer against port-restricted and symmetric NATs, and a peer
+//!   behind two NATs (full-cone home router behind a port-restricted CGNAT).
+//! * `lossy_transfers`: 20 MiB each way between two port-restricted NATs with
+//!   5 % and 20 % random loss on the public segment.
+//!
+//! Needs root, `ip` and `nft` (else skipped, or a failure with
+//! `NATTER_REQUIRE_NATLAB=1`), and the `natter-rendezvous` binary next to
+//! `natter`: run `cargo build --workspace --release` first (CI's
+//! `cargo test --workspace --release` builds it).
+//!
+//! `NATTER_NATLAB_RUNS=N` runs every case N times and the tables show median
+//! figures. Each test prints its table straight to stderr so CI logs show it
+//! even when the test passes.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::netns::{natlab_available, Lab, NsChild};
+
+const NAT_TYPES: [&str; 4] = [
+    "full-cone",
+    "address-restricted",
+    "port-restricted",
+    "symmetric",
+];
+
+const RV_PORT: u16 = 7777;
+/// Payload per side in the NAT matrix and topology cases.
+const SMALL_PAYLOAD: u64 = 256 * 1024;
+/// Payload per side in the loss runs.
+const LOSS_PAYLOAD: u64 = 20 * 1024 * 1024;
+/// Punch timeout given to every matrix and topology case (keeps the
+/// expected failures short).
+const PUNCH_TIMEOUT_MS: u64 = 3000;
+/// Bounds how long a peer waits for the other to register.
+const WAIT_SECS: u64 = 15;
+const SMALL_CASE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the rendezvous gets to answer its first STUN request.
+const RENDEZVOUS_READY: Duration = Duration::from_secs(5);
+
+static LAB_LOCK: Mutex<()> = Mutex::new(());
+
+/// The lab tests share the kernel and run one at a time.
+fn lab_lock() -> MutexGuard<'static, ()> {
+    LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes straight to the process's stderr, past the test harness's output
+/// capture, so progress and tables show in CI logs of passing tests too.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(io::stderr().lock(), $($arg)*);
+    }};
+}
+
+// ------------------------------------------------------------- binaries --
+
+struct Binaries {
+    natter: PathBuf,
+    rendezvous: PathBuf,
+}
+
+impl Binaries {
+    fn find() -> Binaries {
+        let natter = PathBuf::from(env!("CARGO_BIN_EXE_natter"));
+        let rendezvous = natter.with_file_name("natter-rendezvous");
+        assert!(
+            rendezvous.is_file(),
+            "{} is missing: it belongs to another package of the workspace; run \
+             `cargo build --workspace{}` before these tests (or `cargo test --workspace{}`)",
+            rendezvous.display(),
+            if cfg!(debug_assertions) {
+                ""
+            } else {
+                " --release"
+            },
+            if cfg!(debug_assertions) {
+                ""
+            } else {
+                " --release"
+            },
+        );
+        Binaries { natter, rendezvous }
+    }
+}
+
+fn runs_from_env() -> usize {
+    match std::env::var("NATTER_NATLAB_RUNS") {
+        Ok(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .unwrap_or_else(|| panic!("NATTER_NATLAB_RUNS={v:?}: expected a whole number >= 1")),
+        Err(_) => 1,
+    }
+}
+
+// -------------------------------------------------------------- payload --
+
+/// A deterministic byte stream (splitmix64), the same however it is chunked.
+struct Payload {
+    state: u64,
+    word: [u8; 8],
+    used: usize,
+}
+
+impl Payload {
+    fn new(seed: u64) -> Payload {
+        Payload {
+            state: seed,
+            word: [0; 8],
+            used: 8,
+        }
+    }
+
+    fn next_word(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn fill(&mut self, out: &mut [u8]) {
+        for byte in out {
+            if self.used == 8 {
+                self.word = self.next_word().to_le_bytes();
+                self.used = 0;
+            }
+            *byte = self.word[self.used];
+            self.used += 1;
+        }
+    }
+}
+
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in *part {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// What arrived on a peer's stdout, compared on the fly with what the other
+/// peer was fed.
+#[derive(Debug, Default, Clone)]
+struct StdoutCheck {
+    received: u64,
+    first_mismatch: Option<u64>,
+    read_error: Option<String>,
+}
+
+fn check_stream(mut from: impl Read, seed: u64, expected_len: u64) -> StdoutCheck {
+    let mut expected = Payload::new(seed);
+    let mut check = StdoutCheck::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut want = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                check.read_error = Some(e.to_string());
+                break;
+            }
+        };
+        if check.first_mismatch.is_none() {
+            let in_range = (expected_len.saturating_sub(check.received)).min(n as u64) as usize;
+            expected.fill(&mut want[..in_range]);
+            if let Some(i) = (0..in_range).find(|&i| buf[i] != want[i]) {
+                check.first_mismatch = Some(check.received + i as u64);
+            } else if in_range < n {
+                // more bytes than the other side sent
+                check.first_mismatch = Some(check.received + in_range as u64);
+            }
+        }
+        check.received += n as u64;
+    }
+    check
+}
+
+// ---------------------------------------------------------------- cases --
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// A direct connection; `via` (both sides), when given, must match.
+    Direct { via: Option<&'static str> },
+    /// Exit code 1 and `{"event":"error","kind":"punch_failed"}` on both sides.
+    PunchFailed,
+}
+
+impl Expect {
+    fn label(self) -> &'static str {
+        match self {
+            Expect::Direct { via: None } => "direct",
+            Expect::Direct { via: Some("host") } => "direct/host",
+            Expect::Direct { via: Some(_) } => "direct/via",
+            Expect::PunchFailed => "punch_failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    name: String,
+    lab_args: Vec<String>,
+    /// The lab hosts the two peers run in.
+    hosts: [&'static str; 2],
+    expect: Expect,
+    payload: u64,
+    timeout: Duration,
+    punch_timeout_ms: Option<u64>,
+}
+
+fn expect_for(a: &str, b: &str) -> Expect {
+    let hard = |t: &str| t == "port-restricted" || t == "symmetric";
+    if (a == "symmetric" && hard(b)) || (b == "symmetric" && hard(a)) {
+        Expect::PunchFailed
+    } else {
+        Expect::Direct { via: None }
+    }
+}
+
+fn matrix_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for a in NAT_TYPES {
+        for b in NAT_TYPES {
+            cases.push(Case {
+                name: format!("{a} x {b}"),
+                lab_args: vec!["--nat-a".into(), a.into(), "--nat-b".into(), b.into()],
+                hosts: ["a", "b"],
+                expect: expect_for(a, b),
+                payload: SMALL_PAYLOAD,
+                timeout: SMALL_CASE_TIMEOUT,
+                punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
+            });
+        }
+    }
+    cases
+}
+
+fn topology_cases() -> Vec<Case> {
+    let case = |name: &str, args: &[&str], hosts, expect| Case {
+        name: name.into(),
+        lab_args: args.iter().map(|s| s.to_string()).collect(),
+        hosts,
+        expect,
+        payload: SMALL_PAYLOAD,
+        timeout: SMALL_CASE_TIMEOUT,
+        punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
+    };
+    vec![
+        case(
+            "same-nat (a, a2 behind port-restricted A)",
+            &["--same-nat"],
+            ["a", "a2"],
+            Expect::Direct { via: Some("host") },
+        ),
+        case(
+            "public-peer x port-restricted",
+            &["--public-peer", "--nat-a", "port-restricted"],
+            ["pub", "a"],
+            Expect::Direct { via: None },
+        ),
+        case(
+            "public-peer x symmetric",
+            &["--public-peer", "--nat-a", "symmetric"],
+            ["pub", "a"],
+            Expect::Direct { via: None },
+        ),
+        case(
+            "double-nat (full-cone behind port-restricted CGNAT) x port-restricted",
+            &[
+                "--double-nat",
+                "--nat-a",
+                "full-cone",
+                "--nat-cgn",
+                "port-restricted",
+                "--nat-b",
+                "port-restricted",
+            ],
+            ["a", "b"],
+            Expect::Direct { via: None },
+        ),
+    ]
+}
+
+fn loss_cases() -> Vec<Case> {
+    [5u32, 20]
+        .into_iter()
+        .map(|loss| Case {
+            name: format!("port-restricted x port-restricted, {loss} % loss"),
+            lab_args: vec![
+                "--nat-a".into(),
+                "port-restricted".into(),
+                "--nat-b".into(),
+                "port-restricted".into(),
+                "--loss".into(),
+                loss.to_string(),
+            ],
+            hosts: ["a", "b"],
+            expect: Expect::Direct { via: None },
+            payload: LOSS_PAYLOAD,
+            timeout: Duration::from_secs(if loss >= 20 { 180 } else { 120 }),
+            punch_timeout_ms: None,
+        })
+        .collect()
+}
+
+// ----------------------------------------------------------- rendezvous --
+
+struct Rendezvous {
+    child: NsChild,
+    stderr: Arc<Mutex<Vec<String>>>,
+    _reader: JoinHandle<()>,
+}
+
+impl Rendezvous {
+    fn start(lab: &Lab, bins: &Binaries) -> Result<Rendezvous, String> {
+        let rv_ip = lab.ip("RV_IP");
+        let bind = format!("{rv_ip}:{RV_PORT}");
+        let mut child = lab
+            .spawn_piped(
+                "rv",
+                &bins.rendezvous,
+                ["--bind", bind.as_str(), "--stats-secs", "0"],
+            )
+            .map_err(|e| format!("cannot start {}: {e}", bins.rendezvous.display()))?;
+        drop(child.stdin.take());
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let reader = {
+            let err = child.stderr.take().expect("piped stderr");
+            let lines = Arc::clone(&stderr);
+            std::thread::spawn(move || {
+                collect_lines(err, &lines);
+                drop(stdout);
+            })
+        };
+        let mut rv = Rendezvous {
+            child,
+            stderr,
+            _reader: reader,
+        };
+        rv.wait_ready(lab, SocketAddr::new(IpAddr::V4(rv_ip), RV_PORT))?;
+        Ok(rv)
+    }
+
+    /// Sends STUN binding requests from inside `rv` until one is answered.
+    fn wait_ready(&mut self, lab: &Lab, server: SocketAddr) -> Result<(), String> {
+        let sock: UdpSocket = lab.udp_socket("rv", "0.0.0.0:0".parse().unwrap());
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut request = [0u8; 20];
+        request[..2].copy_from_slice(&0x0001u16.to_be_bytes()); // Binding request, length 0
+        request[4..8].copy_from_slice(&0x2112_a442u32.to_be_bytes()); // magic cookie
+        request[8..].copy_from_slice(&rand::random::<[u8; 12]>());
+        let deadline = Instant::now() + RENDEZVOUS_READY;
+        let mut buf = [0u8; 1500];
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "natter-rendezvous exited at start ({status}):\n{}",
+                    self.stderr_text()
+                ));
+            }
+            let _ = sock.send_to(&request, server);
+            if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                if from == server {
+                    return Ok(());
+                }
+            }
+        }
+        Err(format!(
+            "natter-rendezvous did not answer STUN at {server} within {RENDEZVOUS_READY:?}:\n{}",
+            self.stderr_text()
+        ))
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .join("\n")
+    }
+
+    fn stop(mut self) -> String {
+        let _ = self.child.terminate(Duration::from_secs(2));
+        // give the reader thread a moment to take the last lines
+        std::thread::sleep(Duration::from_millis(20));
+        self.stderr_text()
+    }
+}
+
+fn collect_lines(from: impl Read, into: &Mutex<Vec<String>>) {
+    let mut reader = BufReader::new(from);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {
+                let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                into.lock().unwrap_or_else(|e| e.into_inner()).push(text);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- peers --
+
+struct RunningPeer {
+    host: &'static str,
+    child: NsChild,
+    writer: Option<JoinHandle<io::Result<u64>>>,
+    checker: Option<JoinHandle<StdoutCheck>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    stderr_reader: Option<JoinHandle<()>>,
+    status: Option<ExitStatus>,
+    exited_after: Option<Duration>,
+}
+
+/// What one peer did.
+#[derive(Debug, Clone)]
+struct PeerOutcome {
+    host: &'static str,
+    /// `None`: still running at the deadline and killed.
+    status: Option<ExitStatus>,
+    wall: Duration,
+    stdout: StdoutCheck,
+    stdin_result: Result<u64, String>,
+    stderr: Vec<String>,
+    events: Vec<Value>,
+}
+
+impl PeerOutcome {
+    fn event(&self, name: &str) -> Option<&Value> {
+        self.events.iter().find(|e| e["event"] == name)
+    }
+
+    fn connected(&self) -> Option<&Value> {
+        self.event("connected")
+    }
+
+    fn via(&self) -> Option<String> {
+        self.connected()
+            .and_then(|c| c["via"].as_str())
+            .map(str::to_string)
+    }
+
+    fn connect_ms(&self) -> Option<u64> {
+        self.connected().and_then(|c| c["elapsed_ms"].as_u64())
+    }
+
+    fn transfer_ms(&self) -> Option<u64> {
+        self.event("transferred")
+            .and_then(|t| t["elapsed_ms"].as_u64())
+    }
+
+    fn exit_code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+
+    fn status_text(&self) -> String {
+        match self.status {
+            None => format!(
+                "still running after {:.1} s, killed",
+                self.wall.as_secs_f64()
+            ),
+            Some(s) => format!("{s} after {:.1} s", self.wall.as_secs_f64()),
+        }
+    }
+}
+
+fn spawn_peer(
+    lab: &Lab,
+    bins: &Binaries,
+    case: &Case,
+    host: &'static str,
+    code: &str,
+    send_seed: u64,
+    recv_seed: u64,
+) -> Result<RunningPeer, String> {
+    let rendezvous = format!("{}:{RV_PORT}", lab.ip("RV_IP"));
+    let mut args: Vec<String> = vec![
+        "pipe".into(),
+        "--rendezvous".into(),
+        rendezvous,
+        "--code".into(),
+        code.into(),
+        "--json".into(),
+        "--wait-secs".into(),
+        WAIT_SECS.to_string(),
+    ];
+    if let Some(ms) = case.punch_timeout_ms {
+        args.push("--punch-timeout-ms".into());
+        args.push(ms.to_string());
+    }
+    let mut child = lab
+        .spawn_piped(host, &bins.natter, &args)
+        .map_err(|e| format!("cannot start natter in {host}: {e}"))?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let err = child.stderr.take().expect("piped stderr");
+    let len = case.payload;
+    let writer = std::thread::spawn(move || -> io::Result<u64> {
+        let mut payload = Payload::new(send_seed);
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut written = 0u64;
+        while written < len {
+            let n = (len - written).min(buf.len() as u64) as usize;
+            payload.fill(&mut buf[..n]);
+            stdin.write_all(&buf[..n])?;
+            written += n as u64;
+        }
+        // dropping stdin closes it: EOF for natter
+        Ok(written)
+    });
+    let checker = std::thread::spawn(move || check_stream(stdout, recv_seed, len));
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let stderr_reader = {
+        let lines = Arc::clone(&stderr);
+        std::thread::spawn(move || collect_lines(err, &lines))
+    };
+    Ok(RunningPeer {
+        host,
+        child,
+        writer: Some(writer),
+        checker: Some(checker),
+        stderr,
+        stderr_reader: Some(stderr_reader),
+        status: None,
+        exited_after: None,
+    })
+}
+
+/// Waits until both peers exited or `timeout` passed (then kills the rest).
+fn wait_peers(
+    mut peers: Vec<RunningPeer>,
+    started: Instant,
+    timeout: Duration,
+) -> Vec<PeerOutcome> {
+    let deadline = started + timeout;
+    loop {
+        for p in peers.iter_mut().filter(|p| p.status.is_none()) {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                p.status = Some(status);
+                p.exited_after = Some(started.elapsed());
+            }
+        }
+        if peers.iter().all(|p| p.status.is_some()) || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    peers
+        .into_iter()
+        .map(|mut p| {
+            if p.status.is_none() {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+            }
+            // the child is gone, so its pipes are closed and the threads end
+            let stdin_result = match p.writer.take().map(JoinHandle::join) {
+                Some(Ok(Ok(n))) => Ok(n),
+                Some(Ok(Err(e))) => Err(e.to_string()),
+                _ => Err("stdin writer panicked".into()),
+            };
+            let stdout = p
+                .checker
+                .take()
+                .and_then(|h| h.join().ok())
+                .unwrap_or_default();
+            if let Some(h) = p.stderr_reader.take() {
+                let _ = h.join();
+            }
+            let stderr = std::mem::take(&mut *p.stderr.lock().unwrap_or_else(|e| e.into_inner()));
+            let events = stderr
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|v| v.get("event").is_some())
+                .collect();
+            PeerOutcome {
+                host: p.host,
+                status: p.status,
+                wall: p.exited_after.unwrap_or_else(|| started.elapsed()),
+                stdout,
+                stdin_result,
+                stderr,
+                events,
+            }
+        })
+        .collect()
+}
+
+// ------------------------------------------------------------ one run --
+
+/// One run of one case.
+#[derive(Debug, Clone)]
+struct CaseRun {
+    ok: bool,
+    outcome: String,
+    via: [Option<String>; 2],
+    connect_ms: [Option<u64>; 2],
+    transfer_ms: [Option<u64>; 2],
+    wall: Duration,
+    failures: Vec<String>,
+}
+
+/// The LAN and public IPv4 address of a lab host.
+fn host_addrs(lab: &Lab, host: &str) -> (Ipv4Addr, Ipv4Addr) {
+    match host {
+        "a" => (lab.ip("A_IP"), lab.ip("A_PUBLIC_IP")),
+        "a2" => (lab.ip("A2_IP"), lab.ip("A_PUBLIC_IP")),
+        "b" => (lab.ip("B_IP"), lab.ip("B_PUBLIC_IP")),
+        "pub" => (lab.ip("PUB_IP"), lab.ip("PUB_IP")),
+        other => panic!("no addresses known for lab host {other}"),
+    }
+}
+
+fn ip_of(addr: &Value) -> Option<IpAddr> {
+    addr.as_str()?.parse::<SocketAddr>().ok().map(|a| a.ip())
+}
+
+fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
+    let started_case = Instant::now();
+    let lab = Lab::up(&case.lab_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let fail_early = |msg: String| CaseRun {
+        ok: false,
+        outcome: "SETUP FAILED".into(),
+        via: [None, None],
+        connect_ms: [None, None],
+        transfer_ms: [None, None],
+        wall: started_case.elapsed(),
+        failures: vec![msg],
+    };
+    let rv = match Rendezvous::start(&lab, bins) {
+        Ok(rv) => rv,
+        Err(e) => return fail_early(e),
+    };
+    let code = format!("natlab-{:016x}", rand::random::<u64>());
+    let run_tag = run.to_le_bytes();
+    let seeds = [0u8, 1].map(|side| fnv1a(&[case.name.as_bytes(), &run_tag, &[side]]));
+    let started = Instant::now();
+    let mut peers = Vec::new();
+    for (i, host) in case.hosts.into_iter().enumerate() {
+        match spawn_peer(&lab, bins, case, host, &code, seeds[i], seeds[1 - i]) {
+            Ok(p) => peers.push(p),
+            Err(e) => return fail_early(e),
+        }
+    }
+    let outcomes = wait_peers(peers, started, case.timeout);
+    let rv_log = rv.stop();
+
+    let mut failures = Vec::new();
+    for (i, p) in outcomes.iter().enumerate() {
+        let other = &outcomes[1 - i];
+        check_peer(&lab, case, p, other, &mut failures);
+    }
+    let ok = failures.is_empty();
+    let outcome = if ok {
+        match case.expect {
+            Expect::Direct { .. } => "direct".to_string(),
+            Expect::PunchFailed => "punch_failed".to_string(),
+        }
+    } else {
+        let summary: Vec<String> = outcomes
+            .iter()
+            .map(|p| {
+                let what = p
+                    .event("error")
+                    .and_then(|e| e["kind"].as_str())
+                    .map(str::to_string)
+                    .or_else(|| p.connected().map(|_| "connected".to_string()))
+                    .unwrap_or_else(|| "?".into());
+                let code = p.exit_code().map_or_else(
+                    || {
+                        if p.status.is_none() {
+                            "timeout".into()
+                        } else {
+                            "signal".into()
+                        }
+                    },
+                    |c| c.to_string(),
+                );
+                format!("{}:{what}/{code}", p.host)
+            })
+            .collect();
+        format!("FAIL {}", summary.join(" "))
+    };
+    if !ok {
+        dump_failure(case, run, &code, &lab, &outcomes, &failures, &rv_log);
+    }
+    drop(lab);
+    CaseRun {
+        ok,
+        outcome,
+        via: [outcomes[0].via(), outcomes[1].via()],
+        connect_ms: [outcomes[0].connect_ms(), outcomes[1].connect_ms()],
+        transfer_ms: [outcomes[0].transfer_ms(), outcomes[1].transfer_ms()],
+        wall: started.elapsed(),
+        failures,
+    }
+}
+
+fn check_peer(
+    lab: &Lab,
+    case: &Case,
+    p: &PeerOutcome,
+    other: &PeerOutcome,
+    failures: &mut Vec<String>,
+) {
+    let me = p.host;
+    let (my_lan, my_public) = host_addrs(lab, me);
+    let (other_lan, other_public) = host_addrs(lab, other.host);
+    let mut fail = |msg: String| failures.push(format!("{me}: {msg}"));
+
+    if p.status.is_none() {
+        fail(format!(
+            "did not exit within {:.0} s (killed)",
+            case.timeout.as_secs_f64()
+        ));
+    }
+    if let Some(reg) = p.event("registered") {
+        let seen = ip_of(&reg["reflexive"]);
+        if seen != Some(IpAddr::V4(my_public)) {
+            fail(format!(
+                "registered with reflexive {} but its public address is {my_public}",
+                reg["reflexive"]
+            ));
+        }
+    } else {
+        fail("no {\"event\":\"registered\"} line".into());
+    }
+    match case.expect {
+        Expect::Direct { via } => {
+            if p.status.is_some() && p.exit_code() != Some(0) {
+                fail(format!("exit status {}, expected 0", p.status_text()));
+            }
+            if let Some(err) = p.event("error") {
+                fail(format!("error event: {err}"));
+            }
+            match p.connected() {
+                None => fail("no {\"event\":\"connected\"} line".into()),
+                Some(c) => {
+                    if c["path"] != "direct" {
+                        fail(format!(
+                            "connected with path {}, expected \"direct\"",
+                            c["path"]
+                        ));
+                    }
+                    let got_via = c["via"].as_str().unwrap_or("");
+                    if !["host", "reflexive", "peer-reflexive"].contains(&got_via) {
+                        fail(format!("connected with via {}", c["via"]));
+                    }
+                    if let Some(want) = via {
+                        if got_via != want {
+                            fail(format!("connected via {got_via:?}, expected {want:?}"));
+                        }
+                    }
+                    if c["elapsed_ms"].as_u64().is_none() {
+                        fail(format!("connected without a numeric elapsed_ms: {c}"));
+                    }
+                    let want_ip = if got_via == "host" {
+                        other_lan
+                    } else {
+                        other_public
+                    };
+                    if ip_of(&c["remote"]) != Some(IpAddr::V4(want_ip)) {
+                        fail(format!(
+                            "connected to remote {} via {got_via}, expected an address of {want_ip} ({})",
+                            c["remote"], other.host
+                        ));
+                    }
+                }
+            }
+            let s = &p.stdout;
+            if let Some(e) = &s.read_error {
+                fail(format!("reading its stdout failed: {e}"));
+            }
+            if s.received != case.payload || s.first_mismatch.is_some() {
+                fail(format!(
+                    "stdout: {} bytes{}, expected exactly the {} bytes {} was fed",
+                    s.received,
+                    s.first_mismatch
+                        .map(|o| format!(", first differing byte at offset {o}"))
+                        .unwrap_or_default(),
+                    case.payload,
+                    other.host
+                ));
+            }
+            if let Err(e) = &p.stdin_result {
+                fail(format!("writing its stdin failed: {e}"));
+            }
+        }
+        Expect::PunchFailed => {
+            if p.exit_code() != Some(1) {
+                fail(format!(
+                    "exit status {}, expected exit code 1",
+                    p.status_text()
+                ));
+            }
+            if let Some(c) = p.connected() {
+                fail(format!(
+                    "connected although no direct path should exist: {c}"
+                ));
+            }
+            match p.event("error") {
+                None => fail("no {\"event\":\"error\"} line".into()),
+                Some(err) => {
+                    if err["kind"] != "punch_failed" {
+                        fail(format!(
+                            "error kind {}, expected \"punch_failed\": {err}",
+                            err["kind"]
+                        ));
+                    }
+                    let message = err["message"].as_str().unwrap_or("");
+                    let candidates: Vec<String> = p
+                        .event("introduced")
+                        .and_then(|i| i["candidates"].as_array())
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|c| c.as_str().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if candidates.is_empty() {
+                        fail("no {\"event\":\"introduced\"} line with candidates".into());
+                    }
+                    for cand in &candidates {
+                        // "reflexive 203.0.113.12:5000": the address must be in the report
+                        let addr = cand.rsplit(' ').next().unwrap_or(cand);
+                        if !message.contains(addr) {
+                            fail(format!(
+                                "punch_failed message does not list candidate {cand:?}: {message:?}"
+                            ));
+                        }
+                    }
+                    if !message.contains("probes sent") {
+                        fail(format!(
+                            "punch_failed message has no probe counts: {message:?}"
+                        ));
+                    }
+                }
+            }
+            if p.stdout.received != 0 {
+                fail(format!(
+                    "wrote {} bytes to stdout without a connection",
+                    p.stdout.received
+                ));
+            }
+        }
+    }
+}
+
+fn dump_failure(
+    case: &Case,
+    run: usize,
+    code: &str,
+    lab: &Lab,
+    outcomes: &[PeerOutcome],
+    failures: &[String],
+    rv_log: &str,
+) {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n======== natlab FAILED: {} (run {}, lab {}, code {code}, natlab.sh up {}) ========",
+        case.name,
+        run + 1,
+        lab.id(),
+        case.lab_args.join(" ")
+    );
+    for f in failures {
+        let _ = writeln!(out, "  * {f}");
+    }
+    for p in outcomes {
+        let _ = writeln!(
+            out,
+            "---- peer {} ({}; stdout {} bytes) stderr:",
+            p.host,
+            p.status_text(),
+            p.stdout.received
+        );
+        for line in &p.stderr {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    let _ = writeln!(out, "---- natter-rendezvous stderr:");
+    for line in rv_log.lines() {
+        let _ = writeln!(out, "  {line}");
+    }
+    let _ = writeln!(out, "======== end of {} ========", case.name);
+    say!("{out}");
+}
+
+// ---------------------------------------------------------- reporting --
+
+struct CaseSummary {
+    case: Case,
+    runs: Vec<CaseRun>,
+}
+
+fn median(mut v: Vec<u64>) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    Some(v[v.len() / 2])
+}
+
+fn fmt_opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+impl CaseSummary {
+    fn ok_count(&self) -> usize {
+        self.runs.iter().filter(|r| r.ok).count()
+    }
+
+    fn outcome(&self) -> String {
+        let n = self.runs.len();
+        if n == 1 {
+            return self.runs[0].outcome.clone();
+        }
+        let ok = self.ok_count();
+        match self.runs.iter().find(|r| !r.ok) {
+            None => format!("{} {ok}/{n}", self.runs[0].outcome),
+            Some(bad) => format!("{ok}/{n} ok; {}", bad.outcome),
+        }
+    }
+
+    fn via(&self) -> String {
+        let set = |i: usize| -> String {
+            let s: BTreeSet<&str> = self
+                .runs
+                .iter()
+                .filter_map(|r| r.via[i].as_deref())
+                .collect();
+            if s.is_empty() {
+                "-".into()
+            } else {
+                s.into_iter().collect::<Vec<_>>().join("|")
+            }
+        };
+        format!("{} / {}", set(0), set(1))
+    }
+
+    fn side_median(&self, pick: impl Fn(&CaseRun) -> [Option<u64>; 2], side: usize) -> Option<u64> {
+        median(
+            self.runs
+                .iter()
+                .filter(|r| r.ok)
+                .filter_map(|r| pick(r)[side])
+                .collect(),
+        )
+    }
+
+    fn pair(&self, pick: impl Fn(&CaseRun) -> [Option<u64>; 2] + Copy) -> String {
+        format!(
+            "{} / {}",
+            fmt_opt(self.side_median(pick, 0)),
+            fmt_opt(self.side_median(pick, 1))
+        )
+    }
+
+    /// Slowest side's connect time per successful run: min..max.
+    fn connect_range(&self) -> String {
+        let v: Vec<u64> = self
+            .runs
+            .iter()
+            .filter(|r| r.ok)
+            .filter_map(|r| r.connect_ms[0].max(r.connect_ms[1]))
+            .collect();
+        match (v.iter().min(), v.iter().max()) {
+            (Some(lo), Some(hi)) => format!("{lo}..{hi}"),
+            _ => "-".into(),
+        }
+    }
+
+    fn wall_median(&self) -> f64 {
+        let ms = median(
+            self.runs
+                .iter()
+                .map(|r| r.wall.as_millis() as u64)
+                .collect(),
+        );
+        ms.unwrap_or(0) as f64 / 1e3
+    }
+}
+
+fn print_table(title: &str, summaries: &[CaseSummary], runs: usize, total: Duration) {
+    let width = summaries
+        .iter()
+        .map(|s| s.case.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut out = String::new();
+    let med = if runs > 1 { " (median)" } else { "" };
+    let _ = writeln!(
+        out,
+        "\n{title}: {} cases x {runs} run(s), {:.1} s; hosts (x / y) = the two peers in case order",
+        summaries.len(),
+        total.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:<12}  {:<30}  {:<31}  {:<22}  {:<11}  {:>6}",
+        "case",
+        "expected",
+        "outcome",
+        "via (x / y)",
+        format!("connect ms{med}"),
+        "connect max",
+        "wall s"
+    );
+    let _ = writeln!(
+        out,
+        "{}",
+        "-".repeat(width + 2 + 12 + 2 + 30 + 2 + 31 + 2 + 22 + 2 + 11 + 2 + 6)
+    );
+    for s in summaries {
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<12}  {:<30}  {:<31}  {:<22}  {:<11}  {:>6.1}",
+            s.case.name,
+            s.case.expect.label(),
+            s.outcome(),
+            s.via(),
+            s.pair(|r| r.connect_ms),
+            s.connect_range(),
+            s.wall_median()
+        );
+    }
+    say!("{out}");
+}
+
+fn print_transfer_table(summaries: &[CaseSummary], runs: usize) {
+    let mut out = String::new();
+    let med = if runs > 1 { " (median)" } else { "" };
+    let _ = writeln!(out, "\ntransfers{med}: bytes each way, transfer time (natter's `transferred` elapsed_ms, x / y), throughput of the slower side");
+    for s in summaries {
+        let t0 = s.side_median(|r| r.transfer_ms, 0);
+        let t1 = s.side_median(|r| r.transfer_ms, 1);
+        let slow = t0.max(t1);
+        let rate = slow
+            .filter(|ms| *ms > 0)
+            .map(|ms| {
+                format!(
+                    "{:.2} MiB/s",
+                    s.case.payload as f64 / 1_048_576.0 / (ms as f64 / 1e3)
+                )
+            })
+            .unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "  {:<48} {} MiB  {} ms / {} ms  {rate}  (wall {:.1} s, {})",
+            s.case.name,
+            s.case.payload / 1_048_576,
+            fmt_opt(t0),
+            fmt_opt(t1),
+            s.wall_median(),
+            s.outcome()
+        );
+        if runs > 1 {
+            let all: Vec<String> = s
+                .runs
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{}/{}",
+                        fmt_opt(r.transfer_ms[0]),
+                        fmt_opt(r.transfer_ms[1])
+                    )
+                })
+                .collect();
+            let _ = writeln!(out, "    every run (ms): {}", all.join(", "));
+        }
+    }
+    say!("{out}");
+}
+
+fn run_suite(title: &str, cases: Vec<Case>) -> Vec<CaseSummary> {
+    let bins = Binaries::find();
+    let runs = runs_from_env();
+    let started = Instant::now();
+    let total = cases.len() * runs;
+    let mut summaries: Vec<CaseSummary> = cases
+        .into_iter()
+        .map(|case| CaseSummary {
+            case,
+            runs: Vec::new(),
+        })
+        .collect();
+    let mut done = 0;
+    for run in 0..runs {
+        for s in summaries.iter_mut() {
+            let r = run_case(&bins, &s.case, run);
+            done += 1;
+            say!(
+                "natlab {title} [{done}/{total}] {}: {} via {:?}/{:?} connect {}/{} ms transfer {}/{} ms (wall {:.1} s)",
+                s.case.name,
+                r.outcome,
+                r.via[0].as_deref().unwrap_or("-"),
+                r.via[1].as_deref().unwrap_or("-"),
+                fmt_opt(r.connect_ms[0]),
+                fmt_opt(r.connect_ms[1]),
+                fmt_opt(r.transfer_ms[0]),
+                fmt_opt(r.transfer_ms[1]),
+                r.wall.as_secs_f64()
+            );
+            s.runs.push(r);
+        }
+    }
+    print_table(title, &summaries, runs, started.elapsed());
+    summaries
+}
+
+fn assert_all_ok(title: &str, summaries: &[CaseSummary]) {
+    let mut report = String::new();
+    for s in summaries {
+        for (i, r) in s.runs.iter().enumerate().filter(|(_, r)| !r.ok) {
+            let _ = writeln!(report, "{} (run {}):", s.case.name, i + 1);
+            for f in &r.failures {
+                let _ = writeln!(report, "    {f}");
+            }
+        }
+    }
+    assert!(
+        report.is_empty(),
+        "{title}: some cases failed (peer stderr is printed above):\n{report}"
+    );
+}
+
+// ---------------------------------------------------------------- tests --
+
+#[test]
+fn nat_type_matrix() {
+    if !natlab_available() {
+        return;
+    }
+    let _lock = lab_lock();
+    let summaries = run_suite(
+        "NAT type matrix (x = a behind NAT A, y = b behind NAT B)",
+        matrix_cases(),
+    );
+    assert_all_ok("NAT type matrix", &summaries);
+}
+
+#[test]
+fn extra_topologies() {
+    if !natlab_available() {
+        return;
+    }
+    let _lock = lab_lock();
+    let summaries = run_suite("extra topologies", topology_cases());
+    assert_all_ok("extra topologies", &summaries);
+}
+
+#[test]
+fn lossy_transfers() {
+    if !natlab_available() {
+        return;
+    }
+    let _lock = lab_lock();
+    let summaries = run_suite("loss runs (20 MiB each way)", loss_cases());
+    print_transfer_table(&summaries, runs_from_env());
+    assert_all_ok("loss runs", &summaries);
+}
+
+#[test]
+fn payload_stream_is_chunking_independent() {
+    let mut whole = vec![0u8; 1000];
+    Payload::new(7).fill(&mut whole);
+    let mut pieces = vec![0u8; 1000];
+    let mut p = Payload::new(7);
+    for chunk in pieces.chunks_mut(13) {
+        p.fill(chunk);
+    }
+    assert_eq!(whole, pieces);
+    let ok = check_stream(&whole[..], 7, 1000);
+    assert_eq!((ok.received, ok.first_mismatch), (1000, None));
+    let mut bad = whole.clone();
+    bad[517] ^= 1;
+    assert_eq!(check_stream(&bad[..], 7, 1000).first_mismatch, Some(517));
+    assert_eq!(check_stream(&whole[..], 7, 999).first_mismatch, Some(999));
+    assert_eq!(check_stream(&whole[..10], 7, 1000).received, 10);
+}

@@ -1,0 +1,345 @@
+//! `natter pipe` processes on loopback, with a rendezvous in this process.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, ChildStderr, Command, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use natter_rendezvous::{driver, Config};
+use serde_json::Value;
+
+const NATTER: &str = env!("CARGO_BIN_EXE_natter");
+
+/// A `natter pipe` process: stdin is fed by a thread, stdout is hashed by
+/// another, and stderr's JSON events arrive on a channel.
+struct PipePeer {
+    child: Child,
+    feeder: Option<JoinHandle<()>>,
+    reader: Option<JoinHandle<(u64, u64)>>,
+    events: mpsc::Receiver<Value>,
+    stderr_lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl PipePeer {
+    /// Starts a peer that sends `len` pseudo-random bytes from `seed` once
+    /// `release` fires (at once when `None`).
+    fn start(
+        rendezvous: &str,
+        code: &str,
+        seed: u64,
+        len: u64,
+        release: Option<mpsc::Receiver<()>>,
+    ) -> Self {
+        let mut child = Command::new(NATTER)
+            .args(["pipe", "--rendezvous", rendezvous, "--code", code, "--json"])
+            .args(["--bind", "127.0.0.1:0"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("natter starts");
+        let mut stdin = child.stdin.take().unwrap();
+        let feeder = std::thread::spawn(move || {
+            if let Some(release) = release {
+                let _ = release.recv();
+            }
+            let mut stream = Stream::new(seed);
+            let mut left = len;
+            let mut chunk = vec![0u8; 64 * 1024];
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                stream.fill(&mut chunk[..n]);
+                if stdin.write_all(&chunk[..n]).is_err() {
+                    return;
+                }
+                left -= n as u64;
+            }
+        });
+        let mut stdout = child.stdout.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut hash = Fnv::default();
+            let mut total = 0u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stdout.read(&mut buf) {
+                    Ok(0) | Err(_) => return (total, hash.0),
+                    Ok(n) => {
+                        hash.update(&buf[..n]);
+                        total += n as u64;
+                    }
+                }
+            }
+        });
+        let (events_tx, events) = mpsc::channel();
+        let stderr_lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        spawn_stderr_reader(
+            child.stderr.take().unwrap(),
+            events_tx,
+            stderr_lines.clone(),
+        );
+        Self {
+            child,
+            feeder: Some(feeder),
+            reader: Some(reader),
+            events,
+            stderr_lines,
+        }
+    }
+
+    /// Waits for an event named `name`, failing on an error event.
+    fn wait_event(&self, name: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(event) if event["event"] == name => return event,
+                Ok(event) if event["event"] == "error" => {
+                    panic!(
+                        "peer failed while waiting for {name}: {event}; stderr: {}",
+                        self.stderr()
+                    )
+                }
+                Ok(_) => continue,
+                Err(_) => panic!(
+                    "no {name} event within {timeout:?}; stderr: {}",
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to exit; returns its exit code and what it
+    /// wrote to stdout (length and hash).
+    fn finish(mut self, timeout: Duration) -> (i32, u64, u64) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "natter pipe did not exit within {timeout:?}; stderr: {}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.feeder.take().unwrap().join().unwrap();
+        let (len, hash) = self.reader.take().unwrap().join().unwrap();
+        (status.code().unwrap_or(-1), len, hash)
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr_lines.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for PipePeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_stderr_reader(
+    stderr: ChildStderr,
+    events: mpsc::Sender<Value>,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(event) = serde_json::from_str::<Value>(&line) {
+                let _ = events.send(event);
+            }
+            lines.lock().unwrap().push(line);
+        }
+    });
+}
+
+/// The bytes a peer with `seed` sends: xorshift, so both ends can compute
+/// them without holding them.
+struct Stream(u64);
+
+impl Stream {
+    fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+
+    fn fill(&mut self, out: &mut [u8]) {
+        for byte in out {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            *byte = self.0 as u8;
+        }
+    }
+
+    fn hash(seed: u64, len: u64) -> u64 {
+        let mut stream = Self::new(seed);
+        let mut hash = Fnv::default();
+        let mut chunk = vec![0u8; 64 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            stream.fill(&mut chunk[..n]);
+            hash.update(&chunk[..n]);
+            left -= n as u64;
+        }
+        hash.0
+    }
+}
+
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn update(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn code() -> String {
+    format!("test-{}", rand::random::<u64>())
+}
+
+#[test]
+fn fifty_mib_each_way_arrive_byte_exact() {
+    let runtime = runtime();
+    let server = runtime
+        .block_on(async { driver::start(&["127.0.0.1:0".parse().unwrap()], Config::default()) })
+        .unwrap();
+    let rendezvous = server.local_addrs[0].to_string();
+    let code = code();
+    let len = 50 << 20;
+    let a = PipePeer::start(&rendezvous, &code, 1, len, None);
+    let b = PipePeer::start(&rendezvous, &code, 2, len, None);
+    let connected = a.wait_event("connected", Duration::from_secs(10));
+    assert_eq!(connected["path"], "direct");
+    b.wait_event("connected", Duration::from_secs(10));
+    let started = Instant::now();
+    let (a_code, a_len, a_hash) = a.finish(Duration::from_secs(120));
+    let (b_code, b_len, b_hash) = b.finish(Duration::from_secs(30));
+    println!("50 MiB each way in {:?}", started.elapsed());
+    assert_eq!((a_code, b_code), (0, 0));
+    assert_eq!(
+        (a_len, a_hash),
+        (len, Stream::hash(2, len)),
+        "a received b's stream"
+    );
+    assert_eq!(
+        (b_len, b_hash),
+        (len, Stream::hash(1, len)),
+        "b received a's stream"
+    );
+    runtime.block_on(server.shutdown()).unwrap();
+}
+
+#[test]
+fn a_peer_starting_three_seconds_later_still_connects() {
+    let runtime = runtime();
+    let server = runtime
+        .block_on(async { driver::start(&["127.0.0.1:0".parse().unwrap()], Config::default()) })
+        .unwrap();
+    let rendezvous = server.local_addrs[0].to_string();
+    let code = code();
+    let early = PipePeer::start(&rendezvous, &code, 3, 1000, None);
+    early.wait_event("registered", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(3));
+    let late = PipePeer::start(&rendezvous, &code, 4, 1000, None);
+    let connected = late.wait_event("connected", Duration::from_secs(10));
+    assert!(
+        connected["elapsed_ms"].as_u64().unwrap() < 2000,
+        "{connected}"
+    );
+    early.wait_event("connected", Duration::from_secs(5));
+    assert_eq!(
+        early.finish(Duration::from_secs(10)),
+        (0, 1000, Stream::hash(4, 1000))
+    );
+    assert_eq!(
+        late.finish(Duration::from_secs(10)),
+        (0, 1000, Stream::hash(3, 1000))
+    );
+    runtime.block_on(server.shutdown()).unwrap();
+}
+
+#[test]
+fn unreachable_rendezvous_fails_within_six_seconds_with_the_reason() {
+    // A port nobody listens on: bind one, note it, close it.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = Instant::now();
+    let peer = PipePeer::start(&format!("127.0.0.1:{port}"), &code(), 5, 0, None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let error = loop {
+        match peer
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(event) if event["event"] == "error" => break event,
+            Ok(_) => continue,
+            Err(_) => panic!("no error event within 10 s; stderr: {}", peer.stderr()),
+        }
+    };
+    let (exit, _, _) = peer.finish(Duration::from_secs(5));
+    let elapsed = started.elapsed();
+    assert_eq!(exit, 1);
+    assert_eq!(error["kind"], "rendezvous_unreachable", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer within 5 s"),
+        "{error}"
+    );
+    assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
+}
+
+#[test]
+fn the_session_survives_the_rendezvous_going_away() {
+    let runtime = runtime();
+    let server = runtime
+        .block_on(async { driver::start(&["127.0.0.1:0".parse().unwrap()], Config::default()) })
+        .unwrap();
+    let rendezvous = server.local_addrs[0].to_string();
+    let code = code();
+    let (release_a, gate_a) = mpsc::channel();
+    let (release_b, gate_b) = mpsc::channel();
+    let len = 4 << 20;
+    let a = PipePeer::start(&rendezvous, &code, 6, len, Some(gate_a));
+    let b = PipePeer::start(&rendezvous, &code, 7, len, Some(gate_b));
+    a.wait_event("connected", Duration::from_secs(10));
+    b.wait_event("connected", Duration::from_secs(10));
+    runtime.block_on(server.shutdown()).unwrap();
+    drop(runtime);
+    release_a.send(()).unwrap();
+    release_b.send(()).unwrap();
+    assert_eq!(
+        a.finish(Duration::from_secs(30)),
+        (0, len, Stream::hash(7, len))
+    );
+    assert_eq!(
+        b.finish(Duration::from_secs(30)),
+        (0, len, Stream::hash(6, len))
+    );
+}
