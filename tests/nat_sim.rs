@@ -84,6 +84,7 @@ struct Host {
     nat: Option<Nat>,
     connected: Option<(SocketAddr, CandidateKind, Duration)>,
     failed: Option<String>,
+    closed: Option<(Duration, String)>,
     received: Vec<Vec<u8>>,
 }
 
@@ -103,6 +104,8 @@ struct World {
     in_flight: BTreeMap<(Instant, u64), Packet>,
     sequence: u64,
     latency: Duration,
+    /// Drop everything: the path died.
+    blackhole: bool,
 }
 
 impl World {
@@ -127,6 +130,7 @@ impl World {
                 nat,
                 connected: None,
                 failed: None,
+                closed: None,
                 received: Vec::new(),
             }
         };
@@ -147,10 +151,14 @@ impl World {
             in_flight: BTreeMap::new(),
             sequence: 0,
             latency: Duration::from_millis(15),
+            blackhole: false,
         }
     }
 
     fn send(&mut self, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
+        if self.blackhole {
+            return;
+        }
         self.sequence += 1;
         self.in_flight.insert(
             (self.now + self.latency, self.sequence),
@@ -207,6 +215,9 @@ impl World {
                     }
                     LinkEvent::Failed(error) => host.failed = Some(error.to_string()),
                     LinkEvent::Message(message) => host.received.push(message),
+                    LinkEvent::Closed { reason } => {
+                        host.closed = Some((self.now - self.start, reason))
+                    }
                     _ => {}
                 }
             }
@@ -338,4 +349,25 @@ fn public_peer_connects_to_a_symmetric_nat() {
         "203.0.113.12".parse::<IpAddr>().unwrap()
     );
     assert!(world.hosts[1].connected.is_some());
+}
+
+#[test]
+fn a_dead_path_is_reported_after_the_idle_timeout() {
+    let mut world = World::new(Some(NatType::FullCone), Some(NatType::PortRestricted));
+    world.run_until(Duration::from_secs(20), settled);
+    assert!(world.hosts.iter().all(|h| h.connected.is_some()));
+    // Keepalives hold an idle path open well past the idle timeout.
+    let quiet_until = world.now + Duration::from_secs(120);
+    world.run_until(Duration::from_secs(200), |w| w.now >= quiet_until);
+    assert!(world.hosts.iter().all(|h| h.closed.is_none()), "keepalives failed");
+    // Then the path dies.
+    world.blackhole = true;
+    let died = world.now - world.start;
+    world.run_until(Duration::from_secs(400), |w| w.hosts.iter().all(|h| h.closed.is_some()));
+    for host in &world.hosts {
+        let (at, reason) = host.closed.clone().expect("dead path reported");
+        assert!(reason.contains("went silent for 60 s"), "{reason}");
+        let after = at - died;
+        assert!(after >= Duration::from_secs(45) && after <= Duration::from_secs(61), "{after:?}");
+    }
 }

@@ -124,3 +124,44 @@ async fn stun_client_crate_gets_its_mapped_address() {
     assert_eq!(mapped, Some(local));
     assert_eq!(server.shutdown().await.unwrap().stun_responses, 1);
 }
+
+/// coturn's `turnutils_stunclient`, a C implementation, learns its mapped
+/// address too. Skipped when it is not installed, unless
+/// `NATTER_REQUIRE_TURNUTILS=1` (set by CI, which installs coturn).
+#[tokio::test]
+async fn coturn_stun_client_gets_its_mapped_address() {
+    let Ok(path) = which("turnutils_stunclient") else {
+        assert!(
+            std::env::var("NATTER_REQUIRE_TURNUTILS").as_deref() != Ok("1"),
+            "turnutils_stunclient (Debian package coturn) is required but not installed"
+        );
+        eprintln!("skipped: turnutils_stunclient not installed (apt-get install coturn)");
+        return;
+    };
+    let server = driver::start(&["127.0.0.1:0".parse().unwrap()], Config::default()).unwrap();
+    let port = server.local_addrs[0].port().to_string();
+    let output = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(path)
+            .args(["-p", &port, "127.0.0.1"])
+            .output(),
+    )
+    .await
+    .expect("turnutils_stunclient finished within 5 s")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("UDP reflexive addr: 127.0.0.1:"),
+        "unexpected output: {stdout}"
+    );
+    assert!(server.shutdown().await.unwrap().stun_responses >= 1);
+}
+
+fn which(program: &str) -> Result<std::path::PathBuf, ()> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+        .ok_or(())
+}
