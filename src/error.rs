@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use natter_wire::ServerErrorKind;
 
+use crate::handshake::HandshakeError;
 use crate::punch::CandidateReport;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,6 +28,8 @@ pub enum ConnectError {
     NoPeer { waited: Duration },
     #[error("punching failed: no direct path to the other peer{}", reports(.0))]
     PunchFailed(Vec<CandidateReport>),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
 }
 
 impl ConnectError {
@@ -41,6 +44,9 @@ impl ConnectError {
             Self::VersionMismatch { .. } => "version_mismatch",
             Self::NoPeer { .. } => "no_peer",
             Self::PunchFailed(_) => "punch_failed",
+            Self::Handshake(HandshakeError::WrongCode) => "wrong_code",
+            Self::Handshake(HandshakeError::KeyChanged { .. }) => "key_changed",
+            Self::Handshake(_) => "handshake_failed",
         }
     }
 }

@@ -5,6 +5,9 @@
 //! - [`wire`]: every datagram on the wire (natter frames and STUN).
 //! - [`rendezvous_client`]: register at the rendezvous, learn the other peer.
 //! - [`punch`]: probe the other peer's candidates, nominate a working path.
+//! - [`handshake`]: SPAKE2 on the pairing code, then Noise: session keys and
+//!   the other peer's authenticated static key.
+//! - [`seal`]: ChaCha20-Poly1305 on every data frame, anti-replay, rekeying.
 //! - [`reliable`]: the reliable, ordered channel over datagrams.
 //! - [`link`]: the three above as one state machine over one socket.
 //! - [`session`]: the tokio shell: [`Peer::builder`] connects and returns a
@@ -18,11 +21,16 @@
 pub use natter_wire as wire;
 
 pub mod candidates;
+pub mod code;
+pub mod contacts;
 pub mod error;
+pub mod handshake;
+pub mod identity;
 pub mod link;
 pub mod punch;
 pub mod reliable;
 pub mod rendezvous_client;
+pub mod seal;
 pub mod session;
 
 pub use error::ConnectError;

@@ -1,5 +1,6 @@
 //! The link to the other peer, as one state machine over one socket: meet at
-//! the rendezvous, punch, then carry the reliable channel on the punched path.
+//! the rendezvous, punch, agree on keys, then carry the reliable channel,
+//! sealed, on the punched path.
 //!
 //! Everything a peer sends and receives goes through [`Link`], so one UDP
 //! socket (one NAT mapping) serves the rendezvous, the probes and the data.
@@ -10,12 +11,14 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use natter_wire::{split_header, DataHeader, FrameKind, PunchMessage, Role, RoomCode};
+use natter_wire::{split_header, FrameKind, HandshakeMessage, PunchMessage, Role, RoomCode};
 
 use crate::error::ConnectError;
+use crate::handshake::{Handshake, HandshakeEvent, Trust};
 use crate::punch::{CandidateKind, Path, PunchConfig, PunchEvent, Puncher};
 use crate::reliable::{self, Connection, MessageId, SendError};
 use crate::rendezvous_client::{RendezvousClient, RendezvousConfig, RendezvousEvent};
+use crate::seal::{OpenError, Opener, Sealer};
 
 #[derive(Debug, Clone, Default)]
 pub struct LinkConfig {
@@ -34,10 +37,13 @@ pub enum LinkEvent {
         role: Role,
         candidates: Vec<(SocketAddr, CandidateKind)>,
     },
+    /// The path is up and the session keys agreed.
     Connected {
         path: Path,
-        /// From the start of the link to the nominated path.
+        /// From the start of the link to the encrypted session.
         elapsed: Duration,
+        /// The other peer's long-term public key, as the handshake proved.
+        remote_key: [u8; 32],
     },
     Message(Vec<u8>),
     Acknowledged(MessageId),
@@ -59,20 +65,35 @@ pub struct Transmit {
 pub struct LinkStats {
     /// Not natter, or not decodable.
     pub malformed: u64,
-    /// Data for another session, or from an address that is not the path.
+    /// For another session, or from an address that is not the path.
     pub foreign: u64,
-    /// Data before the path was up.
+    /// Data before the session keys were agreed.
     pub early: u64,
+    /// Data frames that failed authentication.
+    pub forged: u64,
+    /// Data frames already received, or behind the anti-replay window.
+    pub replayed: u64,
+}
+
+/// The encrypted session once the handshake is done.
+struct Secured {
+    channel: Connection,
+    sealer: Sealer,
+    opener: Opener,
 }
 
 pub struct Link {
     config: LinkConfig,
     started: Instant,
     rendezvous: RendezvousClient,
+    trust: Trust,
+    local_secret: [u8; 32],
+    role: Role,
     puncher: Option<Puncher>,
-    /// The channel and where it runs, once punching succeeded.
-    session: Option<(Connection, Path)>,
-    next_counter: u64,
+    /// Where the session runs, once punching succeeded.
+    path: Option<Path>,
+    handshake: Option<Handshake>,
+    secured: Option<Secured>,
     seed: u64,
     events: VecDeque<LinkEvent>,
     stats: LinkStats,
@@ -80,14 +101,18 @@ pub struct Link {
 }
 
 impl Link {
-    /// Starts registering in `room` at `server`. `seed` feeds nonces; pass a
-    /// random one outside tests.
+    /// Starts registering in `room` at `server`. The session will be keyed
+    /// by `trust` and this peer's long-term `local_secret` key. `seed` feeds
+    /// nonces; pass a random one outside tests.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         now: Instant,
         config: LinkConfig,
         server: SocketAddr,
         room: RoomCode,
         host_candidates: Vec<SocketAddr>,
+        trust: Trust,
+        local_secret: [u8; 32],
         seed: u64,
     ) -> Self {
         let rendezvous = RendezvousClient::new(
@@ -102,9 +127,13 @@ impl Link {
             config,
             started: now,
             rendezvous,
+            trust,
+            local_secret,
+            role: Role::Controlled,
             puncher: None,
-            session: None,
-            next_counter: 0,
+            path: None,
+            handshake: None,
+            secured: None,
             seed,
             events: VecDeque::new(),
             stats: LinkStats::default(),
@@ -116,12 +145,13 @@ impl Link {
         &self.stats
     }
 
+    /// The path, once the session on it is secured.
     pub fn path(&self) -> Option<Path> {
-        self.session.as_ref().map(|(_, path)| *path)
+        self.secured.as_ref().and(self.path)
     }
 
     pub fn channel(&self) -> Option<&Connection> {
-        self.session.as_ref().map(|(channel, _)| channel)
+        self.secured.as_ref().map(|secured| &secured.channel)
     }
 
     /// True once the link failed or its channel closed: nothing more happens.
@@ -129,19 +159,19 @@ impl Link {
         self.done
     }
 
-    /// Queues a message on the channel; fails before the path is up.
+    /// Queues a message on the channel; fails before the session is up.
     pub fn send(&mut self, message: Vec<u8>) -> Result<MessageId, SendError> {
-        match &mut self.session {
-            Some((channel, _)) => channel.send(message),
+        match &mut self.secured {
+            Some(secured) => secured.channel.send(message),
             None => Err(SendError::Closed),
         }
     }
 
     /// Closes the channel gracefully (what was sent is delivered first), or
-    /// leaves the rendezvous when no path is up yet.
+    /// leaves the rendezvous when no session is up yet.
     pub fn close(&mut self) {
-        match &mut self.session {
-            Some((channel, _)) => channel.close(),
+        match &mut self.secured {
+            Some(secured) => secured.channel.close(),
             None => {
                 self.rendezvous.leave();
                 self.finish(LinkEvent::Closed {
@@ -163,36 +193,53 @@ impl Link {
                 (Ok(_), None) => self.stats.early += 1,
                 (Err(_), _) => self.stats.malformed += 1,
             },
+            Ok((FrameKind::Handshake, _)) => match HandshakeMessage::decode(bytes) {
+                Ok(message) => self.handle_handshake(now, from, message),
+                Err(_) => self.stats.malformed += 1,
+            },
             Ok((FrameKind::Data, _)) => self.handle_data(now, from, bytes),
             _ => self.stats.malformed += 1,
         }
         self.pump(now);
     }
 
-    fn handle_data(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
-        let Ok((header, payload)) = DataHeader::parse(bytes) else {
-            self.stats.malformed += 1;
-            return;
-        };
+    fn handle_handshake(&mut self, now: Instant, from: SocketAddr, message: HandshakeMessage) {
         let Some(puncher) = &mut self.puncher else {
             self.stats.early += 1;
             return;
         };
-        if header.session_id != puncher.session_id() {
+        if message.session_id() != puncher.session_id() {
             self.stats.foreign += 1;
             return;
         }
-        if self.session.is_none() {
-            // The controlled side switches to the path as soon as it is
-            // nominated; its first data proves the nomination arrived even
-            // if its acknowledgement did not.
-            puncher.handle_data_from(from);
+        if self.path.is_none() {
+            // The controlled side starts the handshake as soon as it takes
+            // the nomination: that proves the nomination arrived even if its
+            // acknowledgement did not.
+            puncher.confirm_nomination(from);
             self.pump(now);
         }
-        match &mut self.session {
-            Some((channel, path)) if path.remote == from => channel.handle_datagram(now, payload),
-            Some(_) => self.stats.foreign += 1,
-            None => self.stats.early += 1,
+        match (&mut self.handshake, self.path) {
+            (Some(handshake), Some(path)) if path.remote == from => {
+                handshake.handle_message(message)
+            }
+            _ => self.stats.foreign += 1,
+        }
+    }
+
+    fn handle_data(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let (Some(secured), Some(path)) = (&mut self.secured, self.path) else {
+            self.stats.early += 1;
+            return;
+        };
+        if path.remote != from {
+            self.stats.foreign += 1;
+            return;
+        }
+        match secured.opener.open(bytes) {
+            Ok(payload) => secured.channel.handle_datagram(now, &payload),
+            Err(OpenError::Forged) => self.stats.forged += 1,
+            Err(OpenError::Replayed | OpenError::TooOld) => self.stats.replayed += 1,
         }
     }
 
@@ -201,8 +248,11 @@ impl Link {
         if let Some(puncher) = &mut self.puncher {
             puncher.handle_timeout(now);
         }
-        if let Some((channel, _)) = &mut self.session {
-            channel.handle_timeout(now);
+        if let Some(handshake) = &mut self.handshake {
+            handshake.handle_timeout(now);
+        }
+        if let Some(secured) = &mut self.secured {
+            secured.channel.handle_timeout(now);
         }
         self.pump(now);
     }
@@ -211,7 +261,8 @@ impl Link {
         [
             self.rendezvous.poll_timeout(),
             self.puncher.as_ref().and_then(Puncher::poll_timeout),
-            self.session.as_ref().and_then(|(c, _)| c.poll_timeout()),
+            self.handshake.as_ref().and_then(Handshake::poll_timeout),
+            self.secured.as_ref().and_then(|s| s.channel.poll_timeout()),
         ]
         .into_iter()
         .flatten()
@@ -229,29 +280,23 @@ impl Link {
             let bytes = message.encode().expect("punch messages are small");
             return Some(Transmit { to, bytes });
         }
-        let session_id = self.puncher.as_ref()?.session_id();
-        let (channel, path) = self.session.as_mut()?;
-        let payload = channel.poll_transmit(now)?;
-        let mut bytes = Vec::with_capacity(natter_wire::DATA_HEADER_LEN + payload.len());
-        DataHeader {
-            session_id,
-            counter: self.next_counter,
+        let to = self.path?.remote;
+        if let Some(message) = self.handshake.as_mut().and_then(Handshake::poll_transmit) {
+            let bytes = message.encode().expect("handshake messages are bounded");
+            return Some(Transmit { to, bytes });
         }
-        .write(&mut bytes);
-        self.next_counter += 1;
-        bytes.extend_from_slice(&payload);
-        Some(Transmit {
-            to: path.remote,
-            bytes,
-        })
+        let secured = self.secured.as_mut()?;
+        let payload = secured.channel.poll_transmit(now)?;
+        let bytes = secured.sealer.seal(now, &payload);
+        Some(Transmit { to, bytes })
     }
 
     pub fn poll_event(&mut self) -> Option<LinkEvent> {
         if let Some(event) = self.events.pop_front() {
             return Some(event);
         }
-        let (channel, _) = self.session.as_mut()?;
-        let event = match channel.poll_event()? {
+        let secured = self.secured.as_mut()?;
+        let event = match secured.channel.poll_event()? {
             reliable::Event::Message(message) => LinkEvent::Message(message),
             reliable::Event::Acknowledged(id) => LinkEvent::Acknowledged(id),
             reliable::Event::Closed { reason } => {
@@ -293,15 +338,39 @@ impl Link {
             match event {
                 PunchEvent::Connected(path) => {
                     self.rendezvous.leave();
-                    self.session = Some((Connection::new(self.config.channel.clone(), now), path));
-                    self.events.push_back(LinkEvent::Connected {
-                        path,
-                        elapsed: now - self.started,
-                    });
+                    self.path = Some(path);
+                    let session_id = self.puncher.as_ref().map_or(0, Puncher::session_id);
+                    self.handshake = Some(Handshake::new(
+                        now,
+                        session_id,
+                        self.role,
+                        self.trust.clone(),
+                        self.local_secret,
+                    ));
                 }
                 PunchEvent::Failed(reports) => {
                     self.rendezvous.leave();
                     self.finish(LinkEvent::Failed(ConnectError::PunchFailed(reports)));
+                }
+            }
+        }
+        while let Some(event) = self.handshake.as_mut().and_then(Handshake::poll_event) {
+            match event {
+                HandshakeEvent::Done(keys) => {
+                    let session_id = self.puncher.as_ref().map_or(0, Puncher::session_id);
+                    self.secured = Some(Secured {
+                        channel: Connection::new(self.config.channel.clone(), now),
+                        sealer: Sealer::new(now, session_id, keys.send),
+                        opener: Opener::new(keys.receive),
+                    });
+                    self.events.push_back(LinkEvent::Connected {
+                        path: self.path.expect("the handshake runs on a path"),
+                        elapsed: now - self.started,
+                        remote_key: keys.remote_static,
+                    });
+                }
+                HandshakeEvent::Failed(error) => {
+                    self.finish(LinkEvent::Failed(ConnectError::Handshake(error)))
                 }
             }
         }
@@ -315,9 +384,10 @@ impl Link {
         reflexive: SocketAddr,
         host_candidates: Vec<SocketAddr>,
     ) {
-        if self.session.is_some() {
+        if self.path.is_some() {
             return;
         }
+        self.role = role;
         let candidates: Vec<_> = host_candidates
             .into_iter()
             .filter(|&addr| addr != reflexive)

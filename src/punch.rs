@@ -286,16 +286,17 @@ impl Puncher {
                 } = self.state
                 {
                     if nonce == expected {
-                        self.handle_data_from(from);
+                        self.confirm_nomination(from);
                     }
                 }
             }
         }
     }
 
-    /// The nominated candidate answered (a `NominateAck`, or session data):
-    /// the other side took the nomination.
-    pub fn handle_data_from(&mut self, from: SocketAddr) {
+    /// The nominated candidate answered (a `NominateAck`, or a message of
+    /// the next stage such as the handshake): the other side took the
+    /// nomination.
+    pub fn confirm_nomination(&mut self, from: SocketAddr) {
         if let State::Nominating { candidate, .. } = self.state {
             let chosen = &self.candidates[candidate];
             if chosen.report.addr == from {

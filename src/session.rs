@@ -17,7 +17,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::candidates::host_candidates;
+use crate::code::PairingCode;
+use crate::contacts::meeting_room;
 use crate::error::ConnectError;
+use crate::handshake::Trust;
+use crate::identity::{Identity, PublicKey};
 use crate::link::{Link, LinkConfig, LinkEvent};
 use crate::punch::{CandidateKind, Path};
 use crate::reliable::{MessageId, SendError};
@@ -37,8 +41,8 @@ pub enum Error {
     Resolve { addr: String, reason: String },
     #[error("no rendezvous address given (--rendezvous or NATTER_RENDEZVOUS)")]
     NoRendezvous,
-    #[error("bad code: {0}")]
-    BadCode(natter_wire::WireError),
+    #[error("no pairing code or contact given")]
+    NoCode,
     #[error("message of {len} bytes is larger than the {max}-byte limit")]
     TooLarge { len: usize, max: usize },
     #[error("session closed: {0}")]
@@ -58,12 +62,21 @@ pub enum Progress {
     },
 }
 
-/// How the session's path was found.
+/// How the session's path was found, and who is at the other end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PathInfo {
     pub path: Path,
     pub local: SocketAddr,
     pub elapsed: Duration,
+    /// The other peer's long-term key, proven by the handshake.
+    pub remote_key: PublicKey,
+}
+
+/// How the two peers find and recognise each other.
+#[derive(Debug, Clone)]
+enum Meeting {
+    Code(PairingCode),
+    Contact(PublicKey),
 }
 
 /// Something the other peer sent.
@@ -81,7 +94,8 @@ impl Peer {
     pub fn builder() -> PeerBuilder {
         PeerBuilder {
             rendezvous: None,
-            code: None,
+            meeting: None,
+            identity: None,
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
             config: LinkConfig::default(),
             progress: None,
@@ -91,7 +105,8 @@ impl Peer {
 
 pub struct PeerBuilder {
     rendezvous: Option<String>,
-    code: Option<Vec<u8>>,
+    meeting: Option<Meeting>,
+    identity: Option<Identity>,
     bind: SocketAddr,
     config: LinkConfig,
     progress: Option<mpsc::UnboundedSender<Progress>>,
@@ -104,9 +119,22 @@ impl PeerBuilder {
         self
     }
 
-    /// The room both peers name at the rendezvous.
-    pub fn code(mut self, code: impl Into<Vec<u8>>) -> Self {
-        self.code = Some(code.into());
+    /// Meet the peer that uses the same pairing code. The rendezvous sees
+    /// only the code's nameplate; the words key the session.
+    pub fn code(mut self, code: PairingCode) -> Self {
+        self.meeting = Some(Meeting::Code(code));
+        self
+    }
+
+    /// Meet a saved contact: it must prove it holds `key`.
+    pub fn contact(mut self, key: PublicKey) -> Self {
+        self.meeting = Some(Meeting::Contact(key));
+        self
+    }
+
+    /// This peer's long-term key (default: a fresh one for this session).
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
         self
     }
 
@@ -130,7 +158,15 @@ impl PeerBuilder {
     /// Registers, waits for the other peer, punches, and returns the session
     /// on the path that opened.
     pub async fn connect(self) -> Result<Session, Error> {
-        let room = RoomCode::new(self.code.unwrap_or_default()).map_err(Error::BadCode)?;
+        let identity = self.identity.unwrap_or_else(Identity::generate);
+        let (room, trust) = match self.meeting.ok_or(Error::NoCode)? {
+            Meeting::Code(code) => (code.room(), Trust::Code(code.password())),
+            Meeting::Contact(key) => (
+                meeting_room(&identity.public_key(), &key),
+                Trust::Pinned(*key.as_bytes()),
+            ),
+        };
+        let room = RoomCode::new(room).expect("rooms are derived within the size limit");
         let server_name = self.rendezvous.ok_or(Error::NoRendezvous)?;
         let server = resolve(&server_name, self.bind).await?;
         let socket = UdpSocket::bind(self.bind).await?;
@@ -143,6 +179,8 @@ impl PeerBuilder {
             server,
             room,
             hosts,
+            trust,
+            identity.secret_bytes(),
             rand::random(),
         );
         let (commands, command_rx) = mpsc::channel(16);
@@ -160,7 +198,7 @@ impl PeerBuilder {
             },
         };
         let task = tokio::spawn(driver.run());
-        let (path, elapsed) = match connected.await {
+        let (path, elapsed, remote_key) = match connected.await {
             Ok(result) => result?,
             Err(_) => return Err(task_failure(task).await),
         };
@@ -169,6 +207,7 @@ impl PeerBuilder {
                 path,
                 local,
                 elapsed,
+                remote_key: PublicKey::from_bytes(remote_key),
             },
             sender: SessionSender {
                 commands,
@@ -371,10 +410,13 @@ struct Driver {
     state: DriverState,
 }
 
+/// The path, the time it took, and the other peer's proven key; or why not.
+type ConnectOutcome = Result<(Path, Duration, [u8; 32]), ConnectError>;
+
 struct DriverState {
     link: Link,
     progress: Option<mpsc::UnboundedSender<Progress>>,
-    connected: Option<oneshot::Sender<Result<(Path, Duration), ConnectError>>>,
+    connected: Option<oneshot::Sender<ConnectOutcome>>,
     acks: HashMap<MessageId, oneshot::Sender<()>>,
 }
 
@@ -481,9 +523,13 @@ impl DriverState {
                 LinkEvent::Introduced { candidates, .. } => {
                     self.report(Progress::Introduced { candidates })
                 }
-                LinkEvent::Connected { path, elapsed } => {
+                LinkEvent::Connected {
+                    path,
+                    elapsed,
+                    remote_key,
+                } => {
                     if let Some(connected) = self.connected.take() {
-                        let _ = connected.send(Ok((path, elapsed)));
+                        let _ = connected.send(Ok((path, elapsed, remote_key)));
                     }
                 }
                 LinkEvent::Message(message) => {

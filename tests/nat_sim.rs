@@ -11,6 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use natter::handshake::Trust;
+use natter::identity::Identity;
 use natter::link::{Link, LinkConfig, LinkEvent};
 use natter::punch::CandidateKind;
 use natter::wire::RoomCode;
@@ -124,6 +126,8 @@ impl World {
                     server_addr,
                     room.clone(),
                     vec![internal],
+                    Trust::Code(b"7-simulated-nat".to_vec()),
+                    Identity::generate().secret_bytes(),
                     seed,
                 ),
                 internal,
@@ -210,7 +214,7 @@ impl World {
             let host = &mut self.hosts[index];
             while let Some(event) = host.link.poll_event() {
                 match event {
-                    LinkEvent::Connected { path, elapsed } => {
+                    LinkEvent::Connected { path, elapsed, .. } => {
                         host.connected = Some((path.remote, path.kind, elapsed))
                     }
                     LinkEvent::Failed(error) => host.failed = Some(error.to_string()),
@@ -359,15 +363,23 @@ fn a_dead_path_is_reported_after_the_idle_timeout() {
     // Keepalives hold an idle path open well past the idle timeout.
     let quiet_until = world.now + Duration::from_secs(120);
     world.run_until(Duration::from_secs(200), |w| w.now >= quiet_until);
-    assert!(world.hosts.iter().all(|h| h.closed.is_none()), "keepalives failed");
+    assert!(
+        world.hosts.iter().all(|h| h.closed.is_none()),
+        "keepalives failed"
+    );
     // Then the path dies.
     world.blackhole = true;
     let died = world.now - world.start;
-    world.run_until(Duration::from_secs(400), |w| w.hosts.iter().all(|h| h.closed.is_some()));
+    world.run_until(Duration::from_secs(400), |w| {
+        w.hosts.iter().all(|h| h.closed.is_some())
+    });
     for host in &world.hosts {
         let (at, reason) = host.closed.clone().expect("dead path reported");
         assert!(reason.contains("went silent for 60 s"), "{reason}");
         let after = at - died;
-        assert!(after >= Duration::from_secs(45) && after <= Duration::from_secs(61), "{after:?}");
+        assert!(
+            after >= Duration::from_secs(45) && after <= Duration::from_secs(61),
+            "{after:?}"
+        );
     }
 }

@@ -28,7 +28,7 @@ use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
-use std::process::ExitStatus;
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -345,12 +345,9 @@ impl Rendezvous {
     fn start(lab: &Lab, bins: &Binaries) -> Result<Rendezvous, String> {
         let rv_ip = lab.ip("RV_IP");
         let bind = format!("{rv_ip}:{RV_PORT}");
-        let mut child = lab
-            .spawn_piped(
-                "rv",
-                &bins.rendezvous,
-                ["--bind", bind.as_str(), "--stats-secs", "0"],
-            )
+        let mut cmd = piped(lab.command("rv", &bins.rendezvous));
+        cmd.args(["--bind", bind.as_str(), "--stats-secs", "0"]);
+        let mut child = NsChild::from_command(&mut cmd)
             .map_err(|e| format!("cannot start {}: {e}", bins.rendezvous.display()))?;
         drop(child.stdin.take());
         let stdout = child.stdout.take().expect("piped stdout");
@@ -416,6 +413,15 @@ impl Rendezvous {
         std::thread::sleep(Duration::from_millis(20));
         self.stderr_text()
     }
+}
+
+/// All three standard streams piped; plain (uncoloured) logs.
+fn piped(mut cmd: Command) -> Command {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env("NO_COLOR", "1");
+    cmd
 }
 
 fn collect_lines(from: impl Read, into: &Mutex<Vec<String>>) {
@@ -522,8 +528,9 @@ fn spawn_peer(
         args.push("--punch-timeout-ms".into());
         args.push(ms.to_string());
     }
-    let mut child = lab
-        .spawn_piped(host, &bins.natter, &args)
+    let mut cmd = piped(lab.command(host, &bins.natter));
+    cmd.args(&args);
+    let mut child = NsChild::from_command(&mut cmd)
         .map_err(|e| format!("cannot start natter in {host}: {e}"))?;
     let mut stdin = child.stdin.take().expect("piped stdin");
     let stdout = child.stdout.take().expect("piped stdout");
@@ -737,7 +744,7 @@ fn check_peer(
     failures: &mut Vec<String>,
 ) {
     let me = p.host;
-    let (my_lan, my_public) = host_addrs(lab, me);
+    let (_, my_public) = host_addrs(lab, me);
     let (other_lan, other_public) = host_addrs(lab, other.host);
     let mut fail = |msg: String| failures.push(format!("{me}: {msg}"));
 

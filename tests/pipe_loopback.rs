@@ -19,6 +19,7 @@ struct PipePeer {
     reader: Option<JoinHandle<(u64, u64)>>,
     events: mpsc::Receiver<Value>,
     stderr_lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    home: std::path::PathBuf,
 }
 
 impl PipePeer {
@@ -31,7 +32,10 @@ impl PipePeer {
         len: u64,
         release: Option<mpsc::Receiver<()>>,
     ) -> Self {
+        // Each peer keeps its identity in a directory of its own.
+        let home = std::env::temp_dir().join(format!("natter-test-{}-{seed}", std::process::id()));
         let mut child = Command::new(NATTER)
+            .env("NATTER_HOME", &home)
             .args(["pipe", "--rendezvous", rendezvous, "--code", code, "--json"])
             .args(["--bind", "127.0.0.1:0"])
             .stdin(Stdio::piped())
@@ -84,6 +88,7 @@ impl PipePeer {
             reader: Some(reader),
             events,
             stderr_lines,
+            home,
         }
     }
 
@@ -140,6 +145,7 @@ impl Drop for PipePeer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.home);
     }
 }
 
@@ -215,8 +221,13 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A pairing code unique to this test run.
 fn code() -> String {
-    format!("test-{}", rand::random::<u64>())
+    format!(
+        "{}-test-{:x}",
+        rand::random::<u16>() % 999 + 1,
+        rand::random::<u64>()
+    )
 }
 
 #[test]

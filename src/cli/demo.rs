@@ -3,6 +3,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use natter::code::{random_nameplate, PairingCode};
+use natter::identity::Identity;
 use natter::session::{Peer, Received, Session};
 use natter_rendezvous::{driver, Config};
 
@@ -20,13 +22,21 @@ pub async fn run() -> Result<()> {
         started.elapsed().as_millis()
     );
 
-    let code = format!("demo-{}", rand::random::<u32>());
+    let mut rng = rand::thread_rng();
+    let code = PairingCode::generate(random_nameplate(&mut rng), 2, &mut rng);
+    println!("pairing code {code} (the rendezvous sees only its nameplate)");
     let connect = |name: &'static str| {
         let code = code.clone();
         async move {
+            let identity = Identity::generate();
+            println!(
+                "{name:<12} fingerprint {}",
+                identity.public_key().fingerprint()
+            );
             let session = Peer::builder()
                 .rendezvous(server.to_string())
                 .code(code)
+                .identity(identity)
                 .bind("127.0.0.1:0".parse()?)
                 .connect()
                 .await
@@ -40,11 +50,12 @@ pub async fn run() -> Result<()> {
     for (name, session) in [("alice", &alice), ("bob", &bob)] {
         let info = session.path();
         println!(
-            "{name:<12} connected directly: {} -> {} via its {} candidate in {} ms",
+            "{name:<12} connected directly: {} -> {} via its {} candidate in {} ms, encrypted; peer fingerprint {}",
             info.local,
             info.path.remote,
             info.path.kind.as_str(),
-            info.elapsed.as_millis()
+            info.elapsed.as_millis(),
+            info.remote_key.fingerprint()
         );
     }
     println!(

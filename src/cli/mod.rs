@@ -1,6 +1,7 @@
 //! The `natter` commands: argument parsing, logging set-up, and dispatch.
 
 mod chat;
+mod contacts;
 mod demo;
 mod pipe;
 mod report;
@@ -10,7 +11,11 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use natter::code::{random_nameplate, PairingCode};
+use natter::contacts::Contacts;
+use natter::identity::{config_dir, Identity};
 use natter::link::LinkConfig;
 use natter::session::{Error, Peer, Session};
 use report::Reporter;
@@ -20,8 +25,10 @@ use tokio::sync::mpsc;
 #[command(
     version,
     about = "Peer-to-peer messenger over UDP hole punching",
-    after_help = "Both peers run the same command with the same --code; a rendezvous \
-                  (natter-rendezvous) introduces them and they connect directly."
+    after_help = "One peer runs `natter chat` and gets a code such as 7-crossword-lantern; \
+                  the other runs `natter chat 7-crossword-lantern`. A rendezvous \
+                  (natter-rendezvous) introduces them, they connect directly, and the \
+                  session is end-to-end encrypted with keys only holders of the code can get."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -38,6 +45,11 @@ enum Command {
     /// Run a rendezvous and two peers on loopback in this process, connect
     /// them, exchange messages and a 10 MiB stream, and show the timings.
     Demo,
+    /// Print this machine's public key fingerprint, to compare by voice.
+    Id,
+    /// Saved peers you can reach with `--to NAME`, without a code.
+    #[command(subcommand)]
+    Contacts(contacts::ContactsCommand),
     /// Ask a STUN server (any natter rendezvous is one) for this machine's
     /// external address, as seen from the server.
     Stun {
@@ -51,12 +63,19 @@ enum Command {
 
 #[derive(Args)]
 struct ConnectArgs {
+    /// The pairing code the other peer was given, like 7-crossword-lantern.
+    /// Without one (and without --to), a new code is made and printed.
+    #[arg(value_name = "CODE", conflicts_with_all = ["code", "to"])]
+    positional_code: Option<String>,
+    /// Same as the positional CODE.
+    #[arg(long, conflicts_with = "to")]
+    code: Option<String>,
+    /// Connect to a saved contact instead of using a code.
+    #[arg(long, value_name = "NAME")]
+    to: Option<String>,
     /// Rendezvous server, HOST:PORT.
     #[arg(long, env = "NATTER_RENDEZVOUS")]
     rendezvous: String,
-    /// The code both peers use to find each other (at most 64 bytes).
-    #[arg(long)]
-    code: String,
     /// Local address for the peer's one UDP socket.
     #[arg(long, default_value = "0.0.0.0:0")]
     bind: SocketAddr,
@@ -86,6 +105,10 @@ pub fn main() -> ExitCode {
             Command::Chat(args) => connect_and(args, chat::run).await,
             Command::Pipe(args) => connect_and(args, pipe::run).await,
             Command::Demo => report_failure(Reporter { json: false }, demo::run().await),
+            Command::Id => report_failure(Reporter { json: false }, print_id()),
+            Command::Contacts(command) => {
+                report_failure(Reporter { json: false }, contacts::run(command))
+            }
             Command::Stun { server, timeout_ms } => {
                 let result = stun::query(&server, Duration::from_millis(timeout_ms)).await;
                 report_failure(
@@ -104,17 +127,54 @@ where
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let reporter = Reporter { json: args.json };
+    match connect(args, reporter).await {
+        Ok(session) => report_failure(reporter, run(session, reporter).await),
+        Err(error) => {
+            let kind = error.downcast_ref::<Error>().map_or("error", error_kind);
+            reporter.error(kind, &format!("{error:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(args: ConnectArgs, reporter: Reporter) -> anyhow::Result<Session> {
+    let home = config_dir()?;
+    let identity = Identity::load_or_create(&home)?;
+    let mut contacts = Contacts::load(&home)?;
     let mut config = LinkConfig::default();
     config.rendezvous.wait_timeout = Duration::from_secs(args.wait_secs);
     config.punch.timeout = Duration::from_millis(args.punch_timeout_ms);
     let (progress_tx, mut progress) = mpsc::unbounded_channel();
-    let connecting = Peer::builder()
+    let mut builder = Peer::builder()
         .rendezvous(args.rendezvous)
-        .code(args.code)
         .bind(args.bind)
         .config(config)
-        .progress(progress_tx)
-        .connect();
+        .identity(identity)
+        .progress(progress_tx);
+    let paired_by_code = match (args.positional_code.or(args.code), &args.to) {
+        (_, Some(name)) => {
+            let key = contacts.get(name).with_context(|| {
+                format!("no contact named {name:?}; `natter contacts list` shows them")
+            })?;
+            builder = builder.contact(key);
+            false
+        }
+        (Some(code), None) => {
+            builder = builder.code(code.parse::<PairingCode>()?);
+            true
+        }
+        (None, None) => {
+            let code = PairingCode::generate(
+                random_nameplate(&mut rand::thread_rng()),
+                2,
+                &mut rand::thread_rng(),
+            );
+            reporter.code(&code);
+            builder = builder.code(code);
+            true
+        }
+    };
+    let connecting = builder.connect();
     tokio::pin!(connecting);
     let session = loop {
         tokio::select! {
@@ -125,15 +185,22 @@ where
     while let Ok(step) = progress.try_recv() {
         reporter.progress(&step);
     }
-    let session = match session {
-        Ok(session) => session,
-        Err(error) => {
-            reporter.error(error_kind(&error), &error.to_string());
-            return ExitCode::FAILURE;
-        }
-    };
+    let session = session?;
     reporter.connected(&session.path());
-    report_failure(reporter, run(session, reporter).await)
+    if paired_by_code {
+        contacts.set_last_paired(session.path().remote_key);
+        contacts.save()?;
+        reporter.hint("to reach this peer later without a code: natter contacts add NAME");
+    }
+    Ok(session)
+}
+
+fn print_id() -> anyhow::Result<()> {
+    let identity = Identity::load_or_create(&config_dir()?)?;
+    let key = identity.public_key();
+    println!("fingerprint: {}", key.fingerprint());
+    println!("public key:  {}", key.to_hex());
+    Ok(())
 }
 
 fn report_failure(reporter: Reporter, result: anyhow::Result<()>) -> ExitCode {
@@ -151,7 +218,7 @@ fn error_kind(error: &Error) -> &'static str {
     match error {
         Error::Connect(connect) => connect.kind(),
         Error::Resolve { .. } | Error::NoRendezvous => "bad_rendezvous",
-        Error::BadCode(_) => "bad_code",
+        Error::NoCode => "bad_code",
         Error::TooLarge { .. } => "too_large",
         Error::Closed(_) => "closed",
         Error::Io(_) => "io",

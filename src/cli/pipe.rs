@@ -35,14 +35,9 @@ pub async fn run(session: Session, reporter: Reporter) -> Result<()> {
     let receive = async {
         let mut stdout = tokio::io::stdout();
         let mut received = 0u64;
-        loop {
-            match receiver.recv().await? {
-                Received::Data(data) => {
-                    stdout.write_all(&data).await?;
-                    received += data.len() as u64;
-                }
-                Received::End => break,
-            }
+        while let Received::Data(data) = receiver.recv().await? {
+            stdout.write_all(&data).await?;
+            received += data.len() as u64;
         }
         stdout.flush().await?;
         anyhow::Ok(received)

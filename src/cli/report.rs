@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use natter::code::PairingCode;
 use natter::punch::CandidateKind;
 use natter::session::{PathInfo, Progress};
 use serde_json::{json, Value};
@@ -27,9 +28,17 @@ impl Reporter {
         }
     }
 
+    pub fn code(&self, code: &PairingCode) {
+        self.emit(
+            json!({"event": "code", "code": code.to_string()}),
+            format!("your code is {code}\nnatter: on the other machine run: natter chat {code}"),
+        );
+    }
+
     pub fn connected(&self, info: &PathInfo) {
         let via = info.path.kind.as_str();
         let elapsed_ms = info.elapsed.as_millis() as u64;
+        let fingerprint = info.remote_key.fingerprint();
         self.emit(
             json!({
                 "event": "connected",
@@ -38,12 +47,22 @@ impl Reporter {
                 "local": info.local.to_string(),
                 "via": via,
                 "elapsed_ms": elapsed_ms,
+                "encrypted": true,
+                "peer_fingerprint": fingerprint,
+                "peer_key": info.remote_key.to_hex(),
             }),
             format!(
-                "connected directly to {} ({via} candidate) in {elapsed_ms} ms",
+                "connected directly to {} ({via} candidate) in {elapsed_ms} ms; end-to-end encrypted; peer fingerprint {fingerprint}",
                 info.path.remote
             ),
         );
+    }
+
+    /// Advice for a person; nothing in JSON mode.
+    pub fn hint(&self, text: &str) {
+        if !self.json {
+            eprintln!("natter: {text}");
+        }
     }
 
     pub fn closed(&self, reason: &str) {

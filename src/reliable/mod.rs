@@ -313,6 +313,8 @@ impl Connection {
     /// timers remain.
     pub fn is_idle(&self) -> bool {
         !self.recovery.has_in_flight()
+            && self.recovery.timer().is_none()
+            && self.ack.timer().is_none()
             && self.send.is_flushed()
             && !self.ack.is_pending()
             && !self.recv.limit_pending()
@@ -684,7 +686,7 @@ impl Connection {
                 content,
             });
         } else if let Some(largest) = content.ack_largest {
-            self.recovery.on_ack_only_sent(number, largest);
+            self.recovery.on_ack_only_sent(number, now, largest);
         }
         Some(out)
     }

@@ -139,8 +139,8 @@ pub(crate) enum Timeout {
 pub(crate) struct Recovery {
     /// Ack-eliciting packets neither acked nor declared lost, by number.
     in_flight: BTreeMap<u64, SentPacket>,
-    /// Recent ACK-only packets: (packet number, largest it acknowledged).
-    ack_only: VecDeque<(u64, u64)>,
+    /// Recent ACK-only packets: number, send time, largest it acknowledged.
+    ack_only: VecDeque<(u64, Instant, u64)>,
     bytes_in_flight: u64,
     largest_acked: Option<u64>,
     loss_time: Option<Instant>,
@@ -192,11 +192,11 @@ impl Recovery {
         self.in_flight.insert(packet.number, packet);
     }
 
-    pub fn on_ack_only_sent(&mut self, number: u64, ack_largest: u64) {
+    pub fn on_ack_only_sent(&mut self, number: u64, time_sent: Instant, ack_largest: u64) {
         if self.ack_only.len() == MAX_ACK_ONLY_TRACKED {
             self.ack_only.pop_front();
         }
-        self.ack_only.push_back((number, ack_largest));
+        self.ack_only.push_back((number, time_sent, ack_largest));
     }
 
     /// One PTO period, before backoff: RFC 6298's RTO plus the peer's
@@ -241,20 +241,29 @@ impl Recovery {
                 }
             }
         }
-        self.ack_only.retain(|&(number, ack_largest)| {
+        let mut largest_sent_at = None;
+        self.ack_only.retain(|&(number, time_sent, ack_largest)| {
             let acked = ack.ranges.iter().any(|r| r.contains(&number));
             if acked {
                 verdict.ack_only_largest = verdict.ack_only_largest.max(Some(ack_largest));
+                if number == largest {
+                    largest_sent_at = Some(time_sent);
+                }
             }
             !acked
         });
         if verdict.acked.is_empty() {
             return verdict;
         }
-        // Only the largest acknowledged packet gives a sample: its ACK was
-        // sent right after (or max_ack_delay after) it arrived.
+        // Only the largest acknowledged packet gives a sample (its ACK was
+        // sent right after, or max_ack_delay after, it arrived), and only
+        // when the ACK also covers an ack-eliciting packet, which bounds the
+        // delay (RFC 9002 §5.1).
         if let Some(packet) = verdict.acked.iter().find(|p| p.number == largest) {
-            let sample = now.saturating_duration_since(packet.time_sent);
+            largest_sent_at = Some(packet.time_sent);
+        }
+        if let Some(time_sent) = largest_sent_at {
+            let sample = now.saturating_duration_since(time_sent);
             let ack_delay = Duration::from_micros(ack.delay_micros).min(self.max_ack_delay);
             self.rtt.update(sample, ack_delay);
             self.first_rtt_sample.get_or_insert(now);
@@ -338,6 +347,8 @@ impl Recovery {
 }
 
 #[cfg(test)]
+// One-range lists of packet numbers are what these tests mean.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
 
@@ -487,10 +498,11 @@ mod tests {
     fn ack_only_packets_report_ack_of_ack() {
         let start = Instant::now();
         let mut r = recovery();
-        r.on_ack_only_sent(0, 41);
-        send(&mut r, 1, start);
+        send(&mut r, 0, start);
+        r.on_ack_only_sent(1, start + 2 * MS, 41);
         let verdict = r.on_ack(start + 10 * MS, &ack(&[0..2]));
         assert_eq!(verdict.ack_only_largest, Some(41));
         assert_eq!(verdict.acked.len(), 1);
+        assert_eq!(r.rtt().smoothed(), 8 * MS, "timed from the ACK-only packet");
     }
 }

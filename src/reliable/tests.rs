@@ -2,6 +2,9 @@
 //! wire with a fixed delay, in virtual time. The randomised, adversarial
 //! network lives in `tests/reliable_sim.rs`.
 
+// One-range lists of packet numbers are what these tests mean.
+#![allow(clippy::single_range_in_vec_init)]
+
 use super::*;
 
 const MS: Duration = Duration::from_millis(1);
@@ -262,6 +265,38 @@ fn stream_data_beyond_the_window_is_refused() {
     b.handle_datagram(now, &hostile);
     assert_eq!(b.stats().malformed_packets, 1);
     assert_eq!(b.stats().receive_buffered, 0);
+}
+
+/// A deterministic coin for drop rules: true with probability `p`.
+fn coin(seed: u64, p: f64) -> impl FnMut() -> bool {
+    let mut state = seed | 1;
+    move || {
+        // xorshift64: plenty for picking which packets to drop.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+}
+
+#[test]
+fn ack_of_ack_keeps_the_receivers_ack_state_small() {
+    let mut pair = Pair::new(Config::default());
+    let mut lose = coin(7, 0.05);
+    pair.drop = Box::new(move |_, _, _| lose());
+    let message = pattern(2_000_000, 3);
+    pair.a.send(message.clone()).unwrap();
+    let most_ranges = std::cell::Cell::new(0);
+    pair.run_until(Duration::from_secs(120), |p| {
+        most_ranges.set(most_ranges.get().max(p.b.ack.tracked_ranges()));
+        p.b.is_idle() && p.a.is_idle()
+    });
+    let most_ranges = most_ranges.get();
+    assert_eq!(Pair::messages(&pair.b_events), vec![message]);
+    assert!(pair.a.stats().packets_lost > 50, "the drop rule bit");
+    // Every loss leaves a hole; without ACK of ACK the holes of the whole
+    // transfer would pile up to the 32-range cap.
+    assert!(most_ranges <= 6, "{most_ranges} ranges tracked at once");
 }
 
 #[test]

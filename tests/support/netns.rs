@@ -256,6 +256,12 @@ impl Lab {
         NsChild::spawn(&self.ns(host), program, args)
     }
 
+    /// `ip netns exec <host's namespace> program` as a [`Command`] to add
+    /// arguments, environment and pipes to; start it with [`NsChild::from_command`].
+    pub fn command(&self, host: &str, program: impl AsRef<OsStr>) -> Command {
+        ns_command(&self.ns(host), program)
+    }
+
     /// Starts `program args...` in `host`'s namespace with stdin, stdout and
     /// stderr piped (take them from the child); killed when the result is dropped.
     pub fn spawn_piped<I, S>(

@@ -180,7 +180,7 @@ impl ServerMessage {
 /// before reading them. A plain `Vec` would reserve room for the claimed
 /// length first, letting a short datagram make the decoder allocate for
 /// hundreds of addresses.
-fn bounded<'de, T, const MAX: usize, D>(deserializer: D) -> Result<Vec<T>, D::Error>
+pub(crate) fn bounded<'de, T, const MAX: usize, D>(deserializer: D) -> Result<Vec<T>, D::Error>
 where
     T: Deserialize<'de>,
     D: serde::Deserializer<'de>,

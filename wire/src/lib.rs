@@ -29,6 +29,7 @@
 
 mod control;
 mod data;
+mod handshake;
 mod punch;
 pub mod stun;
 
@@ -37,6 +38,7 @@ pub use control::{
     MAX_ROOM_CODE, REGISTER_PADDED_LEN,
 };
 pub use data::{DataHeader, DATA_HEADER_LEN};
+pub use handshake::{HandshakeMessage, MAX_HANDSHAKE_MESSAGE};
 pub use punch::PunchMessage;
 
 /// The protocol version this build speaks.
@@ -62,6 +64,8 @@ pub enum FrameKind {
     FromServer = 0xC2,
     /// Peer to peer while punching: [`PunchMessage`].
     Punch = 0xC3,
+    /// Peer to peer while agreeing on keys: [`HandshakeMessage`].
+    Handshake = 0xC5,
     /// Peer to peer session traffic: [`DataHeader`] then the payload.
     Data = 0xC4,
 }
@@ -73,6 +77,7 @@ impl FrameKind {
             0xC2 => Some(Self::FromServer),
             0xC3 => Some(Self::Punch),
             0xC4 => Some(Self::Data),
+            0xC5 => Some(Self::Handshake),
             _ => None,
         }
     }

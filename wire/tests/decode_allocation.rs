@@ -6,7 +6,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use natter_wire::{ClientMessage, FrameKind, PunchMessage, ServerMessage, MAX_DATAGRAM, VERSION};
+use natter_wire::{
+    ClientMessage, FrameKind, HandshakeMessage, PunchMessage, ServerMessage, MAX_DATAGRAM, VERSION,
+};
 use proptest::prelude::*;
 
 struct PeakAllocator;
@@ -48,14 +50,20 @@ proptest! {
     #[test]
     fn decoding_never_allocates_more_than_a_datagram(
         mut bytes in proptest::collection::vec(any::<u8>(), 2..MAX_DATAGRAM),
-        kind in 0..3u8,
+        kind in 0..4u8,
     ) {
-        bytes[0] = [FrameKind::ToServer, FrameKind::FromServer, FrameKind::Punch][kind as usize] as u8;
+        bytes[0] = [
+            FrameKind::ToServer,
+            FrameKind::FromServer,
+            FrameKind::Punch,
+            FrameKind::Handshake,
+        ][kind as usize] as u8;
         bytes[1] = VERSION;
         let peak = peak_during(|| match kind {
             0 => drop(std::hint::black_box(ClientMessage::decode(&bytes))),
             1 => drop(std::hint::black_box(ServerMessage::decode(&bytes))),
-            _ => drop(std::hint::black_box(PunchMessage::decode(&bytes))),
+            2 => drop(std::hint::black_box(PunchMessage::decode(&bytes))),
+            _ => drop(std::hint::black_box(HandshakeMessage::decode(&bytes))),
         });
         prop_assert!(peak <= MAX_DATAGRAM, "decoding allocated {} bytes", peak);
     }

@@ -1,0 +1,232 @@
+//! Figures for the reliable channel, through the simulated network.
+//!
+//! Run with `cargo bench --bench reliable`. Prints goodput (in memory, and
+//! as a fraction of a 100 Mbit/s, 20 ms RTT link at several loss rates),
+//! message latency under loss, bytes on the wire per byte delivered, and CPU
+//! time per MiB. Everything runs in virtual time except the in-memory
+//! transfer, whose wall-clock and CPU time are the point.
+
+mod netsim;
+
+use std::time::{Duration, Instant};
+
+use natter::reliable::{Config, Connection, Event, SendError, Stats};
+use netsim::{Link, LinkParams, Net, WIRE_OVERHEAD};
+
+const MIB: u64 = 1024 * 1024;
+/// Natter header plus the AEAD tag reserve, per datagram.
+const NATTER_OVERHEAD: u64 = (natter::wire::DATA_HEADER_LEN + 16) as u64;
+
+fn process_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec it is given.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime failed");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn net(a_to_b: LinkParams, b_to_a: LinkParams) -> Net {
+    let start = Instant::now();
+    Net {
+        a: Connection::new(Config::default(), start),
+        b: Connection::new(Config::default(), start),
+        a_to_b: Link::new(a_to_b, 0xa),
+        b_to_a: Link::new(b_to_a, 0xb),
+        now: start,
+    }
+}
+
+struct Transfer {
+    delivered: u64,
+    virtual_time: Duration,
+    wall_time: Duration,
+    cpu_time: Duration,
+    a: Stats,
+    b: Stats,
+}
+
+impl Transfer {
+    /// Channel payload bytes, both directions, per message byte delivered.
+    fn payload_per_byte(&self) -> f64 {
+        (self.a.bytes_sent + self.b.bytes_sent) as f64 / self.delivered as f64
+    }
+
+    /// The same with the natter header and AEAD tag of every datagram.
+    fn datagram_per_byte(&self) -> f64 {
+        let packets = self.a.packets_sent + self.b.packets_sent;
+        (self.a.bytes_sent + self.b.bytes_sent + packets * NATTER_OVERHEAD) as f64
+            / self.delivered as f64
+    }
+}
+
+/// Sends `total` bytes from A to B in messages of `message_size`, keeping
+/// A's send buffer full and B's application reading.
+fn bulk(mut net: Net, total: u64, message_size: usize) -> Transfer {
+    let start = net.now;
+    let wall = Instant::now();
+    let cpu = process_cpu_time();
+    let mut queued = 0;
+    let mut delivered = 0;
+    while delivered < total {
+        while queued < total {
+            let size = message_size.min((total - queued) as usize);
+            match net.a.send(vec![0x5a; size]) {
+                Ok(_) => queued += size as u64,
+                Err(SendError::WouldBlock) => break,
+                Err(error) => panic!("send failed: {error}"),
+            }
+        }
+        while net.a.poll_event().is_some() {}
+        while let Some(event) = net.b.poll_event() {
+            if let Event::Message(message) = event {
+                delivered += message.len() as u64;
+            }
+        }
+        net.transmit();
+        let next = net.next_event().expect("a transfer in progress has timers");
+        assert!(next - start < Duration::from_secs(3600), "transfer stalled");
+        net.advance_to(next);
+    }
+    Transfer {
+        delivered,
+        virtual_time: net.now - start,
+        wall_time: wall.elapsed(),
+        cpu_time: process_cpu_time() - cpu,
+        a: net.a.stats(),
+        b: net.b.stats(),
+    }
+}
+
+/// 100 Mbit/s each way, 10 ms one-way (20 ms RTT), a one-BDP drop-tail
+/// queue, and random loss.
+fn realistic(loss: f64) -> LinkParams {
+    LinkParams {
+        loss,
+        delay: Duration::from_millis(10),
+        bandwidth: Some(100_000_000 / 8),
+        queue_bytes: 250_000,
+        ..LinkParams::ideal()
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    println!("reliable channel benchmark (simulated network, virtual time unless noted)");
+    println!("max payload {} bytes", Config::default().max_payload);
+    println!();
+
+    let total = 256 * MIB;
+    let t = bulk(
+        net(LinkParams::ideal(), LinkParams::ideal()),
+        total,
+        64 * 1024,
+    );
+    println!(
+        "in-memory transfer, {} MiB in 64 KiB messages, no loss:",
+        total / MIB
+    );
+    println!(
+        "  goodput {:.0} MiB/s wall clock ({:.2} s), CPU {:.2} ms per MiB (both ends, one thread)",
+        t.delivered as f64 / MIB as f64 / t.wall_time.as_secs_f64(),
+        t.wall_time.as_secs_f64(),
+        t.cpu_time.as_secs_f64() * 1000.0 / (t.delivered / MIB) as f64,
+    );
+    println!(
+        "  wire bytes per byte delivered: {:.4} (channel payload), {:.4} (with natter header + tag)",
+        t.payload_per_byte(),
+        t.datagram_per_byte()
+    );
+    println!(
+        "  packets: {} data-side, {} ack-side",
+        t.a.packets_sent, t.b.packets_sent
+    );
+    println!();
+
+    let link_rate = 100_000_000.0 / 8.0;
+    let ceiling = 1160.0 / (Config::default().max_payload + WIRE_OVERHEAD) as f64;
+    println!(
+        "bulk transfer, 32 MiB, 100 Mbit/s, 20 ms RTT, 250 kB queue, loss both ways \
+         (header ceiling {:.1} % of link):",
+        ceiling * 100.0
+    );
+    println!("  loss   goodput  of link  wire/byte  lost pkts  retx pkts  final cwnd  srtt");
+    for loss in [0.0, 0.01, 0.05, 0.10] {
+        let t = bulk(net(realistic(loss), realistic(loss)), 32 * MIB, 64 * 1024);
+        let goodput = t.delivered as f64 / t.virtual_time.as_secs_f64();
+        println!(
+            "  {:>4.0}%  {:>6.2} MB/s  {:>5.1} %  {:>9.4}  {:>9}  {:>9}  {:>10}  {:?}",
+            loss * 100.0,
+            goodput / 1e6,
+            goodput / link_rate * 100.0,
+            t.datagram_per_byte(),
+            t.a.packets_lost,
+            t.a.packets_retransmitted,
+            t.a.cwnd,
+            t.a.smoothed_rtt,
+        );
+    }
+    println!();
+
+    let count = 10_000;
+    println!(
+        "latency, {count} messages of 100 bytes, one per ms, 20 ms RTT (one-way floor 0.5 RTT):"
+    );
+    println!("  loss   p50 RTT  p90 RTT  p99 RTT  max RTT  wire/byte  lost pkts  retx pkts");
+    for loss in [0.0, 0.01, 0.05] {
+        latency(loss, count);
+    }
+}
+
+/// Sends `count` small messages at a steady rate over the realistic link
+/// with `loss` both ways, and prints send-to-delivery latency percentiles.
+fn latency(loss: f64, count: usize) {
+    let rtt = Duration::from_millis(20);
+    let size = 100;
+    let mut net = net(realistic(loss), realistic(loss));
+    let start = net.now;
+    let interval = Duration::from_millis(1);
+    let mut sent_at = Vec::with_capacity(count);
+    let mut latencies = Vec::with_capacity(count);
+    while latencies.len() < count {
+        let elapsed = net.now - start;
+        while sent_at.len() < count && interval * sent_at.len() as u32 <= elapsed {
+            let at = start + interval * sent_at.len() as u32;
+            net.a.send(vec![0x42; size]).expect("small messages fit");
+            sent_at.push(at);
+        }
+        while net.a.poll_event().is_some() {}
+        while let Some(event) = net.b.poll_event() {
+            if let Event::Message(_) = event {
+                latencies.push(net.now - sent_at[latencies.len()]);
+            }
+        }
+        net.transmit();
+        let next_send = (sent_at.len() < count).then(|| start + interval * sent_at.len() as u32);
+        let next = [net.next_event(), next_send]
+            .into_iter()
+            .flatten()
+            .min()
+            .expect("timers are set");
+        net.advance_to(next);
+    }
+    let (a, b) = (net.a.stats(), net.b.stats());
+    latencies.sort();
+    let in_rtts = |d: Duration| d.as_secs_f64() / rtt.as_secs_f64();
+    println!(
+        "  {:>4.0}%  {:>7.2}  {:>7.2}  {:>7.2}  {:>7.2}  {:>9.2}  {:>9}  {:>9}",
+        loss * 100.0,
+        in_rtts(percentile(&latencies, 0.5)),
+        in_rtts(percentile(&latencies, 0.9)),
+        in_rtts(percentile(&latencies, 0.99)),
+        in_rtts(latencies[latencies.len() - 1]),
+        (a.bytes_sent + b.bytes_sent) as f64 / (size * count) as f64,
+        a.packets_lost,
+        a.packets_retransmitted,
+    );
+}

@@ -1,0 +1,506 @@
+//! The handshake that turns a punched path into an encrypted session.
+//!
+//! With a pairing code both peers first run SPAKE2 on the code: a passive
+//! observer learns nothing, an active one gets a single guess per run, and
+//! the result is a 32-byte key only the holders of the code share. That key
+//! is the PSK of a Noise `XXpsk2` handshake, which exchanges and
+//! authenticates the peers' long-term static keys: a wrong code fails on
+//! both sides (the initiator cannot open message 2, and tells the responder
+//! with `Reject`). Saved contacts skip SPAKE2 and run Noise `XX`, then check
+//! the other side's static key against the pinned one.
+//!
+//! The controlling peer initiates. Flights are retransmitted every
+//! [`RETRANSMIT`] until the next message arrives; a duplicate of the peer's
+//! previous message is answered with the same reply, so a lost message costs
+//! one retransmission, never a new handshake.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use natter_wire::{HandshakeMessage, Role};
+use spake2::{Ed25519Group, Identity, Password, Spake2};
+
+pub const RETRANSMIT: Duration = Duration::from_millis(200);
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+const CODE_PATTERN: &str = "Noise_XXpsk2_25519_ChaChaPoly_BLAKE2s";
+const CONTACT_PATTERN: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
+const SPAKE2_IDENTITY: &[u8] = b"natter pairing v1";
+
+/// How the two peers know each other.
+#[derive(Clone)]
+pub enum Trust {
+    /// Both typed the same pairing code.
+    Code(Vec<u8>),
+    /// A saved contact: the other side must hold this static key.
+    Pinned([u8; 32]),
+}
+
+/// What both sides agreed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionKeys {
+    pub send: [u8; 32],
+    pub receive: [u8; 32],
+    /// The other peer's long-term public key, authenticated.
+    pub remote_static: [u8; 32],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("wrong code, or someone else tried this code: the two sides do not share it")]
+    WrongCode,
+    #[error("the contact's key changed: expected {expected}, the peer holds {actual}. Someone may be impersonating them; if they really changed keys, pair again with a code")]
+    KeyChanged { expected: String, actual: String },
+    #[error("the encrypted handshake did not finish within {} s", HANDSHAKE_TIMEOUT.as_secs())]
+    TimedOut,
+    #[error("the handshake failed: {0}")]
+    Protocol(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandshakeEvent {
+    Done(SessionKeys),
+    Failed(HandshakeError),
+}
+
+enum Phase {
+    /// Waiting for the other side's SPAKE2 message.
+    Pake(Spake2<Ed25519Group>),
+    /// Noise under way; `sent` is this side's latest message, repeated on
+    /// retransmission.
+    Noise(Box<snow::HandshakeState>),
+    Done,
+    Failed,
+}
+
+pub struct Handshake {
+    session_id: u64,
+    role: Role,
+    trust: Trust,
+    local_secret: [u8; 32],
+    phase: Phase,
+    our_pake: Option<Vec<u8>>,
+    /// Our latest handshake message and its step, for retransmission.
+    last_sent: Option<(u8, Vec<u8>)>,
+    /// Our reply to the peer's latest step, repeated on a duplicate of it.
+    reply_to: Option<(u8, (u8, Vec<u8>))>,
+    /// This side refused the peer's Noise message (wrong code).
+    rejected: bool,
+    deadline: Instant,
+    next_retransmit: Instant,
+    transmits: VecDeque<HandshakeMessage>,
+    events: VecDeque<HandshakeEvent>,
+}
+
+impl Handshake {
+    pub fn new(
+        now: Instant,
+        session_id: u64,
+        role: Role,
+        trust: Trust,
+        local_secret: [u8; 32],
+    ) -> Self {
+        let mut handshake = Self {
+            session_id,
+            role,
+            local_secret,
+            phase: Phase::Failed,
+            our_pake: None,
+            last_sent: None,
+            reply_to: None,
+            rejected: false,
+            deadline: now + HANDSHAKE_TIMEOUT,
+            next_retransmit: now + RETRANSMIT,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            trust: trust.clone(),
+        };
+        match trust {
+            Trust::Code(code) => {
+                let (spake, message) = Spake2::<Ed25519Group>::start_symmetric(
+                    &Password::new(code),
+                    &Identity::new(SPAKE2_IDENTITY),
+                );
+                handshake.phase = Phase::Pake(spake);
+                handshake.transmits.push_back(HandshakeMessage::Pake {
+                    session_id,
+                    message: message.clone(),
+                });
+                handshake.our_pake = Some(message);
+            }
+            Trust::Pinned(_) => handshake.start_noise(None),
+        }
+        handshake
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<HandshakeMessage> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<HandshakeEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Pake(_) | Phase::Noise(_) => Some(self.next_retransmit.min(self.deadline)),
+            Phase::Done | Phase::Failed => None,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if !matches!(self.phase, Phase::Pake(_) | Phase::Noise(_)) {
+            return;
+        }
+        if now >= self.deadline {
+            return self.fail(HandshakeError::TimedOut);
+        }
+        if now >= self.next_retransmit {
+            if let Some(message) = &self.our_pake {
+                self.transmits.push_back(HandshakeMessage::Pake {
+                    session_id: self.session_id,
+                    message: message.clone(),
+                });
+            }
+            if let Some((step, message)) = &self.last_sent {
+                self.transmits.push_back(HandshakeMessage::Noise {
+                    session_id: self.session_id,
+                    step: *step,
+                    message: message.clone(),
+                });
+            }
+            self.next_retransmit = now + RETRANSMIT;
+        }
+    }
+
+    /// A handshake message from the path's remote address. Messages of
+    /// other sessions are the caller's to filter.
+    pub fn handle_message(&mut self, message: HandshakeMessage) {
+        match message {
+            HandshakeMessage::Pake { message, .. } => self.handle_pake(&message),
+            HandshakeMessage::Noise { step, message, .. } => self.handle_noise(step, &message),
+            HandshakeMessage::Reject { .. } => {
+                if matches!(self.phase, Phase::Pake(_) | Phase::Noise(_))
+                    && matches!(self.trust, Trust::Code(_))
+                {
+                    self.fail(HandshakeError::WrongCode);
+                }
+            }
+        }
+    }
+
+    fn handle_pake(&mut self, message: &[u8]) {
+        if !matches!(self.phase, Phase::Pake(_)) {
+            return;
+        }
+        let Phase::Pake(spake) = std::mem::replace(&mut self.phase, Phase::Failed) else {
+            unreachable!("checked above")
+        };
+        match spake.finish(message) {
+            Ok(key) => {
+                let mut psk = [0u8; 32];
+                psk.copy_from_slice(&key[..32]);
+                self.start_noise(Some(psk));
+            }
+            Err(error) => self.fail(HandshakeError::Protocol(format!(
+                "bad SPAKE2 message: {error:?}"
+            ))),
+        }
+    }
+
+    fn start_noise(&mut self, psk: Option<[u8; 32]>) {
+        let pattern = if psk.is_some() {
+            CODE_PATTERN
+        } else {
+            CONTACT_PATTERN
+        };
+        let params = pattern.parse().expect("the pattern names are valid");
+        let prologue = [b"natter v1 ".as_slice(), &self.session_id.to_be_bytes()].concat();
+        let mut builder = snow::Builder::new(params)
+            .local_private_key(&self.local_secret)
+            .and_then(|b| b.prologue(&prologue));
+        if let Some(psk) = &psk {
+            builder = builder.and_then(|b| b.psk(2, psk));
+        }
+        let state = match self.role {
+            Role::Controlling => builder.and_then(|b| b.build_initiator()),
+            Role::Controlled => builder.and_then(|b| b.build_responder()),
+        };
+        match state {
+            Ok(state) => {
+                self.phase = Phase::Noise(Box::new(state));
+                if self.role == Role::Controlling {
+                    self.write_step(1);
+                }
+            }
+            Err(error) => self.fail(HandshakeError::Protocol(error.to_string())),
+        }
+    }
+
+    fn handle_noise(&mut self, step: u8, message: &[u8]) {
+        if self.rejected {
+            // Our Reject was lost: the responder is still retransmitting.
+            self.transmits.push_back(HandshakeMessage::Reject {
+                session_id: self.session_id,
+            });
+            return;
+        }
+        // A repeat of the peer's previous message: our reply was lost.
+        if let Some((seen, reply)) = &self.reply_to {
+            if *seen == step {
+                let (reply_step, reply) = reply.clone();
+                self.transmits.push_back(HandshakeMessage::Noise {
+                    session_id: self.session_id,
+                    step: reply_step,
+                    message: reply,
+                });
+                return;
+            }
+        }
+        let expected = match self.role {
+            Role::Controlling => 2,
+            Role::Controlled if self.last_sent.is_none() => 1,
+            Role::Controlled => 3,
+        };
+        let Phase::Noise(state) = &mut self.phase else {
+            return;
+        };
+        if step != expected {
+            return;
+        }
+        let mut payload = [0u8; 256];
+        if let Err(error) = state.read_message(message, &mut payload) {
+            let wrong_code =
+                matches!(self.trust, Trust::Code(_)) && matches!(error, snow::Error::Decrypt);
+            if wrong_code && self.role == Role::Controlling {
+                self.rejected = true;
+                self.transmits.push_back(HandshakeMessage::Reject {
+                    session_id: self.session_id,
+                });
+            }
+            return self.fail(if wrong_code {
+                HandshakeError::WrongCode
+            } else {
+                HandshakeError::Protocol(error.to_string())
+            });
+        }
+        if let Some(error) = self.check_pin() {
+            return self.fail(error);
+        }
+        match step {
+            1 => {
+                self.write_step(2);
+                self.reply_to = self.last_sent.clone().map(|sent| (1, sent));
+            }
+            2 => {
+                self.write_step(3);
+                self.reply_to = self.last_sent.clone().map(|sent| (2, sent));
+                self.finish();
+            }
+            _ => self.finish(),
+        }
+    }
+
+    /// For a saved contact: the static key the peer just proved must be the
+    /// pinned one.
+    fn check_pin(&self) -> Option<HandshakeError> {
+        let (Trust::Pinned(expected), Phase::Noise(state)) = (&self.trust, &self.phase) else {
+            return None;
+        };
+        let actual = state.get_remote_static()?;
+        (actual != expected).then(|| HandshakeError::KeyChanged {
+            expected: hex(expected),
+            actual: hex(actual),
+        })
+    }
+
+    fn write_step(&mut self, step: u8) {
+        let Phase::Noise(state) = &mut self.phase else {
+            return;
+        };
+        let mut message = vec![0u8; natter_wire::MAX_HANDSHAKE_MESSAGE];
+        match state.write_message(&[], &mut message) {
+            Ok(len) => {
+                message.truncate(len);
+                self.transmits.push_back(HandshakeMessage::Noise {
+                    session_id: self.session_id,
+                    step,
+                    message: message.clone(),
+                });
+                self.last_sent = Some((step, message));
+                // Once Noise runs, the SPAKE2 message is no longer needed.
+                if step >= 2 {
+                    self.our_pake = None;
+                }
+            }
+            Err(error) => self.fail(HandshakeError::Protocol(error.to_string())),
+        }
+    }
+
+    fn finish(&mut self) {
+        let Phase::Noise(mut state) = std::mem::replace(&mut self.phase, Phase::Done) else {
+            return;
+        };
+        let mut remote_static = [0u8; 32];
+        remote_static.copy_from_slice(
+            state
+                .get_remote_static()
+                .expect("XX transmits the static key"),
+        );
+        let (initiator_to_responder, responder_to_initiator) = state.dangerously_get_raw_split();
+        let (send, receive) = match self.role {
+            Role::Controlling => (initiator_to_responder, responder_to_initiator),
+            Role::Controlled => (responder_to_initiator, initiator_to_responder),
+        };
+        self.our_pake = None;
+        self.events.push_back(HandshakeEvent::Done(SessionKeys {
+            send,
+            receive,
+            remote_static,
+        }));
+    }
+
+    fn fail(&mut self, error: HandshakeError) {
+        self.phase = Phase::Failed;
+        self.events.push_back(HandshakeEvent::Failed(error));
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keypair() -> ([u8; 32], [u8; 32]) {
+        let builder = snow::Builder::new(CONTACT_PATTERN.parse().unwrap());
+        let keypair = builder.generate_keypair().unwrap();
+        (
+            keypair.private.try_into().unwrap(),
+            keypair.public.try_into().unwrap(),
+        )
+    }
+
+    /// Runs two handshakes against each other, losing each message with
+    /// probability `loss.0` (seed `loss.1`). Returns both outcomes.
+    fn run(
+        a_trust: Trust,
+        b_trust: Trust,
+        a: [u8; 32],
+        b: [u8; 32],
+        loss: (f64, u64),
+    ) -> (HandshakeEvent, HandshakeEvent) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(loss.1);
+        let mut delivered = move || !rng.gen_bool(loss.0);
+        let mut now = Instant::now();
+        let mut hs_a = Handshake::new(now, 5, Role::Controlling, a_trust, a);
+        let mut hs_b = Handshake::new(now, 5, Role::Controlled, b_trust, b);
+        let (mut out_a, mut out_b) = (None, None);
+        for _ in 0..1000 {
+            loop {
+                let mut moved = false;
+                while let Some(message) = hs_a.poll_transmit() {
+                    moved = true;
+                    if delivered() {
+                        hs_b.handle_message(message);
+                    }
+                }
+                while let Some(message) = hs_b.poll_transmit() {
+                    moved = true;
+                    if delivered() {
+                        hs_a.handle_message(message);
+                    }
+                }
+                if !moved {
+                    break;
+                }
+            }
+            out_a = out_a.or_else(|| hs_a.poll_event());
+            out_b = out_b.or_else(|| hs_b.poll_event());
+            if let (Some(a), Some(b)) = (&out_a, &out_b) {
+                return (a.clone(), b.clone());
+            }
+            now += Duration::from_millis(50);
+            hs_a.handle_timeout(now);
+            hs_b.handle_timeout(now);
+        }
+        panic!("handshake never settled: {out_a:?} {out_b:?}");
+    }
+
+    #[test]
+    fn same_code_agrees_on_keys_and_learns_static_keys() {
+        let ((a, a_pub), (b, b_pub)) = (keypair(), keypair());
+        let code = Trust::Code(b"7-crossword-lantern".to_vec());
+        let (HandshakeEvent::Done(ka), HandshakeEvent::Done(kb)) =
+            run(code.clone(), code, a, b, (0.0, 0))
+        else {
+            panic!("handshake failed");
+        };
+        assert_eq!(ka.send, kb.receive);
+        assert_eq!(ka.receive, kb.send);
+        assert_ne!(ka.send, ka.receive);
+        assert_eq!((ka.remote_static, kb.remote_static), (b_pub, a_pub));
+    }
+
+    #[test]
+    fn lost_messages_are_retransmitted() {
+        let ((a, _), (b, _)) = (keypair(), keypair());
+        let code = Trust::Code(b"7-crossword-lantern".to_vec());
+        for seed in 0..50 {
+            let (ea, eb) = run(code.clone(), code.clone(), a, b, (0.3, seed));
+            assert!(
+                matches!(
+                    (&ea, &eb),
+                    (HandshakeEvent::Done(_), HandshakeEvent::Done(_))
+                ),
+                "seed {seed}: {ea:?} {eb:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_code_fails_on_both_sides() {
+        let ((a, _), (b, _)) = (keypair(), keypair());
+        let (ea, eb) = run(
+            Trust::Code(b"7-crossword-lantern".to_vec()),
+            Trust::Code(b"7-crossword-lanterm".to_vec()),
+            a,
+            b,
+            (0.0, 0),
+        );
+        assert_eq!(ea, HandshakeEvent::Failed(HandshakeError::WrongCode));
+        assert_eq!(eb, HandshakeEvent::Failed(HandshakeError::WrongCode));
+    }
+
+    #[test]
+    fn pinned_contacts_connect_and_a_changed_key_is_refused() {
+        let ((a, a_pub), (b, b_pub)) = (keypair(), keypair());
+        let (ea, eb) = run(Trust::Pinned(b_pub), Trust::Pinned(a_pub), a, b, (0.0, 0));
+        assert!(matches!(
+            (ea, eb),
+            (HandshakeEvent::Done(_), HandshakeEvent::Done(_))
+        ));
+        let (impostor, _) = keypair();
+        let (ea, _) = run(
+            Trust::Pinned(b_pub),
+            Trust::Pinned(a_pub),
+            a,
+            impostor,
+            (0.0, 0),
+        );
+        assert!(
+            matches!(
+                ea,
+                HandshakeEvent::Failed(HandshakeError::KeyChanged { .. })
+            ),
+            "{ea:?}"
+        );
+    }
+}

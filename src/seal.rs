@@ -1,0 +1,363 @@
+//! Sealing and opening data frames once the handshake has agreed on keys.
+//!
+//! Each frame is ChaCha20-Poly1305 under the key of its direction, with the
+//! frame's counter as the nonce and its 18-byte header (kind, version,
+//! session id, counter) as associated data, so no bit of the frame can be
+//! changed unnoticed. The receiver drops forged frames and frames whose
+//! counter it has already accepted or that fall behind its anti-replay
+//! window (WireGuard's sliding bitmap).
+//!
+//! Keys rotate, as in QUIC's key update: each epoch's key is Noise's REKEY
+//! of the previous one, and the counter's top bit is the key phase (the
+//! epoch's parity) over a 63-bit sequence number that simply counts frames.
+//! The sender moves to the next epoch after [`REKEY_AFTER_FRAMES`] frames or
+//! [`REKEY_AFTER`] of time. The receiver tries the next key when the phase
+//! flips on a sequence number beyond the epoch's start, moves to it only
+//! when a frame authenticates, and keeps the previous key for frames
+//! reordered across the change.
+
+use std::time::{Duration, Instant};
+
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
+use natter_wire::{DataHeader, DATA_HEADER_LEN};
+
+/// The counter's top bit: the key phase.
+const PHASE_BIT: u64 = 1 << 63;
+/// Frames sealed under one key before the next (16.7 million, about 19 GiB
+/// of full frames).
+pub const REKEY_AFTER_FRAMES: u64 = 1 << 24;
+/// Longest a key is used for sending.
+pub const REKEY_AFTER: Duration = Duration::from_secs(120);
+/// Counters this far behind the highest accepted one are still accepted
+/// once each, so reordering on the path does not lose frames.
+pub const REPLAY_WINDOW: u64 = 2048;
+pub const TAG_LEN: usize = 16;
+
+/// Why a frame was not opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error("frame failed authentication")]
+    Forged,
+    #[error("frame was already received")]
+    Replayed,
+    #[error("frame is older than the anti-replay window")]
+    TooOld,
+}
+
+/// Splits a counter into its key phase and sequence number.
+fn split_counter(counter: u64) -> (bool, u64) {
+    (counter & PHASE_BIT != 0, counter & !PHASE_BIT)
+}
+
+fn nonce(counter: u64) -> Nonce {
+    let mut nonce = [0u8; 12];
+    nonce[4..].copy_from_slice(&counter.to_le_bytes());
+    nonce.into()
+}
+
+/// Noise's REKEY(k): the first 32 bytes of encrypting 32 zero bytes with
+/// nonce 2^64-1.
+fn rekey(key: &Key) -> Key {
+    let mut block = [0u8; 32];
+    ChaCha20Poly1305::new(key)
+        .encrypt_in_place_detached(&nonce(u64::MAX), &[], &mut block)
+        .expect("32 bytes always encrypt");
+    block.into()
+}
+
+/// Seals this side's frames.
+pub struct Sealer {
+    session_id: u64,
+    key: Key,
+    cipher: ChaCha20Poly1305,
+    epoch: u64,
+    epoch_started: Instant,
+    epoch_first_sequence: u64,
+    next_sequence: u64,
+}
+
+impl Sealer {
+    pub fn new(now: Instant, session_id: u64, key: [u8; 32]) -> Self {
+        let key = Key::from(key);
+        Self {
+            session_id,
+            cipher: ChaCha20Poly1305::new(&key),
+            key,
+            epoch: 0,
+            epoch_started: now,
+            epoch_first_sequence: 0,
+            next_sequence: 0,
+        }
+    }
+
+    /// The whole datagram: header, then `payload` sealed.
+    pub fn seal(&mut self, now: Instant, payload: &[u8]) -> Vec<u8> {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let used = sequence - self.epoch_first_sequence;
+        if used >= REKEY_AFTER_FRAMES
+            || now.saturating_duration_since(self.epoch_started) >= REKEY_AFTER
+        {
+            self.key = rekey(&self.key);
+            self.cipher = ChaCha20Poly1305::new(&self.key);
+            self.epoch += 1;
+            self.epoch_started = now;
+            self.epoch_first_sequence = sequence;
+        }
+        let phase = if self.epoch % 2 == 1 { PHASE_BIT } else { 0 };
+        let counter = sequence | phase;
+        let mut frame = Vec::with_capacity(DATA_HEADER_LEN + payload.len() + TAG_LEN);
+        DataHeader {
+            session_id: self.session_id,
+            counter,
+        }
+        .write(&mut frame);
+        let header: [u8; DATA_HEADER_LEN] = frame[..].try_into().expect("header just written");
+        frame.extend_from_slice(payload);
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(&nonce(counter), &header, &mut frame[DATA_HEADER_LEN..])
+            .expect("frames are far below ChaCha20-Poly1305's length limit");
+        frame.extend_from_slice(&tag);
+        frame
+    }
+}
+
+/// Opens the other side's frames.
+pub struct Opener {
+    phase: bool,
+    current: ChaCha20Poly1305,
+    current_key: Key,
+    previous: Option<ChaCha20Poly1305>,
+    /// First sequence number seen under the current key.
+    epoch_first_sequence: u64,
+    window: ReplayWindow,
+}
+
+impl Opener {
+    pub fn new(key: [u8; 32]) -> Self {
+        let key = Key::from(key);
+        Self {
+            phase: false,
+            current: ChaCha20Poly1305::new(&key),
+            current_key: key,
+            previous: None,
+            epoch_first_sequence: 0,
+            window: ReplayWindow::default(),
+        }
+    }
+
+    /// Checks and decrypts one data frame (header included) and returns its
+    /// payload.
+    pub fn open(&mut self, frame: &[u8]) -> Result<Vec<u8>, OpenError> {
+        let (header, sealed) = DataHeader::parse(frame).map_err(|_| OpenError::Forged)?;
+        if sealed.len() < TAG_LEN {
+            return Err(OpenError::Forged);
+        }
+        let (phase, sequence) = split_counter(header.counter);
+        self.window.check(sequence)?;
+        let next;
+        let key_update = phase != self.phase && sequence >= self.epoch_first_sequence;
+        let cipher = if phase == self.phase {
+            &self.current
+        } else if key_update {
+            next = ChaCha20Poly1305::new(&rekey(&self.current_key));
+            &next
+        } else {
+            self.previous.as_ref().ok_or(OpenError::Forged)?
+        };
+        let (ciphertext, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+        let mut payload = ciphertext.to_vec();
+        cipher
+            .decrypt_in_place_detached(
+                &nonce(header.counter),
+                &frame[..DATA_HEADER_LEN],
+                &mut payload,
+                Tag::from_slice(tag),
+            )
+            .map_err(|_| OpenError::Forged)?;
+        // Only an authentic frame moves the window or the key.
+        self.window.accept(sequence);
+        if key_update {
+            let next_key = rekey(&self.current_key);
+            self.previous = Some(std::mem::replace(
+                &mut self.current,
+                ChaCha20Poly1305::new(&next_key),
+            ));
+            self.current_key = next_key;
+            self.phase = phase;
+            self.epoch_first_sequence = sequence;
+        }
+        Ok(payload)
+    }
+}
+
+/// Which counters near the highest accepted one were seen: bit `i` of the
+/// bitmap stands for `highest - i`.
+#[derive(Debug, Default)]
+struct ReplayWindow {
+    highest: Option<u64>,
+    seen: [u64; (REPLAY_WINDOW / 64) as usize],
+}
+
+impl ReplayWindow {
+    fn check(&self, counter: u64) -> Result<(), OpenError> {
+        let Some(highest) = self.highest else {
+            return Ok(());
+        };
+        if counter > highest {
+            return Ok(());
+        }
+        let behind = highest - counter;
+        if behind >= REPLAY_WINDOW {
+            return Err(OpenError::TooOld);
+        }
+        if self.seen[(behind / 64) as usize] & (1 << (behind % 64)) != 0 {
+            return Err(OpenError::Replayed);
+        }
+        Ok(())
+    }
+
+    fn accept(&mut self, counter: u64) {
+        let highest = match self.highest {
+            Some(highest) if counter <= highest => highest,
+            Some(highest) => {
+                self.shift(counter - highest);
+                counter
+            }
+            None => counter,
+        };
+        self.highest = Some(highest);
+        let behind = highest - counter;
+        self.seen[(behind / 64) as usize] |= 1 << (behind % 64);
+    }
+
+    /// Moves the window forward by `by` counters.
+    fn shift(&mut self, by: u64) {
+        if by >= REPLAY_WINDOW {
+            self.seen = Default::default();
+            return;
+        }
+        let words = (by / 64) as usize;
+        let bits = (by % 64) as u32;
+        let len = self.seen.len();
+        for i in (0..len).rev() {
+            let from = i.checked_sub(words);
+            let high = from.map_or(0, |f| self.seen[f] << bits);
+            let carry = match from.and_then(|f| f.checked_sub(1)) {
+                Some(f) if bits > 0 => self.seen[f] >> (64 - bits),
+                _ => 0,
+            };
+            self.seen[i] = high | carry;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (Sealer, Opener, Instant) {
+        let now = Instant::now();
+        (Sealer::new(now, 7, [1; 32]), Opener::new([1; 32]), now)
+    }
+
+    #[test]
+    fn round_trip() {
+        let (mut sealer, mut opener, now) = pair();
+        let frame = sealer.seal(now, b"secret words");
+        assert!(!frame.windows(6).any(|w| w == b"secret"));
+        assert_eq!(frame.len(), DATA_HEADER_LEN + 12 + TAG_LEN);
+        assert_eq!(opener.open(&frame).unwrap(), b"secret words");
+    }
+
+    #[test]
+    fn any_flipped_bit_is_caught() {
+        let (mut sealer, mut opener, now) = pair();
+        let frame = sealer.seal(now, b"hello");
+        for bit in 0..frame.len() * 8 {
+            let mut tampered = frame.clone();
+            tampered[bit / 8] ^= 1 << (bit % 8);
+            assert!(opener.open(&tampered).is_err(), "bit {bit} went unnoticed");
+        }
+        assert_eq!(opener.open(&frame).unwrap(), b"hello");
+    }
+
+    #[test]
+    fn wrong_key_is_forged() {
+        let (mut sealer, _, now) = pair();
+        let mut other = Opener::new([2; 32]);
+        assert_eq!(other.open(&sealer.seal(now, b"x")), Err(OpenError::Forged));
+    }
+
+    #[test]
+    fn replays_and_ancient_frames_are_refused_reordering_is_not() {
+        let (mut sealer, mut opener, now) = pair();
+        let frames: Vec<_> = (0..3000).map(|_| sealer.seal(now, b"x")).collect();
+        // Deliver out of order within the window: all accepted once.
+        for index in (0..100).rev() {
+            assert!(opener.open(&frames[index]).is_ok());
+        }
+        assert_eq!(opener.open(&frames[5]), Err(OpenError::Replayed));
+        assert!(opener.open(&frames[2999]).is_ok());
+        // 2999 - 100 is inside the window, 2999 - 2500 not.
+        assert!(opener.open(&frames[2000]).is_ok());
+        assert_eq!(opener.open(&frames[2000]), Err(OpenError::Replayed));
+        assert_eq!(opener.open(&frames[100]), Err(OpenError::TooOld));
+    }
+
+    #[test]
+    fn keys_rotate_with_time_and_frames_across_the_change_still_open() {
+        let (mut sealer, mut opener, now) = pair();
+        let before = sealer.seal(now, b"old key");
+        let after = sealer.seal(now + REKEY_AFTER, b"new key");
+        let (header, _) = DataHeader::parse(&after).unwrap();
+        assert_eq!(split_counter(header.counter), (true, 1));
+        // The new-key frame arrives first; the old one still opens.
+        assert_eq!(opener.open(&after).unwrap(), b"new key");
+        assert_eq!(opener.open(&before).unwrap(), b"old key");
+        // A frame under the new key does not open with the old one.
+        let mut stale = Opener::new([1; 32]);
+        stale.phase = true;
+        assert_eq!(stale.open(&after), Err(OpenError::Forged));
+    }
+
+    #[test]
+    fn keys_rotate_with_volume() {
+        let (mut sealer, mut opener, now) = pair();
+        sealer.next_sequence = REKEY_AFTER_FRAMES - 1;
+        opener.window.accept(REKEY_AFTER_FRAMES - 2);
+        let last_old = sealer.seal(now, b"a");
+        let first_new = sealer.seal(now, b"b");
+        assert!(!split_counter(DataHeader::parse(&last_old).unwrap().0.counter).0);
+        assert!(split_counter(DataHeader::parse(&first_new).unwrap().0.counter).0);
+        assert_eq!(opener.open(&last_old).unwrap(), b"a");
+        assert_eq!(opener.open(&first_new).unwrap(), b"b");
+    }
+
+    #[test]
+    fn a_forged_frame_cannot_change_the_key() {
+        let (mut sealer, mut opener, now) = pair();
+        let mut forged = sealer.seal(now + REKEY_AFTER, b"x");
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert_eq!(opener.open(&forged), Err(OpenError::Forged));
+        assert!(!opener.phase);
+        // The genuine next frame under the new key still opens and moves it.
+        assert_eq!(opener.open(&sealer.seal(now, b"y")).unwrap(), b"y");
+        assert!(opener.phase);
+    }
+
+    #[test]
+    fn window_shift_keeps_bits_in_place() {
+        let mut window = ReplayWindow::default();
+        window.accept(10);
+        window.accept(7);
+        window.accept(10 + 130);
+        assert_eq!(window.check(10), Err(OpenError::Replayed));
+        assert_eq!(window.check(7), Err(OpenError::Replayed));
+        assert_eq!(window.check(8), Ok(()));
+        assert_eq!(window.check(140), Err(OpenError::Replayed));
+    }
+}
