@@ -173,11 +173,16 @@ fn main() {
     }
     println!();
 
+    fairness();
+    println!();
+
     let count = 10_000;
     println!(
         "latency, {count} messages of 100 bytes, one per ms, 20 ms RTT (one-way floor 0.5 RTT):"
     );
-    println!("  loss   p50 RTT  p90 RTT  p99 RTT  max RTT  wire/byte  lost pkts  retx pkts");
+    println!(
+        "  loss   p50 RTT  p90 RTT  p99 RTT  max RTT  wire/byte  data pkts  lost pkts  retx pkts"
+    );
     for loss in [0.0, 0.01, 0.05] {
         latency(loss, count);
     }
@@ -219,14 +224,95 @@ fn latency(loss: f64, count: usize) {
     latencies.sort();
     let in_rtts = |d: Duration| d.as_secs_f64() / rtt.as_secs_f64();
     println!(
-        "  {:>4.0}%  {:>7.2}  {:>7.2}  {:>7.2}  {:>7.2}  {:>9.2}  {:>9}  {:>9}",
+        "  {:>4.0}%  {:>7.2}  {:>7.2}  {:>7.2}  {:>7.2}  {:>9.2}  {:>9}  {:>9}  {:>9}",
         loss * 100.0,
         in_rtts(percentile(&latencies, 0.5)),
         in_rtts(percentile(&latencies, 0.9)),
         in_rtts(percentile(&latencies, 0.99)),
         in_rtts(latencies[latencies.len() - 1]),
         (a.bytes_sent + b.bytes_sent) as f64 / (size * count) as f64,
+        a.packets_sent,
         a.packets_lost,
         a.packets_retransmitted,
+    );
+}
+
+/// Two bulk flows share one bottleneck each way (100 Mbit/s, 20 ms RTT, no
+/// random loss, so they compete for the queue); the second starts 2 s after
+/// the first. Prints each flow's
+/// goodput over the last 20 s of a 30 s run and Jain's fairness index.
+fn fairness() {
+    let start = Instant::now();
+    let mut senders = [
+        Connection::new(Config::default(), start),
+        Connection::new(Config::default(), start),
+    ];
+    let mut receivers = [
+        Connection::new(Config::default(), start),
+        Connection::new(Config::default(), start),
+    ];
+    // One link per direction carries both flows; a leading byte says which.
+    let mut forward = Link::new(realistic(0.0), 0xf);
+    let mut backward = Link::new(realistic(0.0), 0xba);
+    let second_starts = start + Duration::from_secs(2);
+    let measure_from = start + Duration::from_secs(10);
+    let end = start + Duration::from_secs(30);
+    let mut delivered = [0u64; 2];
+    let mut now = start;
+    while now < end {
+        for flow in 0..2 {
+            if flow == 1 && now < second_starts {
+                continue;
+            }
+            while senders[flow].send(vec![0x33; 64 * 1024]).is_ok() {}
+            while senders[flow].poll_event().is_some() {}
+            while let Some(event) = receivers[flow].poll_event() {
+                if let (Event::Message(message), true) = (event, now >= measure_from) {
+                    delivered[flow] += message.len() as u64;
+                }
+            }
+            while let Some(mut payload) = senders[flow].poll_transmit(now) {
+                payload.insert(0, flow as u8);
+                forward.send(now, payload);
+            }
+            while let Some(mut payload) = receivers[flow].poll_transmit(now) {
+                payload.insert(0, flow as u8);
+                backward.send(now, payload);
+            }
+        }
+        let next_start = (now < second_starts).then_some(second_starts);
+        let next = [forward.next_arrival(), backward.next_arrival(), next_start]
+            .into_iter()
+            .chain(
+                senders
+                    .iter()
+                    .chain(&receivers)
+                    .map(Connection::poll_timeout),
+            )
+            .flatten()
+            .min()
+            .unwrap_or(end);
+        now = next.max(now);
+        while let Some(payload) = forward.pop_arrived(now) {
+            receivers[usize::from(payload[0])].handle_datagram(now, &payload[1..]);
+        }
+        while let Some(payload) = backward.pop_arrived(now) {
+            senders[usize::from(payload[0])].handle_datagram(now, &payload[1..]);
+        }
+        for conn in senders.iter_mut().chain(&mut receivers) {
+            if conn.poll_timeout().is_some_and(|t| t <= now) {
+                conn.handle_timeout(now);
+            }
+        }
+    }
+    let seconds = (end - measure_from).as_secs_f64();
+    let rates = delivered.map(|bytes| bytes as f64 / seconds);
+    let jain = (rates[0] + rates[1]).powi(2) / (2.0 * (rates[0].powi(2) + rates[1].powi(2)));
+    println!("fairness, two bulk flows sharing 100 Mbit/s, 20 ms RTT, 250 kB queue, second starts at 2 s:");
+    println!(
+        "  flow 1 {:.2} MB/s, flow 2 {:.2} MB/s over 10..30 s; Jain index {:.3} (1 = fair)",
+        rates[0] / 1e6,
+        rates[1] / 1e6,
+        jain
     );
 }

@@ -108,6 +108,11 @@ struct World {
     latency: Duration,
     /// Drop everything: the path died.
     blackhole: bool,
+    /// An attacker on the path replays every data frame, injects a
+    /// bit-flipped copy of it, and replays the first one it saw again and
+    /// again, long after.
+    attacker: bool,
+    first_data_frame: Option<Packet>,
 }
 
 impl World {
@@ -156,12 +161,47 @@ impl World {
             sequence: 0,
             latency: Duration::from_millis(15),
             blackhole: false,
+            attacker: false,
+            first_data_frame: None,
         }
     }
 
     fn send(&mut self, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
         if self.blackhole {
             return;
+        }
+        if self.attacker && bytes.first() == Some(&0xC4) {
+            let mut flipped = bytes.clone();
+            let index = self.sequence as usize % flipped.len();
+            flipped[index] ^= 0x10;
+            let first = self.first_data_frame.get_or_insert(Packet {
+                from,
+                to,
+                bytes: bytes.clone(),
+            });
+            let stale = Packet {
+                from: first.from,
+                to: first.to,
+                bytes: first.bytes.clone(),
+            };
+            // The forgery overtakes the original; the replay follows it.
+            for (copy, delay) in [
+                (flipped, self.latency / 2),
+                (bytes.clone(), self.latency * 2),
+            ] {
+                self.sequence += 1;
+                self.in_flight.insert(
+                    (self.now + delay, self.sequence),
+                    Packet {
+                        from,
+                        to,
+                        bytes: copy,
+                    },
+                );
+            }
+            self.sequence += 1;
+            self.in_flight
+                .insert((self.now + self.latency, self.sequence), stale);
         }
         self.sequence += 1;
         self.in_flight.insert(
@@ -382,4 +422,80 @@ fn a_dead_path_is_reported_after_the_idle_timeout() {
             "{after:?}"
         );
     }
+}
+
+#[test]
+fn forged_replayed_and_stale_frames_are_dropped_and_counted() {
+    let mut world = World::new(Some(NatType::PortRestricted), Some(NatType::FullCone));
+    world.run_until(Duration::from_secs(20), settled);
+    assert!(world.hosts.iter().all(|h| h.connected.is_some()));
+    world.attacker = true;
+    let messages: Vec<Vec<u8>> = (0..50u32)
+        .map(|i| (0..3000).map(|j| (i * 7 + j) as u8).collect())
+        .collect();
+    for message in &messages {
+        world.hosts[0].link.send(message.clone()).unwrap();
+    }
+    world.hosts[1].link.send(b"reply".to_vec()).unwrap();
+    world.run_until(Duration::from_secs(60), |w| {
+        w.hosts[1].received.len() == messages.len() && w.hosts[0].received.len() == 1
+    });
+    assert_eq!(
+        world.hosts[1].received, messages,
+        "the session survived intact"
+    );
+    for host in &world.hosts {
+        let stats = host.link.stats();
+        assert!(stats.forged > 0, "{stats:?}");
+        assert!(stats.replayed > 0, "{stats:?}");
+    }
+}
+
+#[test]
+fn an_impostor_in_a_contacts_room_is_refused() {
+    use natter::contacts::meeting_room;
+    use natter::handshake::HandshakeError;
+    use natter::ConnectError;
+    let (alice, bob, impostor) = (
+        Identity::generate(),
+        Identity::generate(),
+        Identity::generate(),
+    );
+    let room = RoomCode::new(meeting_room(&alice.public_key(), &bob.public_key())).unwrap();
+    let mut world = World::new(Some(NatType::PortRestricted), Some(NatType::PortRestricted));
+    let mut config = LinkConfig::default();
+    config.rendezvous.wait_timeout = Duration::from_secs(30);
+    // Alice expects Bob; the impostor knows both public keys, so it can
+    // find the room, but it does not hold Bob's secret key.
+    world.hosts[0].link = Link::new(
+        world.start,
+        config.clone(),
+        world.server_addr,
+        room.clone(),
+        vec![world.hosts[0].internal],
+        Trust::Pinned(*bob.public_key().as_bytes()),
+        alice.secret_bytes(),
+        1,
+    );
+    world.hosts[1].link = Link::new(
+        world.start,
+        config,
+        world.server_addr,
+        room,
+        vec![world.hosts[1].internal],
+        Trust::Pinned(*alice.public_key().as_bytes()),
+        impostor.secret_bytes(),
+        2,
+    );
+    world.run_until(Duration::from_secs(20), settled);
+    let error = world.hosts[0]
+        .failed
+        .clone()
+        .expect("alice refuses the impostor");
+    let expected = ConnectError::Handshake(HandshakeError::KeyChanged {
+        expected: bob.public_key().to_hex(),
+        actual: impostor.public_key().to_hex(),
+    });
+    assert_eq!(error, expected.to_string());
+    assert!(world.hosts[1].connected.is_none());
 }

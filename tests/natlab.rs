@@ -415,6 +415,29 @@ impl Rendezvous {
     }
 }
 
+/// `NATTER_HOME` of the peer in `host`: under the system temp directory,
+/// removed by [`TempHomes`].
+fn lab_home(lab: &Lab, host: &str) -> PathBuf {
+    std::env::temp_dir()
+        .join(format!("natter-natlab-{}", lab.id()))
+        .join(host)
+}
+
+/// Removes the peers' `NATTER_HOME` directories of a lab when dropped.
+struct TempHomes(PathBuf);
+
+impl TempHomes {
+    fn of(lab: &Lab) -> TempHomes {
+        TempHomes(std::env::temp_dir().join(format!("natter-natlab-{}", lab.id())))
+    }
+}
+
+impl Drop for TempHomes {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// All three standard streams piped; plain (uncoloured) logs.
 fn piped(mut cmd: Command) -> Command {
     cmd.stdin(Stdio::piped())
@@ -528,8 +551,11 @@ fn spawn_peer(
         args.push("--punch-timeout-ms".into());
         args.push(ms.to_string());
     }
+    // each peer keeps its identity and contacts in its own throw-away directory
+    let home = lab_home(lab, host);
+    std::fs::create_dir_all(&home).map_err(|e| format!("cannot create {}: {e}", home.display()))?;
     let mut cmd = piped(lab.command(host, &bins.natter));
-    cmd.args(&args);
+    cmd.args(&args).env("NATTER_HOME", &home);
     let mut child = NsChild::from_command(&mut cmd)
         .map_err(|e| format!("cannot start natter in {host}: {e}"))?;
     let mut stdin = child.stdin.take().expect("piped stdin");
@@ -658,6 +684,7 @@ fn ip_of(addr: &Value) -> Option<IpAddr> {
 fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
     let started_case = Instant::now();
     let lab = Lab::up(&case.lab_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let homes = TempHomes::of(&lab);
     let fail_early = |msg: String| CaseRun {
         ok: false,
         outcome: "SETUP FAILED".into(),
@@ -671,7 +698,12 @@ fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
         Ok(rv) => rv,
         Err(e) => return fail_early(e),
     };
-    let code = format!("natlab-{:016x}", rand::random::<u64>());
+    // a pairing code: nameplate (the rendezvous room) and words (the secret)
+    let code = format!(
+        "{}-natlab-{:08x}",
+        rand::random::<u16>().max(1),
+        rand::random::<u32>()
+    );
     let run_tag = run.to_le_bytes();
     let seeds = [0u8, 1].map(|side| fnv1a(&[case.name.as_bytes(), &run_tag, &[side]]));
     let started = Instant::now();
@@ -724,6 +756,7 @@ fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
     if !ok {
         dump_failure(case, run, &code, &lab, &outcomes, &failures, &rv_log);
     }
+    drop(homes);
     drop(lab);
     CaseRun {
         ok,

@@ -19,7 +19,21 @@ struct PipePeer {
     reader: Option<JoinHandle<(u64, u64)>>,
     events: mpsc::Receiver<Value>,
     stderr_lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    home: std::path::PathBuf,
+}
+
+/// A directory for one peer's identity and contacts, removed at the end.
+struct Home(std::path::PathBuf);
+
+impl Home {
+    fn new(name: &str) -> Self {
+        Self(std::env::temp_dir().join(format!("natter-test-{}-{name}", std::process::id())))
+    }
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl PipePeer {
@@ -28,15 +42,20 @@ impl PipePeer {
     fn start(
         rendezvous: &str,
         code: &str,
+        home: &Home,
         seed: u64,
         len: u64,
         release: Option<mpsc::Receiver<()>>,
     ) -> Self {
-        // Each peer keeps its identity in a directory of its own.
-        let home = std::env::temp_dir().join(format!("natter-test-{}-{seed}", std::process::id()));
+        // `code` is a pairing code, or `--to NAME` for a saved contact.
+        let meet: Vec<&str> = match code.strip_prefix("--to ") {
+            Some(name) => vec!["--to", name],
+            None => vec!["--code", code],
+        };
         let mut child = Command::new(NATTER)
-            .env("NATTER_HOME", &home)
-            .args(["pipe", "--rendezvous", rendezvous, "--code", code, "--json"])
+            .env("NATTER_HOME", &home.0)
+            .args(["pipe", "--rendezvous", rendezvous, "--json"])
+            .args(meet)
             .args(["--bind", "127.0.0.1:0"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -88,7 +107,6 @@ impl PipePeer {
             reader: Some(reader),
             events,
             stderr_lines,
-            home,
         }
     }
 
@@ -145,7 +163,6 @@ impl Drop for PipePeer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.home);
     }
 }
 
@@ -233,14 +250,13 @@ fn code() -> String {
 #[test]
 fn fifty_mib_each_way_arrive_byte_exact() {
     let runtime = runtime();
-    let server = runtime
-        .block_on(async { driver::start(&["127.0.0.1:0".parse().unwrap()], Config::default()) })
-        .unwrap();
+    let server = start_rendezvous(&runtime);
     let rendezvous = server.local_addrs[0].to_string();
     let code = code();
     let len = 50 << 20;
-    let a = PipePeer::start(&rendezvous, &code, 1, len, None);
-    let b = PipePeer::start(&rendezvous, &code, 2, len, None);
+    let (home_a, home_b) = (Home::new("fifty-a"), Home::new("fifty-b"));
+    let a = PipePeer::start(&rendezvous, &code, &home_a, 1, len, None);
+    let b = PipePeer::start(&rendezvous, &code, &home_b, 2, len, None);
     let connected = a.wait_event("connected", Duration::from_secs(10));
     assert_eq!(connected["path"], "direct");
     b.wait_event("connected", Duration::from_secs(10));
@@ -265,15 +281,14 @@ fn fifty_mib_each_way_arrive_byte_exact() {
 #[test]
 fn a_peer_starting_three_seconds_later_still_connects() {
     let runtime = runtime();
-    let server = runtime
-        .block_on(async { driver::start(&["127.0.0.1:0".parse().unwrap()], Config::default()) })
-        .unwrap();
+    let server = start_rendezvous(&runtime);
     let rendezvous = server.local_addrs[0].to_string();
     let code = code();
-    let early = PipePeer::start(&rendezvous, &code, 3, 1000, None);
+    let (home_early, home_late) = (Home::new("early"), Home::new("late"));
+    let early = PipePeer::start(&rendezvous, &code, &home_early, 3, 1000, None);
     early.wait_event("registered", Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(3));
-    let late = PipePeer::start(&rendezvous, &code, 4, 1000, None);
+    let late = PipePeer::start(&rendezvous, &code, &home_late, 4, 1000, None);
     let connected = late.wait_event("connected", Duration::from_secs(10));
     assert!(
         connected["elapsed_ms"].as_u64().unwrap() < 2000,
@@ -300,7 +315,8 @@ fn unreachable_rendezvous_fails_within_six_seconds_with_the_reason() {
         .unwrap()
         .port();
     let started = Instant::now();
-    let peer = PipePeer::start(&format!("127.0.0.1:{port}"), &code(), 5, 0, None);
+    let home = Home::new("unreachable");
+    let peer = PipePeer::start(&format!("127.0.0.1:{port}"), &code(), &home, 5, 0, None);
     let deadline = Instant::now() + Duration::from_secs(10);
     let error = loop {
         match peer
@@ -329,16 +345,15 @@ fn unreachable_rendezvous_fails_within_six_seconds_with_the_reason() {
 #[test]
 fn the_session_survives_the_rendezvous_going_away() {
     let runtime = runtime();
-    let server = runtime
-        .block_on(async { driver::start(&["127.0.0.1:0".parse().unwrap()], Config::default()) })
-        .unwrap();
+    let server = start_rendezvous(&runtime);
     let rendezvous = server.local_addrs[0].to_string();
     let code = code();
     let (release_a, gate_a) = mpsc::channel();
     let (release_b, gate_b) = mpsc::channel();
     let len = 4 << 20;
-    let a = PipePeer::start(&rendezvous, &code, 6, len, Some(gate_a));
-    let b = PipePeer::start(&rendezvous, &code, 7, len, Some(gate_b));
+    let (home_a, home_b) = (Home::new("survive-a"), Home::new("survive-b"));
+    let a = PipePeer::start(&rendezvous, &code, &home_a, 6, len, Some(gate_a));
+    let b = PipePeer::start(&rendezvous, &code, &home_b, 7, len, Some(gate_b));
     a.wait_event("connected", Duration::from_secs(10));
     b.wait_event("connected", Duration::from_secs(10));
     runtime.block_on(server.shutdown()).unwrap();
@@ -353,4 +368,99 @@ fn the_session_survives_the_rendezvous_going_away() {
         b.finish(Duration::from_secs(30)),
         (0, len, Stream::hash(6, len))
     );
+}
+
+fn start_rendezvous(runtime: &tokio::runtime::Runtime) -> driver::RunningServer {
+    runtime
+        .block_on(async { driver::start(&["127.0.0.1:0".parse().unwrap()], Config::default()) })
+        .unwrap()
+}
+
+/// Waits for the peer's error event and exit; returns the event.
+fn expect_failure(peer: PipePeer, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    let error = loop {
+        match peer
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            Ok(event) if event["event"] == "error" => break event,
+            Ok(event) if event["event"] == "connected" => panic!("connected unexpectedly: {event}"),
+            Ok(_) => continue,
+            Err(_) => panic!(
+                "no error event within {within:?}; stderr: {}",
+                peer.stderr()
+            ),
+        }
+    };
+    let (exit, _, _) = peer.finish(Duration::from_secs(5));
+    assert_eq!(exit, 1);
+    error
+}
+
+/// Someone who joins the nameplate without the words (a guesser, or the
+/// rendezvous operator) cannot complete the handshake, and both sides are
+/// told why.
+#[test]
+fn a_wrong_code_fails_on_both_sides() {
+    let runtime = runtime();
+    let server = start_rendezvous(&runtime);
+    let rendezvous = server.local_addrs[0].to_string();
+    let nameplate = rand::random::<u16>() % 999 + 1;
+    let (home_a, home_m) = (Home::new("wrong-a"), Home::new("wrong-m"));
+    let owner_code = format!("{nameplate}-crossword-lantern");
+    let guess = format!("{nameplate}-crossword-lanterm");
+    let owner = PipePeer::start(&rendezvous, &owner_code, &home_a, 8, 10, None);
+    let guesser = PipePeer::start(&rendezvous, &guess, &home_m, 9, 10, None);
+    for peer in [owner, guesser] {
+        let error = expect_failure(peer, Duration::from_secs(15));
+        assert_eq!(error["kind"], "wrong_code", "{error}");
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            message.contains("someone else tried this code"),
+            "{message}"
+        );
+    }
+    runtime.block_on(server.shutdown()).unwrap();
+}
+
+/// Pair once by code, save each other as contacts, then meet again with
+/// `--to` alone. (An impostor's key is refused: see nat_sim.rs.)
+#[test]
+fn contacts_reconnect_without_a_code() {
+    let runtime = runtime();
+    let server = start_rendezvous(&runtime);
+    let rendezvous = server.local_addrs[0].to_string();
+    let (home_a, home_b) = (Home::new("contact-a"), Home::new("contact-b"));
+    let code = code();
+    let a = PipePeer::start(&rendezvous, &code, &home_a, 10, 100, None);
+    let b = PipePeer::start(&rendezvous, &code, &home_b, 11, 100, None);
+    let a_saw = a.wait_event("connected", Duration::from_secs(10));
+    let b_saw = b.wait_event("connected", Duration::from_secs(10));
+    assert_eq!(a.finish(Duration::from_secs(10)).0, 0);
+    assert_eq!(b.finish(Duration::from_secs(10)).0, 0);
+    for (home, name) in [(&home_a, "bob"), (&home_b, "alice")] {
+        let status = Command::new(NATTER)
+            .env("NATTER_HOME", &home.0)
+            .args(["contacts", "add", name])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let a = PipePeer::start(&rendezvous, "--to bob", &home_a, 12, 1000, None);
+    let b = PipePeer::start(&rendezvous, "--to alice", &home_b, 13, 1000, None);
+    let a_again = a.wait_event("connected", Duration::from_secs(10));
+    let b_again = b.wait_event("connected", Duration::from_secs(10));
+    assert_eq!(a_again["peer_key"], a_saw["peer_key"]);
+    assert_eq!(b_again["peer_key"], b_saw["peer_key"]);
+    assert_eq!(
+        a.finish(Duration::from_secs(10)),
+        (0, 1000, Stream::hash(13, 1000))
+    );
+    assert_eq!(
+        b.finish(Duration::from_secs(10)),
+        (0, 1000, Stream::hash(12, 1000))
+    );
+    runtime.block_on(server.shutdown()).unwrap();
 }

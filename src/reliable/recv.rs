@@ -266,11 +266,8 @@ impl RecvStream {
                     message.extend_from_slice(&data[used..used + take]);
                     used += take;
                     if message.len() == *len {
-                        let Parser::Body { message, .. } =
-                            std::mem::replace(&mut self.parser, Parser::fresh())
-                        else {
-                            unreachable!("matched Body above");
-                        };
+                        let message = std::mem::take(message);
+                        self.parser = Parser::fresh();
                         self.push_ready(message, self.parsed + used as u64);
                     }
                 }
