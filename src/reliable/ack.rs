@@ -221,6 +221,13 @@ impl AckTracker {
         self.deadline
     }
 
+    /// Most bytes the next ACK frame can take: a header of four varints,
+    /// then two per further range.
+    pub fn frame_size_bound(&self) -> usize {
+        let varint = super::packet::MAX_VARINT_LEN;
+        1 + 4 * varint + 2 * varint * self.received.len().saturating_sub(1)
+    }
+
     /// Appends an ACK frame within `room` bytes. Returns the largest packet
     /// number it acknowledges, or None if there is nothing to acknowledge or
     /// it did not fit. The duty is discharged either way: a tracker with

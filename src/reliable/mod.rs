@@ -52,6 +52,9 @@ pub const AEAD_TAG_RESERVE: usize = 16;
 /// frame header and a STREAM frame with some data.
 const MIN_PAYLOAD: usize = 64;
 
+/// Most bytes the MAX_DATA, CLOSE and PING frames of one packet take.
+const CONTROL_FRAMES_MAX: usize = 2 * (1 + packet::MAX_VARINT_LEN) + 1;
+
 /// Probe packets sent when the probe timeout fires (RFC 9002 §6.2.4 allows
 /// two; sending two makes one lost probe not cost another timeout).
 const PROBES_PER_TIMEOUT: u8 = 2;
@@ -622,9 +625,13 @@ impl Connection {
         };
         let max_payload = self.config.max_payload;
         let probe = self.probes > 0;
-        let window_open = probe
-            || self.recovery.bytes_in_flight() + max_payload as u64 <= self.congestion.window();
-        let may_elicit = sending_data && window_open && self.has_ack_eliciting_work();
+        // Probes ignore the congestion window (RFC 9002 §7.5).
+        let size_limit = if probe {
+            max_payload
+        } else {
+            self.window_allowance()
+        };
+        let may_elicit = sending_data && size_limit > 0 && self.has_ack_eliciting_work();
         if !may_elicit && !self.ack.is_due(now) {
             return None;
         }
@@ -640,25 +647,26 @@ impl Connection {
         let mut ack_eliciting = false;
         let mut retransmission = false;
         if may_elicit {
-            if self.recv.limit_pending() {
+            let control_fits = |out: &Vec<u8>| out.len() + 1 + packet::MAX_VARINT_LEN <= size_limit;
+            if self.recv.limit_pending() && control_fits(&out) {
                 packet::write_max_data(&mut out, self.recv.limit());
                 self.recv.set_limit_pending(false);
                 content.max_data = true;
                 ack_eliciting = true;
             }
-            if self.close_sendable() {
+            if self.close_sendable() && control_fits(&out) {
                 packet::write_close(&mut out, self.send.end());
                 retransmission = self.close_frame == CloseFrame::Lost;
                 self.close_frame = CloseFrame::InFlight;
                 content.close = true;
                 ack_eliciting = true;
             }
-            while let Some((range, repeated)) = self.write_stream(&mut out) {
+            while let Some((range, repeated)) = self.write_stream(&mut out, size_limit) {
                 retransmission |= repeated;
                 content.stream.push(range);
                 ack_eliciting = true;
             }
-            if !ack_eliciting && (self.ping || probe) {
+            if !ack_eliciting && (self.ping || probe) && out.len() < size_limit {
                 packet::write_ping(&mut out);
                 ack_eliciting = true;
             }
@@ -691,6 +699,34 @@ impl Connection {
         Some(out)
     }
 
+    /// The largest ack-eliciting packet the congestion window lets out now,
+    /// or 0. A bulk sender waits for room for a full packet, so the window
+    /// fills with full packets; a smaller packet may use what is left if
+    /// everything pending fits in it, so a trickle of small messages is not
+    /// held back for room it does not need.
+    fn window_allowance(&self) -> usize {
+        let max_payload = self.config.max_payload;
+        let room = self
+            .congestion
+            .window()
+            .saturating_sub(self.recovery.bytes_in_flight());
+        if room >= max_payload as u64 {
+            return max_payload;
+        }
+        let ack = if self.ack.has_news() || self.ack.is_pending() {
+            self.ack.frame_size_bound()
+        } else {
+            0
+        };
+        let pending = (packet::MAX_VARINT_LEN + CONTROL_FRAMES_MAX + ack) as u64
+            + self.send.pending_size_bound(self.peer_limit);
+        if pending <= room {
+            room as usize
+        } else {
+            0
+        }
+    }
+
     fn has_ack_eliciting_work(&self) -> bool {
         self.recv.limit_pending()
             || self.close_sendable()
@@ -709,9 +745,13 @@ impl Connection {
     /// Adds one STREAM frame with as many bytes as fit. Returns the range
     /// written and whether it was a retransmission, or None if no bytes are
     /// sendable or none fit.
-    fn write_stream(&mut self, out: &mut Vec<u8>) -> Option<(std::ops::Range<u64>, bool)> {
+    fn write_stream(
+        &mut self,
+        out: &mut Vec<u8>,
+        size_limit: usize,
+    ) -> Option<(std::ops::Range<u64>, bool)> {
         let offset = self.send.next_offset(self.peer_limit)?;
-        let room = self.config.max_payload.checked_sub(out.len())?;
+        let room = size_limit.checked_sub(out.len())?;
         let header = packet::stream_header_len(offset, room as u64);
         let max_len = room.checked_sub(header).filter(|&len| len > 0)? as u64;
         let (range, retransmission) = self.send.take_chunk(offset, max_len, self.peer_limit);

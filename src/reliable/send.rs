@@ -122,6 +122,16 @@ impl SendStream {
         Ok(id)
     }
 
+    /// Most bytes the STREAM frames for everything sendable now would take:
+    /// the lost bytes, the new bytes `flow_limit` allows, and a worst-case
+    /// frame header for each piece.
+    pub fn pending_size_bound(&self, flow_limit: u64) -> u64 {
+        let header = 1 + 2 * MAX_VARINT_LEN as u64;
+        let lost: u64 = self.lost.iter().map(|r| r.end - r.start + header).sum();
+        let new = self.end.min(flow_limit).saturating_sub(self.unsent);
+        lost + new + header
+    }
+
     /// Where the next STREAM frame would start: the first lost byte, else the
     /// first unsent byte if the peer's `flow_limit` allows any.
     pub fn next_offset(&self, flow_limit: u64) -> Option<u64> {
@@ -272,6 +282,23 @@ mod tests {
         assert_eq!(s.next_offset(50), None);
         s.on_lost(10..20);
         assert_eq!(s.next_offset(50), Some(10));
+    }
+
+    #[test]
+    fn pending_size_bound_covers_lost_and_new_bytes() {
+        let mut s = SendStream::new(1 << 20);
+        assert_eq!(s.pending_size_bound(u64::MAX), 17, "one empty frame header");
+        s.push(vec![0; 100]).unwrap();
+        assert_eq!(s.pending_size_bound(u64::MAX), 102 + 17);
+        assert_eq!(
+            s.pending_size_bound(50),
+            50 + 17,
+            "new bytes capped by flow control"
+        );
+        take(&mut s, 1000).unwrap();
+        s.on_lost(10..20);
+        s.on_lost(30..40);
+        assert_eq!(s.pending_size_bound(u64::MAX), 2 * (10 + 17) + 17);
     }
 
     #[test]

@@ -213,6 +213,36 @@ fn a_lost_packet_is_retransmitted_fast_in_a_new_packet() {
 }
 
 #[test]
+fn a_small_message_may_use_the_windows_remainder_but_bulk_waits_for_a_full_packet() {
+    let now = Instant::now();
+    let mut a = Connection::new(Config::default(), now);
+    a.send(vec![1; 10_500]).unwrap();
+    while a.poll_transmit(now).is_some() {}
+    let stats = a.stats();
+    let room = stats.cwnd - stats.bytes_in_flight;
+    assert_eq!(
+        stats.stream_sent, 10_502,
+        "the first message went out whole"
+    );
+    assert!(
+        room < a.config().max_payload as u64 && room > 200,
+        "room {room}"
+    );
+
+    a.send(vec![2; 50]).unwrap();
+    let packet = a
+        .poll_transmit(now)
+        .expect("a small message fits the remainder");
+    assert!(packet.len() as u64 <= room);
+    a.send(vec![3; 5000]).unwrap();
+    assert_eq!(
+        a.poll_transmit(now),
+        None,
+        "bulk data waits for a full packet"
+    );
+}
+
+#[test]
 fn a_lost_tail_is_recovered_by_the_probe_timeout() {
     let mut pair = Pair::new(Config::default());
     // Lose the last (third) data packet of the message the first time.
