@@ -464,3 +464,80 @@ fn contacts_reconnect_without_a_code() {
     );
     runtime.block_on(server.shutdown()).unwrap();
 }
+
+/// `natter chat` without a code makes one; the other side joins with it;
+/// lines arrive with a timestamp; `/quit` on one side closes both.
+#[test]
+fn chat_makes_a_code_delivers_lines_and_quits_on_both_sides() {
+    let runtime = runtime();
+    let server = start_rendezvous(&runtime);
+    let rendezvous = server.local_addrs[0].to_string();
+    let (home_a, home_b) = (Home::new("chat-a"), Home::new("chat-b"));
+    let chat = |home: &Home, code: Option<&str>| {
+        let mut command = Command::new(NATTER);
+        command
+            .env("NATTER_HOME", &home.0)
+            .args([
+                "chat",
+                "--json",
+                "--bind",
+                "127.0.0.1:0",
+                "--rendezvous",
+                &rendezvous,
+            ])
+            .args(code)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().unwrap();
+        let (events_tx, events) = mpsc::channel();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        spawn_stderr_reader(child.stderr.take().unwrap(), events_tx, lines);
+        (child, events)
+    };
+    let wait = |events: &mpsc::Receiver<Value>, name: &str| loop {
+        let event = events
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("no {name} event"));
+        assert_ne!(event["event"], "error", "{event}");
+        if event["event"] == name {
+            return event;
+        }
+    };
+    let (mut a, a_events) = chat(&home_a, None);
+    let code = wait(&a_events, "code")["code"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (mut b, b_events) = chat(&home_b, Some(&code));
+    wait(&a_events, "connected");
+    wait(&b_events, "connected");
+
+    let mut a_in = a.stdin.take().unwrap();
+    writeln!(a_in, "hello from a").unwrap();
+    let mut b_out = BufReader::new(b.stdout.take().unwrap());
+    let mut line = String::new();
+    b_out.read_line(&mut line).unwrap();
+    let (stamp, text) = line
+        .trim_end()
+        .split_once("] peer: ")
+        .expect("a timestamped line");
+    assert_eq!(text, "hello from a");
+    assert_eq!(stamp.len(), "[HH:MM:SS".len(), "{line:?}");
+
+    writeln!(a_in, "/quit").unwrap();
+    wait(&a_events, "closed");
+    wait(&b_events, "closed");
+    for child in [&mut a, &mut b] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "chat did not exit after /quit");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success());
+    }
+    runtime.block_on(server.shutdown()).unwrap();
+}

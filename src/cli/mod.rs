@@ -100,7 +100,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async {
+    let exit = runtime.block_on(async {
         match cli.command {
             Command::Chat(args) => connect_and(args, chat::run).await,
             Command::Pipe(args) => connect_and(args, pipe::run).await,
@@ -117,7 +117,11 @@ pub fn main() -> ExitCode {
                 )
             }
         }
-    })
+    });
+    // A read of stdin may still be blocked in a thread of its own (the chat
+    // ended from the other side): do not wait for it.
+    runtime.shutdown_background();
+    exit
 }
 
 /// Connects as `args` say, then hands the session to `run`.

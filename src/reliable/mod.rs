@@ -52,6 +52,11 @@ pub const AEAD_TAG_RESERVE: usize = 16;
 /// frame header and a STREAM frame with some data.
 const MIN_PAYLOAD: usize = 64;
 
+/// Largest receive window: stream offsets, which grow by at most a window
+/// past what was consumed, must stay varints (below 2^62) for any realistic
+/// lifetime.
+const MAX_WINDOW: u64 = 1 << 61;
+
 /// Most bytes the MAX_DATA, CLOSE and PING frames of one packet take.
 const CONTROL_FRAMES_MAX: usize = 2 * (1 + packet::MAX_VARINT_LEN) + 1;
 
@@ -66,13 +71,15 @@ pub struct Config {
     /// Largest payload [`Connection::poll_transmit`] produces (raised to 64 if
     /// smaller).
     pub max_payload: usize,
-    /// Largest message accepted by [`Connection::send`] or from the peer.
+    /// Largest message accepted by [`Connection::send`] or from the peer
+    /// (capped at 2^60 bytes).
     pub max_message_size: usize,
     /// Bytes of unacknowledged messages held before `send` refuses more.
     pub send_buffer: usize,
     /// Bytes of received data held for the application before the peer must
     /// stop sending. Raised to at least one largest message plus its length
-    /// prefix, or such a message could never be assembled.
+    /// prefix, or such a message could never be assembled; capped at 2^61
+    /// bytes.
     pub receive_window: usize,
     /// Longest an ACK is held back hoping to share a packet.
     pub max_ack_delay: Duration,
@@ -251,9 +258,10 @@ pub struct Connection {
 impl Connection {
     pub fn new(mut config: Config, now: Instant) -> Self {
         config.max_payload = config.max_payload.max(MIN_PAYLOAD);
-        let smallest_window = config.max_message_size as u64 + packet::MAX_VARINT_LEN as u64;
+        let max_message = (config.max_message_size as u64).min(MAX_WINDOW / 2);
+        config.max_message_size = max_message as usize;
         let window = (config.receive_window as u64)
-            .max(smallest_window)
+            .clamp(max_message + packet::MAX_VARINT_LEN as u64, MAX_WINDOW)
             .max(INITIAL_CREDIT);
         config.receive_window = window as usize;
         Self {
@@ -541,7 +549,7 @@ impl Connection {
             };
             self.events.push_back(Event::Closed { reason });
             self.state = State::Draining {
-                until: now + self.config.idle_timeout,
+                until: now.checked_add(self.config.idle_timeout).unwrap_or(now),
             };
         }
     }
@@ -558,7 +566,7 @@ impl Connection {
             }
             State::Open | State::Closing => {}
         }
-        if now >= self.last_received + self.config.idle_timeout {
+        if self.idle_deadline().is_some_and(|t| now >= t) {
             self.state = State::Finished;
             self.events.push_back(Event::TimedOut);
             return;
@@ -570,7 +578,7 @@ impl Connection {
                 None => {}
             }
         }
-        if !self.ping && now >= self.last_sent + self.config.keepalive_interval {
+        if !self.ping && self.keepalive_deadline().is_some_and(|t| now >= t) {
             self.ping = true;
         }
     }
@@ -595,19 +603,28 @@ impl Connection {
         }
     }
 
+    /// When the connection dies of silence (never, for an idle timeout too
+    /// large to add to an `Instant`).
+    fn idle_deadline(&self) -> Option<Instant> {
+        self.last_received.checked_add(self.config.idle_timeout)
+    }
+
+    fn keepalive_deadline(&self) -> Option<Instant> {
+        self.last_sent.checked_add(self.config.keepalive_interval)
+    }
+
     /// When [`handle_timeout`](Self::handle_timeout) should next run.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             State::Finished => None,
             State::Draining { until } => Some(self.ack.timer().map_or(until, |t| t.min(until))),
             State::Open | State::Closing => {
-                let keepalive =
-                    (!self.ping).then(|| self.last_sent + self.config.keepalive_interval);
+                let keepalive = self.keepalive_deadline().filter(|_| !self.ping);
                 [
                     self.ack.timer(),
                     self.recovery.timer(),
                     keepalive,
-                    Some(self.last_received + self.config.idle_timeout),
+                    self.idle_deadline(),
                 ]
                 .into_iter()
                 .flatten()

@@ -429,3 +429,24 @@ fn a_peer_announcing_an_oversized_message_is_abandoned() {
         }]
     );
 }
+
+#[test]
+fn timers_of_any_length_are_accepted() {
+    let now = Instant::now();
+    let config = Config {
+        keepalive_interval: Duration::MAX,
+        idle_timeout: Duration::MAX,
+        max_message_size: usize::MAX,
+        ..Config::default()
+    };
+    let mut conn = Connection::new(config, now);
+    conn.send(vec![0; 10]).unwrap();
+    while conn.poll_transmit(now).is_some() {}
+    let later = now + Duration::from_secs(3600 * 24 * 365);
+    conn.handle_timeout(later);
+    assert!(!conn.is_closed(), "the idle timeout never fires");
+    assert!(
+        conn.poll_transmit(later).is_some(),
+        "the probe timeout still does"
+    );
+}
