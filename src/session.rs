@@ -56,6 +56,8 @@ pub enum Error {
     NoRendezvous,
     #[error("no pairing code or contact given")]
     NoCode,
+    #[error(transparent)]
+    BadCode(#[from] crate::code::MalformedCode),
     #[error("message of {len} bytes is larger than the {max}-byte limit")]
     TooLarge { len: usize, max: usize },
     #[error("session closed: {0}")]

@@ -164,7 +164,7 @@ async fn connect(args: ConnectArgs, reporter: Reporter) -> anyhow::Result<Sessio
             false
         }
         (Some(code), None) => {
-            builder = builder.code(code.parse::<PairingCode>()?);
+            builder = builder.code(code.parse::<PairingCode>().map_err(Error::from)?);
             true
         }
         (None, None) => {
@@ -222,7 +222,7 @@ fn error_kind(error: &Error) -> &'static str {
     match error {
         Error::Connect(connect) => connect.kind(),
         Error::Resolve { .. } | Error::NoRendezvous => "bad_rendezvous",
-        Error::NoCode => "bad_code",
+        Error::NoCode | Error::BadCode(_) => "bad_code",
         Error::TooLarge { .. } => "too_large",
         Error::Closed(_) => "closed",
         Error::Io(_) => "io",
