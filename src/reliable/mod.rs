@@ -45,9 +45,6 @@ use recovery::{PacketContent, Recovery, SentPacket, Timeout, Verdict};
 use recv::{RecvStream, Refusal, INITIAL_CREDIT};
 use send::SendStream;
 
-/// Payload bytes kept free in every datagram for a future AEAD tag.
-pub const AEAD_TAG_RESERVE: usize = 16;
-
 /// Smallest `max_payload` honoured: room for a packet number, a full ACK
 /// frame header and a STREAM frame with some data.
 const MIN_PAYLOAD: usize = 64;
@@ -96,7 +93,8 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            max_payload: natter_wire::DataHeader::MAX_PAYLOAD - AEAD_TAG_RESERVE,
+            // Room for the AEAD tag that sealing appends.
+            max_payload: natter_wire::DataHeader::MAX_PAYLOAD - crate::seal::TAG_LEN,
             max_message_size: 16 * 1024 * 1024,
             send_buffer: 4 * 1024 * 1024,
             receive_window: 16 * 1024 * 1024 + 8,
