@@ -4,13 +4,16 @@
 //! as a fraction of a 100 Mbit/s, 20 ms RTT link at several loss rates),
 //! message latency under loss, bytes on the wire per byte delivered, and CPU
 //! time per MiB. Everything runs in virtual time except the in-memory
-//! transfer, whose wall-clock and CPU time are the point.
+//! transfers, whose wall-clock and CPU time are the point. The in-memory
+//! transfer runs twice: as the bare channel, and with every datagram sealed
+//! and opened as a session does, to show what encryption costs.
 
 mod netsim;
 
 use std::time::{Duration, Instant};
 
 use natter::reliable::{Config, Connection, Event, SendError, Stats};
+use natter::seal::{Opener, Sealer};
 use netsim::{Link, LinkParams, Net, WIRE_OVERHEAD};
 
 const MIB: u64 = 1024 * 1024;
@@ -62,9 +65,61 @@ impl Transfer {
     }
 }
 
+/// The session keys of both directions, as `link` holds them once the
+/// handshake is done. Fixed keys: only the cost of sealing matters here.
+struct Seals {
+    a_sealer: Sealer,
+    b_opener: Opener,
+    b_sealer: Sealer,
+    a_opener: Opener,
+}
+
+impl Seals {
+    fn new(now: Instant) -> Self {
+        const SESSION_ID: u64 = 0x5eed;
+        Self {
+            a_sealer: Sealer::new(now, SESSION_ID, [0xa; 32]),
+            b_opener: Opener::new([0xa; 32]),
+            b_sealer: Sealer::new(now, SESSION_ID, [0xb; 32]),
+            a_opener: Opener::new([0xb; 32]),
+        }
+    }
+
+    /// `Net::transmit`, sealing each payload into a data frame.
+    fn transmit(&mut self, net: &mut Net) {
+        while let Some(payload) = net.a.poll_transmit(net.now) {
+            net.a_to_b
+                .send(net.now, self.a_sealer.seal(net.now, &payload));
+        }
+        while let Some(payload) = net.b.poll_transmit(net.now) {
+            net.b_to_a
+                .send(net.now, self.b_sealer.seal(net.now, &payload));
+        }
+    }
+
+    /// `Net::advance_to`, opening each frame before the channel sees it.
+    fn advance_to(&mut self, net: &mut Net, at: Instant) {
+        net.now = net.now.max(at);
+        while let Some(frame) = net.a_to_b.pop_arrived(net.now) {
+            let payload = self.b_opener.open(&frame).expect("an honest frame opens");
+            net.b.handle_datagram(net.now, &payload);
+        }
+        while let Some(frame) = net.b_to_a.pop_arrived(net.now) {
+            let payload = self.a_opener.open(&frame).expect("an honest frame opens");
+            net.a.handle_datagram(net.now, &payload);
+        }
+        for conn in [&mut net.a, &mut net.b] {
+            if conn.poll_timeout().is_some_and(|t| t <= net.now) {
+                conn.handle_timeout(net.now);
+            }
+        }
+    }
+}
+
 /// Sends `total` bytes from A to B in messages of `message_size`, keeping
-/// A's send buffer full and B's application reading.
-fn bulk(mut net: Net, total: u64, message_size: usize) -> Transfer {
+/// A's send buffer full and B's application reading. With `seals`, every
+/// datagram is sealed and opened on its way, as between two sessions.
+fn bulk(mut net: Net, total: u64, message_size: usize, mut seals: Option<Seals>) -> Transfer {
     let start = net.now;
     let wall = Instant::now();
     let cpu = process_cpu_time();
@@ -85,10 +140,16 @@ fn bulk(mut net: Net, total: u64, message_size: usize) -> Transfer {
                 delivered += message.len() as u64;
             }
         }
-        net.transmit();
+        match &mut seals {
+            Some(seals) => seals.transmit(&mut net),
+            None => net.transmit(),
+        }
         let next = net.next_event().expect("a transfer in progress has timers");
         assert!(next - start < Duration::from_secs(3600), "transfer stalled");
-        net.advance_to(next);
+        match &mut seals {
+            Some(seals) => seals.advance_to(&mut net, next),
+            None => net.advance_to(next),
+        }
     }
     Transfer {
         delivered,
@@ -98,6 +159,32 @@ fn bulk(mut net: Net, total: u64, message_size: usize) -> Transfer {
         a: net.a.stats(),
         b: net.b.stats(),
     }
+}
+
+/// The in-memory transfer again with every datagram sealed and opened, and
+/// how it compares with `plain`, the same transfer unencrypted.
+fn sealed_in_memory(plain: &Transfer, total: u64) {
+    let net = net(LinkParams::ideal(), LinkParams::ideal());
+    let seals = Seals::new(net.now);
+    let sealed = bulk(net, total, 64 * 1024, Some(seals));
+    let goodput = |t: &Transfer| t.delivered as f64 / MIB as f64 / t.wall_time.as_secs_f64();
+    let cpu_per_mib = |t: &Transfer| t.cpu_time.as_secs_f64() * 1000.0 / (t.delivered / MIB) as f64;
+    println!(
+        "  sealed (ChaCha20-Poly1305 per datagram, seal::Sealer/Opener, both directions): \
+         goodput {:.0} MiB/s wall clock ({:.2} s), CPU {:.2} ms per MiB",
+        goodput(&sealed),
+        sealed.wall_time.as_secs_f64(),
+        cpu_per_mib(&sealed),
+    );
+    println!(
+        "  encrypted/unencrypted goodput {:.0}/{:.0} MiB/s = {:.2} (goal >= 0.80); \
+         CPU {:.2} vs {:.2} ms per MiB",
+        goodput(&sealed),
+        goodput(plain),
+        goodput(&sealed) / goodput(plain),
+        cpu_per_mib(&sealed),
+        cpu_per_mib(plain),
+    );
 }
 
 /// 100 Mbit/s each way, 10 ms one-way (20 ms RTT), a one-BDP drop-tail
@@ -126,6 +213,7 @@ fn main() {
         net(LinkParams::ideal(), LinkParams::ideal()),
         total,
         64 * 1024,
+        None,
     );
     println!(
         "in-memory transfer, {} MiB in 64 KiB messages, no loss:",
@@ -146,6 +234,7 @@ fn main() {
         "  packets: {} data-side, {} ack-side",
         t.a.packets_sent, t.b.packets_sent
     );
+    sealed_in_memory(&t, total);
     println!();
 
     let link_rate = 100_000_000.0 / 8.0;
@@ -157,7 +246,12 @@ fn main() {
     );
     println!("  loss   goodput  of link  wire/byte  lost pkts  retx pkts  final cwnd  srtt");
     for loss in [0.0, 0.01, 0.05, 0.10] {
-        let t = bulk(net(realistic(loss), realistic(loss)), 32 * MIB, 64 * 1024);
+        let t = bulk(
+            net(realistic(loss), realistic(loss)),
+            32 * MIB,
+            64 * 1024,
+            None,
+        );
         let goodput = t.delivered as f64 / t.virtual_time.as_secs_f64();
         println!(
             "  {:>4.0}%  {:>6.2} MB/s  {:>5.1} %  {:>9.4}  {:>9}  {:>9}  {:>10}  {:?}",

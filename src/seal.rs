@@ -1,6 +1,6 @@
 //! Sealing and opening data frames once the handshake has agreed on keys.
 //!
-//! Each frame is ChaCha20-Poly1305 under the key of its direction, with the
+//! Each frame is ChaCha20-Poly1305 (ring) under the key of its direction, with the
 //! frame's counter as the nonce and its 18-byte header (kind, version,
 //! session id, counter) as associated data, so no bit of the frame can be
 //! changed unnoticed. The receiver drops forged frames and frames whose
@@ -18,9 +18,8 @@
 
 use std::time::{Duration, Instant};
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce, Tag};
 use natter_wire::{DataHeader, DATA_HEADER_LEN};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 
 /// The counter's top bit: the key phase.
 const PHASE_BIT: u64 = 1 << 63;
@@ -50,27 +49,36 @@ fn split_counter(counter: u64) -> (bool, u64) {
     (counter & PHASE_BIT != 0, counter & !PHASE_BIT)
 }
 
+/// Noise's nonce layout for ChaChaPoly: four zero bytes, then the counter
+/// little-endian.
 fn nonce(counter: u64) -> Nonce {
     let mut nonce = [0u8; 12];
     nonce[4..].copy_from_slice(&counter.to_le_bytes());
-    nonce.into()
+    Nonce::assume_unique_for_key(nonce)
+}
+
+/// ChaCha20-Poly1305 under `key`. ring rather than a pure-Rust crate: its
+/// assembly is about four times faster here, and sealing is most of the CPU
+/// time of a bulk transfer.
+fn cipher(key: &[u8; 32]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, key).expect("keys are 32 bytes"))
 }
 
 /// Noise's REKEY(k): the first 32 bytes of encrypting 32 zero bytes with
-/// nonce 2^64-1.
-fn rekey(key: &Key) -> Key {
+/// nonce 2^64-1 (the tag is not part of the new key).
+fn rekey(key: &[u8; 32]) -> [u8; 32] {
     let mut block = [0u8; 32];
-    ChaCha20Poly1305::new(key)
-        .encrypt_in_place_detached(&nonce(u64::MAX), &[], &mut block)
-        .expect("32 bytes always encrypt");
-    block.into()
+    let _tag = cipher(key)
+        .seal_in_place_separate_tag(nonce(u64::MAX), Aad::empty(), &mut block)
+        .expect("32 bytes always seal");
+    block
 }
 
 /// Seals this side's frames.
 pub struct Sealer {
     session_id: u64,
-    key: Key,
-    cipher: ChaCha20Poly1305,
+    key: [u8; 32],
+    cipher: LessSafeKey,
     epoch: u64,
     epoch_started: Instant,
     epoch_first_sequence: u64,
@@ -79,10 +87,9 @@ pub struct Sealer {
 
 impl Sealer {
     pub fn new(now: Instant, session_id: u64, key: [u8; 32]) -> Self {
-        let key = Key::from(key);
         Self {
             session_id,
-            cipher: ChaCha20Poly1305::new(&key),
+            cipher: cipher(&key),
             key,
             epoch: 0,
             epoch_started: now,
@@ -100,7 +107,7 @@ impl Sealer {
             || now.saturating_duration_since(self.epoch_started) >= REKEY_AFTER
         {
             self.key = rekey(&self.key);
-            self.cipher = ChaCha20Poly1305::new(&self.key);
+            self.cipher = cipher(&self.key);
             self.epoch += 1;
             self.epoch_started = now;
             self.epoch_first_sequence = sequence;
@@ -117,9 +124,13 @@ impl Sealer {
         frame.extend_from_slice(payload);
         let tag = self
             .cipher
-            .encrypt_in_place_detached(&nonce(counter), &header, &mut frame[DATA_HEADER_LEN..])
+            .seal_in_place_separate_tag(
+                nonce(counter),
+                Aad::from(header),
+                &mut frame[DATA_HEADER_LEN..],
+            )
             .expect("frames are far below ChaCha20-Poly1305's length limit");
-        frame.extend_from_slice(&tag);
+        frame.extend_from_slice(tag.as_ref());
         frame
     }
 }
@@ -127,9 +138,9 @@ impl Sealer {
 /// Opens the other side's frames.
 pub struct Opener {
     phase: bool,
-    current: ChaCha20Poly1305,
-    current_key: Key,
-    previous: Option<ChaCha20Poly1305>,
+    current: LessSafeKey,
+    current_key: [u8; 32],
+    previous: Option<LessSafeKey>,
     /// First sequence number seen under the current key.
     epoch_first_sequence: u64,
     window: ReplayWindow,
@@ -137,10 +148,9 @@ pub struct Opener {
 
 impl Opener {
     pub fn new(key: [u8; 32]) -> Self {
-        let key = Key::from(key);
         Self {
             phase: false,
-            current: ChaCha20Poly1305::new(&key),
+            current: cipher(&key),
             current_key: key,
             previous: None,
             epoch_first_sequence: 0,
@@ -159,32 +169,29 @@ impl Opener {
         self.window.check(sequence)?;
         let next;
         let key_update = phase != self.phase && sequence >= self.epoch_first_sequence;
-        let cipher = if phase == self.phase {
+        let key = if phase == self.phase {
             &self.current
         } else if key_update {
-            next = ChaCha20Poly1305::new(&rekey(&self.current_key));
+            next = cipher(&rekey(&self.current_key));
             &next
         } else {
             self.previous.as_ref().ok_or(OpenError::Forged)?
         };
-        let (ciphertext, tag) = sealed.split_at(sealed.len() - TAG_LEN);
-        let mut payload = ciphertext.to_vec();
-        cipher
-            .decrypt_in_place_detached(
-                &nonce(header.counter),
-                &frame[..DATA_HEADER_LEN],
+        let mut payload = sealed.to_vec();
+        let plaintext_len = key
+            .open_in_place(
+                nonce(header.counter),
+                Aad::from(&frame[..DATA_HEADER_LEN]),
                 &mut payload,
-                Tag::from_slice(tag),
             )
-            .map_err(|_| OpenError::Forged)?;
+            .map_err(|_| OpenError::Forged)?
+            .len();
+        payload.truncate(plaintext_len);
         // Only an authentic frame moves the window or the key.
         self.window.accept(sequence);
         if key_update {
             let next_key = rekey(&self.current_key);
-            self.previous = Some(std::mem::replace(
-                &mut self.current,
-                ChaCha20Poly1305::new(&next_key),
-            ));
+            self.previous = Some(std::mem::replace(&mut self.current, cipher(&next_key)));
             self.current_key = next_key;
             self.phase = phase;
             self.epoch_first_sequence = sequence;
