@@ -32,6 +32,7 @@ pub mod reliable;
 pub mod rendezvous_client;
 pub mod seal;
 pub mod session;
+mod udp;
 
 pub use error::ConnectError;
 pub use session::{Error, Peer, PeerBuilder, Received, Session};

@@ -404,6 +404,7 @@ mod tests {
         let start = Instant::now();
         let mut c = client(start);
         c.handle_timeout(start);
+        assert!(c.poll_transmit().is_some(), "the first Register");
         c.handle_datagram(start, &registered(42));
         c.poll_event();
         let mut now = start;

@@ -36,6 +36,7 @@ use crate::identity::{Identity, PublicKey};
 use crate::link::{Link, LinkConfig, LinkEvent};
 use crate::punch::{CandidateKind, Path};
 use crate::reliable::{MessageId, SendError};
+use crate::udp::{Sent, Socket};
 
 const TAG_DATA: u8 = 0;
 const TAG_END: u8 = 1;
@@ -202,7 +203,7 @@ impl PeerBuilder {
         let (incoming_tx, incoming) = mpsc::channel(INCOMING_QUEUE);
         let (connected_tx, connected) = oneshot::channel();
         let driver = Driver {
-            socket,
+            socket: Socket::new(socket)?,
             commands: command_rx,
             incoming: incoming_tx,
             state: DriverState {
@@ -540,7 +541,7 @@ impl AsyncRead for SessionReceiver {
 /// The task behind a [`Session`]: the socket, the channels to the handles,
 /// and the link.
 struct Driver {
-    socket: UdpSocket,
+    socket: Socket,
     commands: mpsc::Receiver<Command>,
     incoming: mpsc::Sender<Delivery>,
     state: DriverState,
@@ -559,41 +560,51 @@ struct DriverState {
 impl Driver {
     async fn run(self) -> io::Result<()> {
         let Driver {
-            socket,
+            mut socket,
             mut commands,
             incoming,
             mut state,
         } = self;
-        let mut buf = vec![0u8; 2048];
         // A message the application has no room for yet, and a send the
         // channel had no room for yet: both hold their queue back.
         let mut undelivered: Option<Vec<u8>> = None;
         let mut unsent: Option<(Vec<u8>, Option<oneshot::Sender<()>>)> = None;
         let mut commands_open = true;
         loop {
+            // Each round reads what is waiting before it sends a bounded
+            // amount: ACKs then open the window promptly instead of piling
+            // up (and overflowing) in the socket behind a whole window of
+            // sends.
+            socket.receive(|from, datagram| {
+                state
+                    .link
+                    .handle_datagram(Instant::now().into_std(), from, datagram)
+            });
+            // After the read, whose ACKs may have made room for it.
             if let Some((message, acked)) = unsent.take() {
                 unsent = state.try_send(message, acked);
             }
-            state.flush(&socket).await;
+            // Events before sending: taking messages frees flow-control
+            // credit, which the send then advertises.
             if undelivered.is_none() {
                 if let Some(reason) = state.handle_events(&incoming, &mut undelivered) {
                     // Last words (a Leave, the close acknowledgement) still go out.
-                    state.flush(&socket).await;
+                    socket
+                        .send_all(|| state.link.poll_transmit(Instant::now().into_std()))
+                        .await;
                     let _ = incoming.send(Delivery::Closed(reason)).await;
                     return Ok(());
                 }
             }
+            let sent = socket.send(|| state.link.poll_transmit(Instant::now().into_std()));
             let timeout = state.link.poll_timeout().map(Instant::from_std);
             tokio::select! {
-                received = socket.recv_from(&mut buf) => match received {
-                    Ok((len, from)) => {
-                        let from = SocketAddr::new(from.ip().to_canonical(), from.port());
-                        state.link.handle_datagram(Instant::now().into_std(), from, &buf[..len]);
-                    }
-                    // ICMP errors of earlier sends (port unreachable while
-                    // punching) surface here; they are expected.
-                    Err(error) => tracing::debug!(%error, "recv_from"),
-                },
+                // The next round reads.
+                ready = socket.readable() => ready?,
+                ready = socket.writable(), if sent == Sent::Blocked => ready?,
+                // More to send: go round again, but let other tasks run
+                // once this one has used its share.
+                () = tokio::task::coop::consume_budget(), if sent == Sent::More => {}
                 _ = sleep_until(timeout) => state.link.handle_timeout(Instant::now().into_std()),
                 command = commands.recv(), if unsent.is_none() && commands_open => match command {
                     Some(Command::Send { message, acked }) => unsent = state.try_send(message, acked),
@@ -632,14 +643,6 @@ impl DriverState {
             Err(error) => {
                 tracing::debug!(%error, "message not sent");
                 None
-            }
-        }
-    }
-
-    async fn flush(&mut self, socket: &UdpSocket) {
-        while let Some(transmit) = self.link.poll_transmit(Instant::now().into_std()) {
-            if let Err(error) = socket.send_to(&transmit.bytes, transmit.to).await {
-                tracing::debug!(to = %transmit.to, %error, "send_to");
             }
         }
     }
