@@ -41,6 +41,7 @@ impl ConnectError {
             Self::Refused(ServerErrorKind::RoomFull) => "room_full",
             Self::Refused(ServerErrorKind::ServerFull) => "server_full",
             Self::Refused(ServerErrorKind::BadToken) => "bad_token",
+            Self::Refused(ServerErrorKind::RoomTaken) => "room_taken",
             Self::VersionMismatch { .. } => "version_mismatch",
             Self::NoPeer { .. } => "no_peer",
             Self::PunchFailed(_) => "punch_failed",

@@ -26,6 +26,9 @@ pub struct RendezvousConfig {
     pub register_timeout: Duration,
     /// Give up when nobody else joins the room by then.
     pub wait_timeout: Duration,
+    /// This peer made the room name up (a generated pairing code): refuse
+    /// to share the room with whoever is already in it.
+    pub claim: bool,
 }
 
 impl Default for RendezvousConfig {
@@ -35,6 +38,7 @@ impl Default for RendezvousConfig {
             max_retransmit: Duration::from_secs(2),
             register_timeout: Duration::from_secs(5),
             wait_timeout: Duration::from_secs(300),
+            claim: false,
         }
     }
 }
@@ -174,9 +178,9 @@ impl RendezvousClient {
                     self.token = None;
                     self.next_send = now;
                 }
-                ServerErrorKind::RoomFull | ServerErrorKind::ServerFull => {
-                    self.fail(ConnectError::Refused(kind))
-                }
+                ServerErrorKind::RoomFull
+                | ServerErrorKind::ServerFull
+                | ServerErrorKind::RoomTaken => self.fail(ConnectError::Refused(kind)),
             },
             _ => {}
         }
@@ -271,6 +275,7 @@ impl RendezvousClient {
             host_candidates: self.host_candidates.clone(),
             client_nonce: self.nonce,
             peer_token: self.token,
+            claim: self.config.claim,
         });
         self.transmits.push_back(
             register
@@ -372,7 +377,7 @@ mod tests {
     }
 
     #[test]
-    fn room_full_and_version_mismatch_fail_clearly() {
+    fn room_full_taken_and_version_mismatch_fail_clearly() {
         let now = Instant::now();
         let mut c = client(now);
         let full = ServerMessage::Error {

@@ -64,6 +64,7 @@ fn register(i: u32) -> Vec<u8> {
         host_candidates: vec![SocketAddr::from(([192, 168, 1, (i % 250) as u8], 40_000))],
         client_nonce: u64::from(i),
         peer_token: None,
+        claim: false,
     })
     .encode()
     .unwrap()

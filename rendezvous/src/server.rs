@@ -205,6 +205,7 @@ impl Server {
             host_candidates,
             client_nonce,
             peer_token,
+            claim,
         } = register;
         let members = self
             .rooms
@@ -246,6 +247,9 @@ impl Server {
             return;
         }
 
+        if claim && occupied > 0 {
+            return self.refuse(via, from, client_nonce, ServerErrorKind::RoomTaken);
+        }
         if occupied >= 2 {
             return self.refuse(via, from, client_nonce, ServerErrorKind::RoomFull);
         }
@@ -411,6 +415,7 @@ mod tests {
             host_candidates: vec!["192.168.1.10:40000".parse().unwrap()],
             client_nonce: 5,
             peer_token,
+            claim: false,
         })
     }
 
@@ -618,6 +623,36 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_on_an_occupied_room_is_refused() {
+        let mut h = Harness::new();
+        h.register(A, None);
+        let ClientMessage::Register(mut claim) = register("room", None) else {
+            unreachable!()
+        };
+        claim.claim = true;
+        let replies = h.send(B, ClientMessage::Register(claim.clone()));
+        assert!(matches!(
+            replies.as_slice(),
+            [(
+                _,
+                ServerMessage::Error {
+                    kind: ServerErrorKind::RoomTaken,
+                    ..
+                }
+            )]
+        ));
+        // An empty room is claimed, and the claimant's retries are fine.
+        claim.room = RoomCode::new(*b"empty").unwrap();
+        for _ in 0..2 {
+            let replies = h.send(B, ClientMessage::Register(claim.clone()));
+            assert!(matches!(
+                replies.as_slice(),
+                [(_, ServerMessage::Registered { .. })]
+            ));
+        }
+    }
+
+    #[test]
     fn server_full_is_reported() {
         let mut h = Harness::with_config(Config {
             max_peers: 1,
@@ -673,7 +708,7 @@ mod tests {
         while bytes.last() == Some(&0) {
             bytes.pop();
         }
-        bytes.push(0); // the `peer_token: None` tag
+        bytes.extend([0, 0]); // `peer_token: None` and `claim: false`
         assert!(h.send_raw(A, &bytes).is_empty());
         assert_eq!(h.server.stats().dropped(DropReason::Unpadded), 1);
     }
@@ -698,6 +733,7 @@ mod tests {
                 host_candidates: vec!["[2001:db8::1]:65535".parse().unwrap(); MAX_HOST_CANDIDATES],
                 client_nonce: u64::MAX,
                 peer_token,
+                claim: false,
             })
         };
         let a = "[2001:db8:1::1]:65535";

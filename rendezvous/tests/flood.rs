@@ -64,6 +64,7 @@ fn valid_register(rng: &mut StdRng) -> Vec<u8> {
         host_candidates: vec![],
         client_nonce: rng.gen(),
         peer_token: rng.gen_bool(0.5).then(|| rng.gen()),
+        claim: false,
     })
     .encode()
     .unwrap()
@@ -142,6 +143,7 @@ async fn survives_a_flood_of_hostile_datagrams() {
         host_candidates: vec![],
         client_nonce: 7,
         peer_token: None,
+        claim: false,
     });
     peer.send_to(&register.encode().unwrap(), target)
         .await

@@ -26,6 +26,7 @@ fn register(room: &str) -> Vec<u8> {
         host_candidates: vec![],
         client_nonce: 1,
         peer_token: None,
+        claim: false,
     })
     .encode()
     .unwrap()

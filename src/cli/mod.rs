@@ -15,9 +15,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use natter::code::{random_nameplate, PairingCode};
 use natter::contacts::Contacts;
-use natter::identity::{config_dir, Identity};
+use natter::identity::{config_dir, Identity, PublicKey};
 use natter::link::LinkConfig;
-use natter::session::{Error, Peer, Session};
+use natter::session::{Error, Peer, PeerBuilder, Session};
+use natter::wire::ServerErrorKind;
+use natter::ConnectError;
 use report::Reporter;
 use tokio::sync::mpsc;
 
@@ -141,44 +143,70 @@ where
     }
 }
 
+/// How this run finds the other peer.
+enum Meeting {
+    /// A code the user typed (the other side made it up).
+    Given(PairingCode),
+    /// A code this side makes up and prints; it claims the nameplate.
+    Generated,
+    Contact(PublicKey),
+}
+
+/// Nameplates tried before giving up when each turns out to be in use.
+const NAMEPLATE_ATTEMPTS: usize = 5;
+
 async fn connect(args: ConnectArgs, reporter: Reporter) -> anyhow::Result<Session> {
     let home = config_dir()?;
-    let identity = Identity::load_or_create(&home)?;
     let mut contacts = Contacts::load(&home)?;
+    let meeting = match (args.positional_code.or(args.code), &args.to) {
+        (_, Some(name)) => Meeting::Contact(contacts.get(name).with_context(|| {
+            format!("no contact named {name:?}; `natter contacts list` shows them")
+        })?),
+        (Some(code), None) => Meeting::Given(code.parse::<PairingCode>().map_err(Error::from)?),
+        (None, None) => Meeting::Generated,
+    };
     let mut config = LinkConfig::default();
     config.rendezvous.wait_timeout = Duration::from_secs(args.wait_secs);
     config.punch.timeout = Duration::from_millis(args.punch_timeout_ms);
-    let (progress_tx, mut progress) = mpsc::unbounded_channel();
-    let mut builder = Peer::builder()
-        .rendezvous(args.rendezvous)
-        .bind(args.bind)
-        .config(config)
-        .identity(identity)
-        .progress(progress_tx);
-    let paired_by_code = match (args.positional_code.or(args.code), &args.to) {
-        (_, Some(name)) => {
-            let key = contacts.get(name).with_context(|| {
-                format!("no contact named {name:?}; `natter contacts list` shows them")
-            })?;
-            builder = builder.contact(key);
-            false
-        }
-        (Some(code), None) => {
-            builder = builder.code(code.parse::<PairingCode>().map_err(Error::from)?);
-            true
-        }
-        (None, None) => {
-            let code = PairingCode::generate(
-                random_nameplate(&mut rand::thread_rng()),
-                2,
-                &mut rand::thread_rng(),
-            );
-            reporter.code(&code);
-            builder = builder.code(code);
-            true
+    config.rendezvous.claim = matches!(meeting, Meeting::Generated);
+    let mut attempt = 0;
+    let session = loop {
+        attempt += 1;
+        let builder = Peer::builder()
+            .rendezvous(args.rendezvous.clone())
+            .bind(args.bind)
+            .config(config.clone())
+            .identity(Identity::load_or_create(&home)?);
+        let builder = match &meeting {
+            Meeting::Given(code) => builder.code(code.clone()),
+            Meeting::Contact(key) => builder.contact(*key),
+            Meeting::Generated => {
+                let mut rng = rand::thread_rng();
+                let code = PairingCode::generate(random_nameplate(&mut rng), 2, &mut rng);
+                reporter.code(&code);
+                builder.code(code)
+            }
+        };
+        match connect_reporting(builder, reporter).await {
+            // Someone else uses this nameplate: make up another code.
+            Err(Error::Connect(ConnectError::Refused(ServerErrorKind::RoomTaken)))
+                if attempt < NAMEPLATE_ATTEMPTS && matches!(meeting, Meeting::Generated) => {}
+            result => break result?,
         }
     };
-    let connecting = builder.connect();
+    reporter.connected(&session.path());
+    if !matches!(meeting, Meeting::Contact(_)) {
+        contacts.set_last_paired(session.path().remote_key);
+        contacts.save()?;
+        reporter.hint("to reach this peer later without a code: natter contacts add NAME");
+    }
+    Ok(session)
+}
+
+/// Connects, reporting registration and introduction as they happen.
+async fn connect_reporting(builder: PeerBuilder, reporter: Reporter) -> Result<Session, Error> {
+    let (progress_tx, mut progress) = mpsc::unbounded_channel();
+    let connecting = builder.progress(progress_tx).connect();
     tokio::pin!(connecting);
     let session = loop {
         tokio::select! {
@@ -189,14 +217,7 @@ async fn connect(args: ConnectArgs, reporter: Reporter) -> anyhow::Result<Sessio
     while let Ok(step) = progress.try_recv() {
         reporter.progress(&step);
     }
-    let session = session?;
-    reporter.connected(&session.path());
-    if paired_by_code {
-        contacts.set_last_paired(session.path().remote_key);
-        contacts.save()?;
-        reporter.hint("to reach this peer later without a code: natter contacts add NAME");
-    }
-    Ok(session)
+    session
 }
 
 fn print_id() -> anyhow::Result<()> {

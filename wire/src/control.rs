@@ -55,6 +55,10 @@ pub struct Register {
     /// The token from an earlier `Registered`: proves a refresh comes from the
     /// peer that registered, so nobody else can redirect or evict it.
     pub peer_token: Option<u64>,
+    /// The peer made the room's name up and expects the room empty: if
+    /// someone else is in it, refuse with `RoomTaken` rather than introduce
+    /// two strangers (a nameplate collision).
+    pub claim: bool,
 }
 
 /// Datagrams a peer sends to the rendezvous.
@@ -80,6 +84,8 @@ pub enum ServerErrorKind {
     ServerFull,
     /// The `peer_token` does not match the registration it names.
     BadToken,
+    /// A claiming `Register` found someone else in the room.
+    RoomTaken,
 }
 
 impl std::fmt::Display for ServerErrorKind {
@@ -88,6 +94,7 @@ impl std::fmt::Display for ServerErrorKind {
             Self::RoomFull => "the room already holds two peers",
             Self::ServerFull => "the rendezvous is at its peer limit",
             Self::BadToken => "the registration token was not accepted",
+            Self::RoomTaken => "the nameplate is in use by someone else",
         })
     }
 }
@@ -263,6 +270,7 @@ mod tests {
             host_candidates: vec!["192.168.1.5:4000".parse().unwrap(), v6(1)],
             client_nonce: 42,
             peer_token: Some(u64::MAX),
+            claim: false,
         })
     }
 
@@ -331,6 +339,7 @@ mod tests {
             host_candidates: vec!["10.0.0.1:1".parse().unwrap(); MAX_HOST_CANDIDATES + 1],
             client_nonce: 0,
             peer_token: None,
+            claim: false,
         });
         assert!(matches!(
             too_many.encode(),
