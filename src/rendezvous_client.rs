@@ -17,6 +17,9 @@ use natter_wire::{
 
 use crate::error::ConnectError;
 
+/// Refresh period while no other peer has been introduced.
+const WAITING_REFRESH: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 pub struct RendezvousConfig {
     /// First retransmission delay of an unanswered Register; doubles.
@@ -258,12 +261,13 @@ impl RendezvousClient {
         self.state = State::Done;
     }
 
-    /// While waiting for the other peer, refresh more often than required,
-    /// so a lost Introduce (repeated by the server on each refresh) costs
-    /// seconds, not a whole refresh interval.
+    /// While waiting for the other peer, refresh every second: the server
+    /// repeats a lost `Introduce` on each refresh, and the other peer is
+    /// already punching (for 5 s) when ours is lost, so it must arrive well
+    /// within that window.
     fn refresh_period(&self) -> Duration {
         if self.introduced.is_none() {
-            self.refresh_interval / 3
+            self.refresh_interval.min(WAITING_REFRESH)
         } else {
             self.refresh_interval
         }
@@ -427,7 +431,7 @@ mod tests {
             Some(RendezvousEvent::Failed(ConnectError::NoPeer { .. }))
         ));
         assert_eq!(now - start, Duration::from_secs(300));
-        // One refresh every 5 s while waiting.
-        assert_eq!(refreshes, 59);
+        // One refresh a second while waiting.
+        assert_eq!(refreshes, 299);
     }
 }

@@ -407,6 +407,34 @@ fn close_survives_a_lost_final_ack() {
 }
 
 #[test]
+fn a_peer_that_leaves_right_after_closing_does_not_cost_the_idle_timeout() {
+    let mut pair = Pair::new(Config::default());
+    pair.a.send(pattern(5_000, 3)).unwrap();
+    pair.a.close();
+    pair.run_until(Duration::from_secs(10), |p| p.b.close_sent_at.is_some());
+    // From now on nothing A sends arrives (it closes and its process exits):
+    // B never sees the acknowledgement of its CLOSE.
+    let left = pair.elapsed();
+    pair.drop = Box::new(|from_a, _, _| from_a);
+    pair.run_until(Duration::from_secs(120), |p| {
+        p.b_events
+            .iter()
+            .any(|e| matches!(e, Event::Closed { .. } | Event::TimedOut))
+    });
+    assert!(pair.a_events.contains(&Event::Closed {
+        reason: CloseReason::Local
+    }));
+    assert_eq!(
+        pair.b_events.last(),
+        Some(&Event::Closed {
+            reason: CloseReason::Peer
+        })
+    );
+    let waited = pair.elapsed() - left;
+    assert!(waited < Duration::from_secs(2), "B waited {waited:?}");
+}
+
+#[test]
 fn a_peer_announcing_an_oversized_message_is_abandoned() {
     let big = Config {
         max_message_size: 10_000,
