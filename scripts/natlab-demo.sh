@@ -79,7 +79,8 @@ fi
 
 # ------------------------------------------------------------- the lab --
 ID=d$(od -An -N4 -tx4 /dev/urandom | tr -d ' \n')
-CODE=demo-$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')
+# a pairing code "NAMEPLATE-WORDS" both peers are given (as if read out loud)
+CODE=$((RANDOM % 999 + 1))-demo-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')
 WORK=$(mktemp -d "/tmp/natlab-demo-$ID.XXXX")
 SESSION=natlab-$ID
 LAB_UP=0
@@ -126,8 +127,11 @@ done
 [[ ${READY:-0} -eq 1 ]] || { cat "$WORK/rendezvous.log" >&2; die "the rendezvous did not come up"; }
 log "rendezvous up; room code $CODE"
 
-chat_cmd() { # NS
-    printf '%q ' ip netns exec "$1" "$NATTER" chat --rendezvous "$RV" --code "$CODE"
+# each peer keeps its identity and contacts in its own directory, not in root's
+mkdir -p "$WORK/home-a" "$WORK/home-b"
+
+chat_cmd() { # SIDE NS
+    printf '%q ' ip netns exec "$2" env NATTER_HOME="$WORK/home-$1" "$NATTER" chat --rendezvous "$RV" --code "$CODE"
 }
 
 # ------------------------------------------------------------ tmux mode --
@@ -135,9 +139,9 @@ if [[ $MODE == tmux ]]; then
     # shellcheck disable=SC2016  # expanded by the pane's shell
     hold='; status=$?; echo; echo "[natter exited with $status; press Enter to close this pane]"; read -r _'
     tmux new-session -d -s "$SESSION" -x "$(tput cols 2>/dev/null || echo 160)" -y "$(tput lines 2>/dev/null || echo 40)" \
-        "echo 'peer a: $A_IP behind $NAT_A NAT'; $(chat_cmd "$NS_A")$hold"
+        "echo 'peer a: $A_IP behind $NAT_A NAT'; $(chat_cmd a "$NS_A")$hold"
     tmux split-window -h -t "$SESSION" \
-        "echo 'peer b: $B_IP behind $NAT_B NAT'; $(chat_cmd "$NS_B")$hold"
+        "echo 'peer b: $B_IP behind $NAT_B NAT'; $(chat_cmd b "$NS_B")$hold"
     tmux set-option -t "$SESSION" status-left "[natlab $ID] " >/dev/null
     tmux set-option -t "$SESSION" status-right "a: $NAT_A | b: $NAT_B | loss ${LOSS}% | Ctrl-D leaves a chat " >/dev/null
     tmux set-option -t "$SESSION" status-right-length 80 >/dev/null
@@ -172,7 +176,7 @@ run_side() { # SIDE NS OFFSET
     local side=$1 ns=$2 offset=$3
     : >"$WORK/$side.err"
     feed "$side" "$WORK/$side.err" "$offset" |
-        ip netns exec "$ns" "$NATTER" chat --rendezvous "$RV" --code "$CODE" \
+        ip netns exec "$ns" env NATTER_HOME="$WORK/home-$side" "$NATTER" chat --rendezvous "$RV" --code "$CODE" \
             2> >(tee "$WORK/$side.err" | sed -u "s/^/  [$side status]   /" >&2) |
         sed -u "s/^/  [$side receives] /"
     return "${PIPESTATUS[1]}"

@@ -328,6 +328,8 @@ fn loss_cases() -> Vec<Case> {
             expect: Expect::Direct { via: None },
             payload: LOSS_PAYLOAD,
             timeout: Duration::from_secs(if loss >= 20 { 180 } else { 120 }),
+            // natter's default punch timeout on purpose: the loss hits the
+            // rendezvous exchange and the punching too, not only the transfer
             punch_timeout_ms: None,
         })
         .collect()
@@ -337,12 +339,12 @@ fn loss_cases() -> Vec<Case> {
 
 struct Rendezvous {
     child: NsChild,
-    stderr: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<Line>>>,
     _reader: JoinHandle<()>,
 }
 
 impl Rendezvous {
-    fn start(lab: &Lab, bins: &Binaries) -> Result<Rendezvous, String> {
+    fn start(lab: &Lab, bins: &Binaries, t0: Instant) -> Result<Rendezvous, String> {
         let rv_ip = lab.ip("RV_IP");
         let bind = format!("{rv_ip}:{RV_PORT}");
         let mut cmd = piped(lab.command("rv", &bins.rendezvous));
@@ -356,7 +358,7 @@ impl Rendezvous {
             let err = child.stderr.take().expect("piped stderr");
             let lines = Arc::clone(&stderr);
             std::thread::spawn(move || {
-                collect_lines(err, &lines);
+                collect_lines(err, &lines, t0);
                 drop(stdout);
             })
         };
@@ -401,10 +403,7 @@ impl Rendezvous {
     }
 
     fn stderr_text(&self) -> String {
-        self.stderr
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .join("\n")
+        format_lines(&self.stderr.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn stop(mut self) -> String {
@@ -447,7 +446,18 @@ fn piped(mut cmd: Command) -> Command {
     cmd
 }
 
-fn collect_lines(from: impl Read, into: &Mutex<Vec<String>>) {
+/// A line of a child's stderr and when it arrived, since the case started.
+type Line = (Duration, String);
+
+fn format_lines(lines: &[Line]) -> String {
+    lines
+        .iter()
+        .map(|(t, l)| format!("[+{:.3} s] {l}", t.as_secs_f64()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn collect_lines(from: impl Read, into: &Mutex<Vec<Line>>, t0: Instant) {
     let mut reader = BufReader::new(from);
     let mut line = Vec::new();
     loop {
@@ -456,7 +466,9 @@ fn collect_lines(from: impl Read, into: &Mutex<Vec<String>>) {
             Ok(0) | Err(_) => break,
             Ok(_) => {
                 let text = String::from_utf8_lossy(&line).trim_end().to_string();
-                into.lock().unwrap_or_else(|e| e.into_inner()).push(text);
+                into.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((t0.elapsed(), text));
             }
         }
     }
@@ -469,10 +481,11 @@ struct RunningPeer {
     child: NsChild,
     writer: Option<JoinHandle<io::Result<u64>>>,
     checker: Option<JoinHandle<StdoutCheck>>,
-    stderr: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<Line>>>,
     stderr_reader: Option<JoinHandle<()>>,
     status: Option<ExitStatus>,
     exited_after: Option<Duration>,
+    exited_at: Option<Instant>,
 }
 
 /// What one peer did.
@@ -481,16 +494,29 @@ struct PeerOutcome {
     host: &'static str,
     /// `None`: still running at the deadline and killed.
     status: Option<ExitStatus>,
+    /// When it exited, since the lab was up (same clock as the stderr lines).
+    exit_at: Option<Duration>,
     wall: Duration,
     stdout: StdoutCheck,
     stdin_result: Result<u64, String>,
-    stderr: Vec<String>,
-    events: Vec<Value>,
+    stderr: Vec<Line>,
+    /// The JSON status lines, with their arrival times.
+    events: Vec<(Duration, Value)>,
 }
 
 impl PeerOutcome {
     fn event(&self, name: &str) -> Option<&Value> {
-        self.events.iter().find(|e| e["event"] == name)
+        self.events
+            .iter()
+            .map(|(_, e)| e)
+            .find(|e| e["event"] == name)
+    }
+
+    fn event_time(&self, name: &str) -> Option<Duration> {
+        self.events
+            .iter()
+            .find(|(_, e)| e["event"] == name)
+            .map(|(t, _)| *t)
     }
 
     fn connected(&self) -> Option<&Value> {
@@ -512,6 +538,23 @@ impl PeerOutcome {
             .and_then(|t| t["elapsed_ms"].as_u64())
     }
 
+    /// "connected +1.2 transferred +73.0 closed +73.0 exit +73.1" (seconds
+    /// since the lab was up).
+    fn timeline(&self) -> String {
+        let mut parts: Vec<String> = ["registered", "connected", "transferred", "closed", "error"]
+            .into_iter()
+            .filter_map(|name| {
+                self.event_time(name)
+                    .map(|t| format!("{name} +{:.1}", t.as_secs_f64()))
+            })
+            .collect();
+        parts.push(match self.exit_at {
+            Some(t) => format!("exit +{:.1}", t.as_secs_f64()),
+            None => "killed".into(),
+        });
+        parts.join(" ")
+    }
+
     fn exit_code(&self) -> Option<i32> {
         self.status.and_then(|s| s.code())
     }
@@ -522,7 +565,10 @@ impl PeerOutcome {
                 "still running after {:.1} s, killed",
                 self.wall.as_secs_f64()
             ),
-            Some(s) => format!("{s} after {:.1} s", self.wall.as_secs_f64()),
+            Some(s) => match s.code() {
+                Some(code) => format!("exit code {code} after {:.1} s", self.wall.as_secs_f64()),
+                None => format!("{s} after {:.1} s", self.wall.as_secs_f64()),
+            },
         }
     }
 }
@@ -533,8 +579,9 @@ fn spawn_peer(
     case: &Case,
     host: &'static str,
     code: &str,
-    send_seed: u64,
-    recv_seed: u64,
+    // seeds of the payload this peer is fed, and of the one it should receive
+    [send_seed, recv_seed]: [u64; 2],
+    t0: Instant,
 ) -> Result<RunningPeer, String> {
     let rendezvous = format!("{}:{RV_PORT}", lab.ip("RV_IP"));
     let mut args: Vec<String> = vec![
@@ -579,7 +626,7 @@ fn spawn_peer(
     let stderr = Arc::new(Mutex::new(Vec::new()));
     let stderr_reader = {
         let lines = Arc::clone(&stderr);
-        std::thread::spawn(move || collect_lines(err, &lines))
+        std::thread::spawn(move || collect_lines(err, &lines, t0))
     };
     Ok(RunningPeer {
         host,
@@ -590,14 +637,17 @@ fn spawn_peer(
         stderr_reader: Some(stderr_reader),
         status: None,
         exited_after: None,
+        exited_at: None,
     })
 }
 
 /// Waits until both peers exited or `timeout` passed (then kills the rest).
+/// `t0` is the clock of the stderr line times (the lab being up).
 fn wait_peers(
     mut peers: Vec<RunningPeer>,
     started: Instant,
     timeout: Duration,
+    t0: Instant,
 ) -> Vec<PeerOutcome> {
     let deadline = started + timeout;
     loop {
@@ -605,6 +655,7 @@ fn wait_peers(
             if let Ok(Some(status)) = p.child.try_wait() {
                 p.status = Some(status);
                 p.exited_after = Some(started.elapsed());
+                p.exited_at = Some(Instant::now());
             }
         }
         if peers.iter().all(|p| p.status.is_some()) || Instant::now() >= deadline {
@@ -636,12 +687,13 @@ fn wait_peers(
             let stderr = std::mem::take(&mut *p.stderr.lock().unwrap_or_else(|e| e.into_inner()));
             let events = stderr
                 .iter()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .filter(|v| v.get("event").is_some())
+                .filter_map(|(t, l)| Some((*t, serde_json::from_str::<Value>(l).ok()?)))
+                .filter(|(_, v)| v.get("event").is_some())
                 .collect();
             PeerOutcome {
                 host: p.host,
                 status: p.status,
+                exit_at: p.exited_at.map(|t| t - t0),
                 wall: p.exited_after.unwrap_or_else(|| started.elapsed()),
                 stdout,
                 stdin_result,
@@ -662,6 +714,9 @@ struct CaseRun {
     via: [Option<String>; 2],
     connect_ms: [Option<u64>; 2],
     transfer_ms: [Option<u64>; 2],
+    /// Per peer: when it connected, transferred, closed and exited (seconds
+    /// since the lab was up).
+    timeline: [String; 2],
     wall: Duration,
     failures: Vec<String>,
 }
@@ -691,10 +746,11 @@ fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
         via: [None, None],
         connect_ms: [None, None],
         transfer_ms: [None, None],
+        timeline: [String::new(), String::new()],
         wall: started_case.elapsed(),
         failures: vec![msg],
     };
-    let rv = match Rendezvous::start(&lab, bins) {
+    let rv = match Rendezvous::start(&lab, bins, started_case) {
         Ok(rv) => rv,
         Err(e) => return fail_early(e),
     };
@@ -709,12 +765,21 @@ fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
     let started = Instant::now();
     let mut peers = Vec::new();
     for (i, host) in case.hosts.into_iter().enumerate() {
-        match spawn_peer(&lab, bins, case, host, &code, seeds[i], seeds[1 - i]) {
+        // stderr line times count from `started_case`, like the rendezvous's
+        match spawn_peer(
+            &lab,
+            bins,
+            case,
+            host,
+            &code,
+            [seeds[i], seeds[1 - i]],
+            started_case,
+        ) {
             Ok(p) => peers.push(p),
             Err(e) => return fail_early(e),
         }
     }
-    let outcomes = wait_peers(peers, started, case.timeout);
+    let outcomes = wait_peers(peers, started, case.timeout, started_case);
     let rv_log = rv.stop();
 
     let mut failures = Vec::new();
@@ -764,6 +829,7 @@ fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
         via: [outcomes[0].via(), outcomes[1].via()],
         connect_ms: [outcomes[0].connect_ms(), outcomes[1].connect_ms()],
         transfer_ms: [outcomes[0].transfer_ms(), outcomes[1].transfer_ms()],
+        timeline: [outcomes[0].timeline(), outcomes[1].timeline()],
         wall: started.elapsed(),
         failures,
     }
@@ -801,7 +867,7 @@ fn check_peer(
     match case.expect {
         Expect::Direct { via } => {
             if p.status.is_some() && p.exit_code() != Some(0) {
-                fail(format!("exit status {}, expected 0", p.status_text()));
+                fail(format!("{}, expected exit code 0", p.status_text()));
             }
             if let Some(err) = p.event("error") {
                 fail(format!("error event: {err}"));
@@ -855,16 +921,13 @@ fn check_peer(
                     other.host
                 ));
             }
-            if let Err(e) = &p.stdin_result {
+            if let (Err(e), Some(0)) = (&p.stdin_result, p.exit_code()) {
                 fail(format!("writing its stdin failed: {e}"));
             }
         }
         Expect::PunchFailed => {
             if p.exit_code() != Some(1) {
-                fail(format!(
-                    "exit status {}, expected exit code 1",
-                    p.status_text()
-                ));
+                fail(format!("{}, expected exit code 1", p.status_text()));
             }
             if let Some(c) = p.connected() {
                 fail(format!(
@@ -940,6 +1003,18 @@ fn dump_failure(
     for f in failures {
         let _ = writeln!(out, "  * {f}");
     }
+    let introduced: Vec<String> = outcomes
+        .iter()
+        .map(|p| match p.event_time("introduced") {
+            Some(t) => format!("{} at +{:.3} s", p.host, t.as_secs_f64()),
+            None => format!("{} never", p.host),
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "  (introduced: {}; times count from the lab being up)",
+        introduced.join(", ")
+    );
     for p in outcomes {
         let _ = writeln!(
             out,
@@ -948,7 +1023,7 @@ fn dump_failure(
             p.status_text(),
             p.stdout.received
         );
-        for line in &p.stderr {
+        for line in format_lines(&p.stderr).lines() {
             let _ = writeln!(out, "  {line}");
         }
     }
@@ -1072,7 +1147,7 @@ fn print_table(title: &str, summaries: &[CaseSummary], runs: usize, total: Durat
     );
     let _ = writeln!(
         out,
-        "{:<width$}  {:<12}  {:<30}  {:<31}  {:<22}  {:<11}  {:>6}",
+        "{:<width$}  {:<12}  {:<40}  {:<31}  {:<22}  {:<11}  {:>6}",
         "case",
         "expected",
         "outcome",
@@ -1084,12 +1159,12 @@ fn print_table(title: &str, summaries: &[CaseSummary], runs: usize, total: Durat
     let _ = writeln!(
         out,
         "{}",
-        "-".repeat(width + 2 + 12 + 2 + 30 + 2 + 31 + 2 + 22 + 2 + 11 + 2 + 6)
+        "-".repeat(width + 2 + 12 + 2 + 40 + 2 + 31 + 2 + 22 + 2 + 11 + 2 + 6)
     );
     for s in summaries {
         let _ = writeln!(
             out,
-            "{:<width$}  {:<12}  {:<30}  {:<31}  {:<22}  {:<11}  {:>6.1}",
+            "{:<width$}  {:<12}  {:<40}  {:<31}  {:<22}  {:<11}  {:>6.1}",
             s.case.name,
             s.case.expect.label(),
             s.outcome(),
@@ -1129,6 +1204,11 @@ fn print_transfer_table(summaries: &[CaseSummary], runs: usize) {
             s.wall_median(),
             s.outcome()
         );
+        for r in &s.runs {
+            for (host, line) in s.case.hosts.iter().zip(&r.timeline) {
+                let _ = writeln!(out, "    {host}: {line}");
+            }
+        }
         if runs > 1 {
             let all: Vec<String> = s
                 .runs
