@@ -17,6 +17,10 @@
 //! `natter`: run `cargo build --workspace --release` first (CI's
 //! `cargo test --workspace --release` builds it).
 //!
+//! * `plaintext_never_crosses_the_public_segment`: tcpdump on the lab's
+//!   "internet" bridge while two peers exchange known payloads: none of the
+//!   payload's bytes appear in the capture (needs `tcpdump`).
+//!
 //! `NATTER_NATLAB_RUNS=N` runs every case N times and the tables show median
 //! figures. Each test prints its table straight to stderr so CI logs show it
 //! even when the test passes.
@@ -1313,6 +1317,147 @@ fn lossy_transfers() {
     let summaries = run_suite("loss runs (20 MiB each way)", loss_cases());
     print_transfer_table(&summaries, runs_from_env());
     assert_all_ok("loss runs", &summaries);
+}
+
+/// Everything on the public segment (the bridge ports of all routers and
+/// the rendezvous) is captured while two peers behind NATs send each
+/// other 256 KiB of known bytes: not one 32-byte run of those bytes may
+/// appear in the capture, while the capture must hold at least as many bytes
+/// as were sent (so an empty capture cannot pass).
+#[test]
+fn plaintext_never_crosses_the_public_segment() {
+    if !natlab_available() {
+        return;
+    }
+    let Some(tcpdump) = support::netns::find_program("tcpdump") else {
+        assert!(
+            std::env::var(support::netns::REQUIRE_ENV).as_deref() != Ok("1"),
+            "tcpdump (Debian package tcpdump) is required for the capture test"
+        );
+        say!("SKIPPED capture test: tcpdump not installed");
+        return;
+    };
+    let _lock = lab_lock();
+    let bins = Binaries::find();
+    let case = Case {
+        name: "capture".into(),
+        lab_args: vec![],
+        hosts: ["a", "b"],
+        expect: Expect::Direct { via: None },
+        payload: SMALL_PAYLOAD,
+        timeout: SMALL_CASE_TIMEOUT,
+        punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
+    };
+    let t0 = Instant::now();
+    let lab = Lab::up(&[]);
+    let _homes = TempHomes::of(&lab);
+    let pcap = std::env::temp_dir().join(format!("natter-natlab-{}.pcap", lab.id()));
+    let mut capture = piped(lab.command("inet", &tcpdump));
+    capture
+        .args(["-i", "br0", "-U", "-s", "0", "-w"])
+        .arg(&pcap)
+        .arg("udp");
+    let mut capture = NsChild::from_command(&mut capture).expect("tcpdump starts");
+    drop(capture.stdin.take());
+    // Every interface of the internet namespace: each bridge port, so each
+    // datagram is seen entering and leaving. tcpdump says "listening on"
+    // once it captures.
+    let mut stderr = BufReader::new(capture.stderr.take().expect("piped stderr"));
+    let mut line = String::new();
+    while !line.contains("listening on") {
+        line.clear();
+        let read = stderr.read_line(&mut line).expect("tcpdump stderr");
+        assert!(read > 0, "tcpdump stopped before capturing");
+    }
+    let rv = Rendezvous::start(&lab, &bins, t0).expect("rendezvous starts");
+    let code = format!(
+        "{}-capture-{:08x}",
+        rand::random::<u16>().max(1),
+        rand::random::<u32>()
+    );
+    let seeds = [0xcafe, 0xbeef];
+    let peers = case
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            spawn_peer(
+                &lab,
+                &bins,
+                &case,
+                host,
+                &code,
+                [seeds[i], seeds[1 - i]],
+                t0,
+            )
+            .expect("peer starts")
+        })
+        .collect();
+    let outcomes = wait_peers(peers, Instant::now(), case.timeout, t0);
+    rv.stop();
+    // tcpdump may still be reading its buffer: send a marker across the
+    // bridge and stop it only once the marker is in the file.
+    let marker = format!("end of capture {}", lab.id());
+    let socket = lab.udp_socket("rv", "0.0.0.0:0".parse().unwrap());
+    let router = SocketAddr::new(IpAddr::V4(lab.ip("RA_WAN_IP")), 9);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let captured = loop {
+        socket
+            .send_to(marker.as_bytes(), router)
+            .expect("marker sent");
+        let captured = std::fs::read(&pcap).expect("the capture file");
+        if captured
+            .windows(marker.len())
+            .any(|w| w == marker.as_bytes())
+        {
+            break captured;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tcpdump did not record the end marker within 5 s"
+        );
+        let _ = capture.wait_timeout(Duration::from_millis(50));
+    };
+    let _ = capture.terminate(Duration::from_secs(2));
+    let _ = std::fs::remove_file(&pcap);
+    for outcome in &outcomes {
+        assert_eq!(
+            outcome.exit_code(),
+            Some(0),
+            "{}: {}",
+            outcome.host,
+            format_lines(&outcome.stderr)
+        );
+        assert_eq!(
+            outcome.stdout.received, SMALL_PAYLOAD,
+            "{} received everything",
+            outcome.host
+        );
+        assert_eq!(
+            outcome.connected().map(|c| c["encrypted"].clone()),
+            Some(Value::Bool(true))
+        );
+    }
+    assert!(
+        captured.len() as u64 > 2 * SMALL_PAYLOAD,
+        "the capture holds only {} bytes",
+        captured.len()
+    );
+    let mut leaked = 0;
+    for seed in seeds {
+        let mut payload = vec![0u8; SMALL_PAYLOAD as usize];
+        Payload::new(seed).fill(&mut payload);
+        for run in payload.chunks_exact(32).step_by(16) {
+            if captured.windows(32).any(|window| window == run) {
+                leaked += 1;
+            }
+        }
+    }
+    say!(
+        "natlab capture: {} bytes captured on the public segment, {leaked} of 1024 sampled 32-byte runs of the payloads found",
+        captured.len()
+    );
+    assert_eq!(leaked, 0, "plaintext crossed the public segment");
 }
 
 #[test]
