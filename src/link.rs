@@ -154,6 +154,12 @@ impl Link {
         self.secured.as_ref().map(|secured| &secured.channel)
     }
 
+    /// After the channel closed gracefully, how long to keep driving the link
+    /// so a lost acknowledgement of the peer's CLOSE can be repeated.
+    pub fn drain_period(&self) -> Option<Duration> {
+        self.secured.as_ref()?.channel.drain_period()
+    }
+
     /// True once the link failed or its channel closed: nothing more happens.
     pub fn is_done(&self) -> bool {
         self.done

@@ -592,6 +592,9 @@ impl Driver {
                     socket
                         .send_all(|| state.link.poll_transmit(Instant::now().into_std()))
                         .await;
+                    if let Some(period) = state.link.drain_period() {
+                        drain(&mut socket, &mut state.link, Instant::now() + period).await?;
+                    }
                     let _ = incoming.send(Delivery::Closed(reason)).await;
                     return Ok(());
                 }
@@ -702,6 +705,27 @@ impl DriverState {
         if let Some(tx) = &self.progress {
             let _ = tx.send(progress);
         }
+    }
+}
+
+/// Keeps answering the peer until `until` after a graceful close: if our
+/// acknowledgement of its CLOSE was lost it repeats the CLOSE, and without an
+/// answer it would wait out its idle timeout. The application hears of the
+/// close only afterwards, so a process that exits at once still drains.
+async fn drain(socket: &mut Socket, link: &mut Link, until: Instant) -> io::Result<()> {
+    loop {
+        let timer = link.poll_timeout().map(Instant::from_std);
+        tokio::select! {
+            ready = socket.readable() => ready?,
+            _ = sleep_until(timer) => link.handle_timeout(Instant::now().into_std()),
+            _ = tokio::time::sleep_until(until) => return Ok(()),
+        }
+        socket.receive(|from, datagram| {
+            link.handle_datagram(Instant::now().into_std(), from, datagram)
+        });
+        socket
+            .send_all(|| link.poll_transmit(Instant::now().into_std()))
+            .await;
     }
 }
 

@@ -57,9 +57,8 @@ const MAX_WINDOW: u64 = 1 << 61;
 /// Most bytes the MAX_DATA, CLOSE and PING frames of one packet take.
 const CONTROL_FRAMES_MAX: usize = 2 * (1 + packet::MAX_VARINT_LEN) + 1;
 
-/// Probe periods a closing side waits for the acknowledgement of its CLOSE
-/// once the peer's CLOSE is in.
-const CLOSE_GRACE_PTOS: u32 = 3;
+/// Probe periods a closed connection stays responsive (`drain_period`).
+const DRAIN_PTOS: u32 = 3;
 
 /// Probe packets sent when the probe timeout fires (RFC 9002 §6.2.4 allows
 /// two; sending two makes one lost probe not cost another timeout).
@@ -251,8 +250,6 @@ pub struct Connection {
     closed_by_peer: bool,
     /// The stream length the peer's CLOSE announced.
     peer_final: Option<u64>,
-    /// When our CLOSE first went out.
-    close_sent_at: Option<Instant>,
     events: VecDeque<Event>,
     last_received: Instant,
     last_sent: Instant,
@@ -282,7 +279,6 @@ impl Connection {
             close_frame: CloseFrame::Unsent,
             closed_by_peer: false,
             peer_final: None,
-            close_sent_at: None,
             events: VecDeque::new(),
             last_received: now,
             last_sent: now,
@@ -542,20 +538,11 @@ impl Connection {
     /// ACK of it was lost. The peer retransmits until its idle timeout, which
     /// runs from when it last heard from us (no later than `now`), so
     /// lingering that long covers every retransmission.
-    ///
-    /// If the peer's CLOSE arrived but ours goes unacknowledged for
-    /// [`CLOSE_GRACE_PTOS`] probe periods, the peer most likely closed and
-    /// left before our CLOSE reached it (or its ACK was lost): nothing is at
-    /// stake any more, since our CLOSE only went out once every message was
-    /// acknowledged, so Closed is reported then rather than after the idle
-    /// timeout (QUIC's closing period is three PTOs for the same reason).
     fn check_close_complete(&mut self, now: Instant) {
-        let peer_done = self.peer_final.is_some_and(|f| self.recv.is_complete(f));
-        let ours_done = self.close_frame == CloseFrame::Acked
-            || self
-                .close_grace_deadline()
-                .is_some_and(|deadline| now >= deadline);
-        if self.state == State::Closing && peer_done && ours_done {
+        let complete = self.state == State::Closing
+            && self.close_frame == CloseFrame::Acked
+            && self.peer_final.is_some_and(|f| self.recv.is_complete(f));
+        if complete {
             let reason = if self.closed_by_peer {
                 CloseReason::Peer
             } else {
@@ -566,17 +553,6 @@ impl Connection {
                 until: now.checked_add(self.config.idle_timeout).unwrap_or(now),
             };
         }
-    }
-
-    /// When to stop waiting for the acknowledgement of our CLOSE, once the
-    /// peer's CLOSE is in.
-    fn close_grace_deadline(&self) -> Option<Instant> {
-        if self.state != State::Closing || self.close_frame == CloseFrame::Acked {
-            return None;
-        }
-        self.peer_final?;
-        let grace = self.recovery.pto_period() * CLOSE_GRACE_PTOS;
-        self.close_sent_at?.checked_add(grace)
     }
 
     /// Runs whatever timers are due.
@@ -590,10 +566,6 @@ impl Connection {
                 return;
             }
             State::Open | State::Closing => {}
-        }
-        self.check_close_complete(now);
-        if self.state != State::Closing && self.state != State::Open {
-            return;
         }
         if self.idle_deadline().is_some_and(|t| now >= t) {
             self.state = State::Finished;
@@ -642,6 +614,16 @@ impl Connection {
         self.last_sent.checked_add(self.config.keepalive_interval)
     }
 
+    /// After a graceful close, how long the side that reported Closed should
+    /// still be driven (QUIC's three probe periods): long enough to
+    /// acknowledge the peer's CLOSE again if our acknowledgement was lost, so
+    /// the peer does not wait out its idle timeout. `None` unless closing
+    /// gracefully completed.
+    pub fn drain_period(&self) -> Option<Duration> {
+        matches!(self.state, State::Draining { .. })
+            .then(|| self.recovery.pto_period() * DRAIN_PTOS)
+    }
+
     /// When [`handle_timeout`](Self::handle_timeout) should next run.
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
@@ -654,7 +636,6 @@ impl Connection {
                     self.recovery.timer(),
                     keepalive,
                     self.idle_deadline(),
-                    self.close_grace_deadline(),
                 ]
                 .into_iter()
                 .flatten()
@@ -705,7 +686,6 @@ impl Connection {
                 packet::write_close(&mut out, self.send.end());
                 retransmission = self.close_frame == CloseFrame::Lost;
                 self.close_frame = CloseFrame::InFlight;
-                self.close_sent_at.get_or_insert(now);
                 content.close = true;
                 ack_eliciting = true;
             }
