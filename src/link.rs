@@ -20,6 +20,11 @@ use crate::reliable::{self, Connection, MessageId, SendError};
 use crate::rendezvous_client::{RendezvousClient, RendezvousConfig, RendezvousEvent};
 use crate::seal::{OpenError, Opener, Sealer};
 
+/// Probe periods, and the least time, that a closing link waits for the
+/// acknowledgement of its CLOSE once everything else is settled.
+const CLOSE_GRACE_PTOS: u32 = 8;
+const CLOSE_GRACE_MIN: Duration = Duration::from_secs(2);
+
 #[derive(Debug, Clone, Default)]
 pub struct LinkConfig {
     pub rendezvous: RendezvousConfig,
@@ -160,6 +165,21 @@ impl Link {
         self.secured.as_ref()?.channel.drain_period()
     }
 
+    /// When to stop waiting for the acknowledgement of our CLOSE once
+    /// everything else of the close is settled: the peer most likely closed
+    /// and exited and its acknowledgement was lost. Several retransmissions
+    /// fit in the grace period, so a peer that is still there gets our
+    /// CLOSE; waiting for the channel's idle timeout instead kept processes
+    /// alive for a minute after a transfer on lossy paths.
+    fn close_unconfirmed_deadline(&self) -> Option<Instant> {
+        if self.done {
+            return None;
+        }
+        let channel = &self.secured.as_ref()?.channel;
+        let grace = (channel.pto_period() * CLOSE_GRACE_PTOS).max(CLOSE_GRACE_MIN);
+        channel.close_unconfirmed_since()?.checked_add(grace)
+    }
+
     /// True once the link failed or its channel closed: nothing more happens.
     pub fn is_done(&self) -> bool {
         self.done
@@ -250,6 +270,15 @@ impl Link {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self
+            .close_unconfirmed_deadline()
+            .is_some_and(|deadline| now >= deadline)
+        {
+            self.finish(LinkEvent::Closed {
+                reason: "closed; the other peer left before confirming".into(),
+            });
+            return;
+        }
         self.rendezvous.handle_timeout(now);
         if let Some(puncher) = &mut self.puncher {
             puncher.handle_timeout(now);
@@ -269,6 +298,7 @@ impl Link {
             self.puncher.as_ref().and_then(Puncher::poll_timeout),
             self.handshake.as_ref().and_then(Handshake::poll_timeout),
             self.secured.as_ref().and_then(|s| s.channel.poll_timeout()),
+            self.close_unconfirmed_deadline(),
         ]
         .into_iter()
         .flatten()

@@ -250,6 +250,8 @@ pub struct Connection {
     closed_by_peer: bool,
     /// The stream length the peer's CLOSE announced.
     peer_final: Option<u64>,
+    /// When our CLOSE first went out.
+    close_sent_at: Option<Instant>,
     events: VecDeque<Event>,
     last_received: Instant,
     last_sent: Instant,
@@ -279,6 +281,7 @@ impl Connection {
             close_frame: CloseFrame::Unsent,
             closed_by_peer: false,
             peer_final: None,
+            close_sent_at: None,
             events: VecDeque::new(),
             last_received: now,
             last_sent: now,
@@ -620,8 +623,27 @@ impl Connection {
     /// the peer does not wait out its idle timeout. `None` unless closing
     /// gracefully completed.
     pub fn drain_period(&self) -> Option<Duration> {
-        matches!(self.state, State::Draining { .. })
-            .then(|| self.recovery.pto_period() * DRAIN_PTOS)
+        matches!(self.state, State::Draining { .. }).then(|| self.pto_period() * DRAIN_PTOS)
+    }
+
+    /// While closing, if everything is settled but the acknowledgement of our
+    /// CLOSE (every message of ours acknowledged, the peer's CLOSE and all its
+    /// data received): when our CLOSE first went out. The peer has closed
+    /// too; if it already left, that acknowledgement will never come, and a
+    /// shell that does not want to wait for the idle timeout may stop after a
+    /// grace period of its choosing. The connection itself keeps waiting, so
+    /// a peer that is still there always gets our CLOSE.
+    pub fn close_unconfirmed_since(&self) -> Option<Instant> {
+        let settled = self.state == State::Closing
+            && self.close_frame != CloseFrame::Acked
+            && self.send.is_flushed()
+            && self.peer_final.is_some_and(|f| self.recv.is_complete(f));
+        settled.then_some(self.close_sent_at).flatten()
+    }
+
+    /// The probe period: the unit of the shell's waits around closing.
+    pub fn pto_period(&self) -> Duration {
+        self.recovery.pto_period()
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next run.
@@ -686,6 +708,7 @@ impl Connection {
                 packet::write_close(&mut out, self.send.end());
                 retransmission = self.close_frame == CloseFrame::Lost;
                 self.close_frame = CloseFrame::InFlight;
+                self.close_sent_at.get_or_insert(now);
                 content.close = true;
                 ack_eliciting = true;
             }

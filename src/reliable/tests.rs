@@ -407,6 +407,29 @@ fn close_survives_a_lost_final_ack() {
 }
 
 #[test]
+fn a_close_waiting_only_for_its_acknowledgement_says_since_when() {
+    let mut pair = Pair::new(Config::default());
+    pair.a.send(pattern(5_000, 3)).unwrap();
+    assert_eq!(pair.a.close_unconfirmed_since(), None, "open");
+    pair.a.close();
+    assert_eq!(pair.a.close_unconfirmed_since(), None, "nothing sent yet");
+    pair.run_until(Duration::from_secs(10), |p| p.b.close_sent_at.is_some());
+    // A closes and leaves: nothing it sends arrives any more.
+    pair.drop = Box::new(|from_a, _, _| from_a);
+    pair.run_until(Duration::from_secs(5), |_| false);
+    let since = pair
+        .b
+        .close_unconfirmed_since()
+        .expect("only the ACK of B's CLOSE is missing");
+    assert_eq!(Some(since), pair.b.close_sent_at);
+    // The connection itself keeps waiting: the shell decides.
+    assert!(pair
+        .b_events
+        .iter()
+        .all(|e| !matches!(e, Event::Closed { .. })));
+}
+
+#[test]
 fn a_drain_period_follows_a_graceful_close_only() {
     let mut pair = Pair::new(Config::default());
     assert_eq!(pair.a.drain_period(), None);
