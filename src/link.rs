@@ -150,15 +150,6 @@ impl Link {
         &self.stats
     }
 
-    /// The path, once the session on it is secured.
-    pub fn path(&self) -> Option<Path> {
-        self.secured.as_ref().and(self.path)
-    }
-
-    pub fn channel(&self) -> Option<&Connection> {
-        self.secured.as_ref().map(|secured| &secured.channel)
-    }
-
     /// After the channel closed gracefully, how long to keep driving the link
     /// so a lost acknowledgement of the peer's CLOSE can be repeated.
     pub fn drain_period(&self) -> Option<Duration> {
@@ -178,11 +169,6 @@ impl Link {
         let channel = &self.secured.as_ref()?.channel;
         let grace = (channel.pto_period() * CLOSE_GRACE_PTOS).max(CLOSE_GRACE_MIN);
         channel.close_unconfirmed_since()?.checked_add(grace)
-    }
-
-    /// True once the link failed or its channel closed: nothing more happens.
-    pub fn is_done(&self) -> bool {
-        self.done
     }
 
     /// Queues a message on the channel; fails before the session is up.

@@ -185,10 +185,6 @@ impl Puncher {
         self.session_id
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.state == State::Connected
-    }
-
     pub fn handle_timeout(&mut self, now: Instant) {
         if matches!(self.state, State::Connected | State::Failed) {
             return;
