@@ -547,6 +547,12 @@ struct Driver {
     state: DriverState,
 }
 
+/// How a link ended.
+enum Ending {
+    Closed(String),
+    Failed(ConnectError),
+}
+
 /// The path, the time it took, and the other peer's proven key; or why not.
 type ConnectOutcome = Result<(Path, Duration, [u8; 32]), ConnectError>;
 
@@ -587,14 +593,18 @@ impl Driver {
             // Events before sending: taking messages frees flow-control
             // credit, which the send then advertises.
             if undelivered.is_none() {
-                if let Some(reason) = state.handle_events(&incoming, &mut undelivered) {
-                    // Last words (a Leave, the close acknowledgement) still go out.
+                if let Some(ending) = state.handle_events(&incoming, &mut undelivered) {
+                    // Last words (a Leave, a Reject, the close
+                    // acknowledgement) go out before the application hears
+                    // of the end: a process that exits at once must not
+                    // swallow them.
                     socket
                         .send_all(|| state.link.poll_transmit(Instant::now().into_std()))
                         .await;
                     if let Some(period) = state.link.drain_period() {
                         drain(&mut socket, &mut state.link, Instant::now() + period).await?;
                     }
+                    let reason = state.report_ending(ending);
                     let _ = incoming.send(Delivery::Closed(reason)).await;
                     return Ok(());
                 }
@@ -650,13 +660,13 @@ impl DriverState {
         }
     }
 
-    /// Handles link events until one cannot be delivered yet; returns the
-    /// close reason when the link is done.
+    /// Handles link events until one cannot be delivered yet; returns how
+    /// the link ended when it is done.
     fn handle_events(
         &mut self,
         incoming: &mpsc::Sender<Delivery>,
         undelivered: &mut Option<Vec<u8>>,
-    ) -> Option<String> {
+    ) -> Option<Ending> {
         while let Some(event) = self.link.poll_event() {
             match event {
                 LinkEvent::Registered { reflexive } => {
@@ -688,17 +698,26 @@ impl DriverState {
                         let _ = acked.send(());
                     }
                 }
-                LinkEvent::Closed { reason } => return Some(reason),
-                LinkEvent::Failed(error) => {
-                    let reason = error.to_string();
-                    if let Some(connected) = self.connected.take() {
-                        let _ = connected.send(Err(error));
-                    }
-                    return Some(reason);
-                }
+                LinkEvent::Closed { reason } => return Some(Ending::Closed(reason)),
+                LinkEvent::Failed(error) => return Some(Ending::Failed(error)),
             }
         }
         None
+    }
+
+    /// Tells a caller still waiting in `connect` why it failed; returns the
+    /// reason for the receiving half.
+    fn report_ending(&mut self, ending: Ending) -> String {
+        match ending {
+            Ending::Closed(reason) => reason,
+            Ending::Failed(error) => {
+                let reason = error.to_string();
+                if let Some(connected) = self.connected.take() {
+                    let _ = connected.send(Err(error));
+                }
+                reason
+            }
+        }
     }
 
     fn report(&self, progress: Progress) {
