@@ -22,6 +22,10 @@ use spake2::{Ed25519Group, Identity, Password, Spake2};
 
 pub const RETRANSMIT: Duration = Duration::from_millis(200);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A failed peer stops at once and cannot answer a retransmission, so its
+/// `Reject` goes out several times: one lost datagram must not leave the
+/// other side waiting out its timeout without learning why.
+const REJECT_COPIES: usize = 3;
 
 const CODE_PATTERN: &str = "Noise_XXpsk2_25519_ChaChaPoly_BLAKE2s";
 const CONTACT_PATTERN: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
@@ -278,9 +282,11 @@ impl Handshake {
                 matches!(self.trust, Trust::Code(_)) && matches!(error, snow::Error::Decrypt);
             if wrong_code && self.role == Role::Controlling {
                 self.rejected = true;
-                self.transmits.push_back(HandshakeMessage::Reject {
-                    session_id: self.session_id,
-                });
+                for _ in 0..REJECT_COPIES {
+                    self.transmits.push_back(HandshakeMessage::Reject {
+                        session_id: self.session_id,
+                    });
+                }
             }
             return self.fail(if wrong_code {
                 HandshakeError::WrongCode
@@ -406,18 +412,22 @@ mod tests {
         for _ in 0..1000 {
             loop {
                 let mut moved = false;
+                // A side that failed has stopped, like the peer process.
+                let (a_live, b_live) = (!failed(&out_a), !failed(&out_b));
                 while let Some(message) = hs_a.poll_transmit() {
                     moved = true;
-                    if delivered() {
+                    if delivered() && b_live {
                         hs_b.handle_message(message);
                     }
                 }
                 while let Some(message) = hs_b.poll_transmit() {
                     moved = true;
-                    if delivered() {
+                    if delivered() && a_live {
                         hs_a.handle_message(message);
                     }
                 }
+                out_a = out_a.or_else(|| hs_a.poll_event());
+                out_b = out_b.or_else(|| hs_b.poll_event());
                 if !moved {
                     break;
                 }
@@ -432,6 +442,10 @@ mod tests {
             hs_b.handle_timeout(now);
         }
         panic!("handshake never settled: {out_a:?} {out_b:?}");
+    }
+
+    fn failed(outcome: &Option<HandshakeEvent>) -> bool {
+        matches!(outcome, Some(HandshakeEvent::Failed(_)))
     }
 
     #[test]
@@ -477,6 +491,24 @@ mod tests {
         );
         assert_eq!(ea, HandshakeEvent::Failed(HandshakeError::WrongCode));
         assert_eq!(eb, HandshakeEvent::Failed(HandshakeError::WrongCode));
+    }
+
+    /// The rejecting side stops at once; its copies of `Reject` still tell
+    /// the other side why when some datagrams are lost.
+    #[test]
+    fn a_wrong_code_is_told_to_both_sides_under_loss() {
+        let ((a, _), (b, _)) = (keypair(), keypair());
+        for seed in 0..50 {
+            let (ea, eb) = run(
+                Trust::Code(b"7-crossword-lantern".to_vec()),
+                Trust::Code(b"7-crossword-lanterm".to_vec()),
+                a,
+                b,
+                (0.1, seed),
+            );
+            let wrong_code = HandshakeEvent::Failed(HandshakeError::WrongCode);
+            assert_eq!((&ea, &eb), (&wrong_code, &wrong_code), "seed {seed}");
+        }
     }
 
     #[test]
