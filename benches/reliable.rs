@@ -13,7 +13,7 @@ mod netsim;
 use std::time::{Duration, Instant};
 
 use natter::reliable::{Config, Connection, Event, SendError, Stats};
-use natter::seal::{Opener, Sealer};
+use natter::seal::{DataCipher, Opener, Sealer};
 use netsim::{Link, LinkParams, Net, WIRE_OVERHEAD};
 
 const MIB: u64 = 1024 * 1024;
@@ -75,13 +75,13 @@ struct Seals {
 }
 
 impl Seals {
-    fn new(now: Instant) -> Self {
+    fn new(now: Instant, cipher: DataCipher) -> Self {
         const SESSION_ID: u64 = 0x5eed;
         Self {
-            a_sealer: Sealer::new(now, SESSION_ID, [0xa; 32]),
-            b_opener: Opener::new([0xa; 32]),
-            b_sealer: Sealer::new(now, SESSION_ID, [0xb; 32]),
-            a_opener: Opener::new([0xb; 32]),
+            a_sealer: Sealer::new(now, SESSION_ID, cipher, [0xa; 32]),
+            b_opener: Opener::new(cipher, [0xa; 32]),
+            b_sealer: Sealer::new(now, SESSION_ID, cipher, [0xb; 32]),
+            a_opener: Opener::new(cipher, [0xb; 32]),
         }
     }
 
@@ -163,15 +163,16 @@ fn bulk(mut net: Net, total: u64, message_size: usize, mut seals: Option<Seals>)
 
 /// The in-memory transfer again with every datagram sealed and opened, and
 /// how it compares with `plain`, the same transfer unencrypted.
-fn sealed_in_memory(plain: &Transfer, total: u64) {
+fn sealed_in_memory(plain: &Transfer, total: u64, cipher: DataCipher) {
     let net = net(LinkParams::ideal(), LinkParams::ideal());
-    let seals = Seals::new(net.now);
+    let seals = Seals::new(net.now, cipher);
     let sealed = bulk(net, total, 64 * 1024, Some(seals));
     let goodput = |t: &Transfer| t.delivered as f64 / MIB as f64 / t.wall_time.as_secs_f64();
     let cpu_per_mib = |t: &Transfer| t.cpu_time.as_secs_f64() * 1000.0 / (t.delivered / MIB) as f64;
     println!(
-        "  sealed (ChaCha20-Poly1305 per datagram, seal::Sealer/Opener, both directions): \
+        "  sealed ({} per datagram, seal::Sealer/Opener, both directions): \
          goodput {:.0} MiB/s wall clock ({:.2} s), CPU {:.2} ms per MiB",
+        cipher.name(),
         goodput(&sealed),
         sealed.wall_time.as_secs_f64(),
         cpu_per_mib(&sealed),
@@ -234,7 +235,15 @@ fn main() {
         "  packets: {} data-side, {} ack-side",
         t.a.packets_sent, t.b.packets_sent
     );
-    sealed_in_memory(&t, total);
+    // Peers use AES-256-GCM when both have AES instructions
+    // (seal::has_fast_aes), ChaCha20-Poly1305 otherwise.
+    println!(
+        "  this machine has fast AES: {}",
+        natter::seal::has_fast_aes()
+    );
+    for cipher in [DataCipher::Aes256Gcm, DataCipher::ChaCha20Poly1305] {
+        sealed_in_memory(&t, total, cipher);
+    }
     println!();
 
     let link_rate = 100_000_000.0 / 8.0;

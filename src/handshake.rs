@@ -9,6 +9,12 @@
 //! with `Reject`). Saved contacts skip SPAKE2 and run Noise `XX`, then check
 //! the other side's static key against the pinned one.
 //!
+//! The payloads of messages 1 and 2 carry one byte of flags: whether the
+//! sender has fast AES, which picks the data frames' cipher
+//! ([`DataCipher::agree`]). Noise binds both payloads into the transcript,
+//! so nobody on the path can alter them (to force the slower cipher)
+//! without the handshake failing.
+//!
 //! The controlling peer initiates. Flights are retransmitted every
 //! [`RETRANSMIT`] until the next message arrives; a duplicate of the peer's
 //! previous message is answered with the same reply, so a lost message costs
@@ -20,6 +26,8 @@ use std::time::{Duration, Instant};
 use natter_wire::{HandshakeMessage, Role};
 use spake2::{Ed25519Group, Identity, Password, Spake2};
 
+use crate::seal::DataCipher;
+
 pub const RETRANSMIT: Duration = Duration::from_millis(200);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A failed peer stops at once and cannot answer a retransmission, so its
@@ -30,6 +38,9 @@ const REJECT_COPIES: usize = 3;
 const CODE_PATTERN: &str = "Noise_XXpsk2_25519_ChaChaPoly_BLAKE2s";
 const CONTACT_PATTERN: &str = "Noise_XX_25519_ChaChaPoly_BLAKE2s";
 const SPAKE2_IDENTITY: &[u8] = b"natter pairing v1";
+/// Flag in the payload of messages 1 and 2: the sender has fast AES. An
+/// empty payload means no flags; unknown flags are ignored.
+const FLAG_FAST_AES: u8 = 0x01;
 
 /// How the two peers know each other.
 #[derive(Clone)]
@@ -45,6 +56,7 @@ pub enum Trust {
 pub struct SessionKeys {
     pub send: [u8; 32],
     pub receive: [u8; 32],
+    pub cipher: DataCipher,
     /// The other peer's long-term public key, authenticated.
     pub remote_static: [u8; 32],
 }
@@ -82,6 +94,8 @@ pub struct Handshake {
     role: Role,
     trust: Trust,
     local_secret: [u8; 32],
+    local_fast_aes: bool,
+    remote_fast_aes: bool,
     phase: Phase,
     our_pake: Option<Vec<u8>>,
     /// Our latest handshake message and its step, for retransmission.
@@ -103,11 +117,14 @@ impl Handshake {
         role: Role,
         trust: Trust,
         local_secret: [u8; 32],
+        local_fast_aes: bool,
     ) -> Self {
         let mut handshake = Self {
             session_id,
             role,
             local_secret,
+            local_fast_aes,
+            remote_fast_aes: false,
             phase: Phase::Failed,
             our_pake: None,
             last_sent: None,
@@ -276,8 +293,14 @@ impl Handshake {
         if step != expected {
             return;
         }
-        let mut payload = [0u8; 256];
-        if let Err(error) = state.read_message(message, &mut payload) {
+        let mut payload = [0u8; natter_wire::MAX_HANDSHAKE_MESSAGE];
+        let read = state.read_message(message, &mut payload);
+        if let Ok(len) = read {
+            if step <= 2 {
+                self.remote_fast_aes = len > 0 && payload[0] & FLAG_FAST_AES != 0;
+            }
+        }
+        if let Err(error) = read {
             let wrong_code =
                 matches!(self.trust, Trust::Code(_)) && matches!(error, snow::Error::Decrypt);
             if wrong_code && self.role == Role::Controlling {
@@ -328,8 +351,14 @@ impl Handshake {
         let Phase::Noise(state) = &mut self.phase else {
             return;
         };
+        let flags = if self.local_fast_aes {
+            FLAG_FAST_AES
+        } else {
+            0
+        };
+        let payload: &[u8] = if step <= 2 { &[flags] } else { &[] };
         let mut message = vec![0u8; natter_wire::MAX_HANDSHAKE_MESSAGE];
-        match state.write_message(&[], &mut message) {
+        match state.write_message(payload, &mut message) {
             Ok(len) => {
                 message.truncate(len);
                 self.transmits.push_back(HandshakeMessage::Noise {
@@ -366,6 +395,7 @@ impl Handshake {
         self.events.push_back(HandshakeEvent::Done(SessionKeys {
             send,
             receive,
+            cipher: DataCipher::agree(self.local_fast_aes, self.remote_fast_aes),
             remote_static,
         }));
     }
@@ -393,8 +423,9 @@ mod tests {
         )
     }
 
-    /// Runs two handshakes against each other, losing each message with
-    /// probability `loss.0` (seed `loss.1`). Returns both outcomes.
+    /// Runs two handshakes with fast AES on both sides against each other,
+    /// losing each message with probability `loss.0` (seed `loss.1`).
+    /// Returns both outcomes.
     fn run(
         a_trust: Trust,
         b_trust: Trust,
@@ -402,12 +433,22 @@ mod tests {
         b: [u8; 32],
         loss: (f64, u64),
     ) -> (HandshakeEvent, HandshakeEvent) {
+        run_with_aes(a_trust, b_trust, (a, true), (b, true), loss)
+    }
+
+    fn run_with_aes(
+        a_trust: Trust,
+        b_trust: Trust,
+        (a, a_aes): ([u8; 32], bool),
+        (b, b_aes): ([u8; 32], bool),
+        loss: (f64, u64),
+    ) -> (HandshakeEvent, HandshakeEvent) {
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(loss.1);
         let mut delivered = move || !rng.gen_bool(loss.0);
         let mut now = Instant::now();
-        let mut hs_a = Handshake::new(now, 5, Role::Controlling, a_trust, a);
-        let mut hs_b = Handshake::new(now, 5, Role::Controlled, b_trust, b);
+        let mut hs_a = Handshake::new(now, 5, Role::Controlling, a_trust, a, a_aes);
+        let mut hs_b = Handshake::new(now, 5, Role::Controlled, b_trust, b, b_aes);
         let (mut out_a, mut out_b) = (None, None);
         for _ in 0..1000 {
             loop {
@@ -461,6 +502,35 @@ mod tests {
         assert_eq!(ka.receive, kb.send);
         assert_ne!(ka.send, ka.receive);
         assert_eq!((ka.remote_static, kb.remote_static), (b_pub, a_pub));
+        assert_eq!(
+            (ka.cipher, kb.cipher),
+            (DataCipher::Aes256Gcm, DataCipher::Aes256Gcm)
+        );
+    }
+
+    /// Either side without fast AES makes both use ChaCha20-Poly1305, with
+    /// a code and with a contact.
+    #[test]
+    fn both_sides_agree_on_the_cipher() {
+        let ((a, a_pub), (b, b_pub)) = (keypair(), keypair());
+        let code = Trust::Code(b"7-crossword-lantern".to_vec());
+        for (a_aes, b_aes) in [(true, true), (true, false), (false, true), (false, false)] {
+            let expected = DataCipher::agree(a_aes, b_aes);
+            for (a_trust, b_trust) in [
+                (code.clone(), code.clone()),
+                (Trust::Pinned(b_pub), Trust::Pinned(a_pub)),
+            ] {
+                let outcome = run_with_aes(a_trust, b_trust, (a, a_aes), (b, b_aes), (0.0, 0));
+                let (HandshakeEvent::Done(ka), HandshakeEvent::Done(kb)) = outcome else {
+                    panic!("handshake failed: {outcome:?}");
+                };
+                assert_eq!(
+                    (ka.cipher, kb.cipher),
+                    (expected, expected),
+                    "{a_aes} {b_aes}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! - [`punch`]: probe the other peer's candidates, nominate a working path.
 //! - [`handshake`]: SPAKE2 on the pairing code, then Noise: session keys and
 //!   the other peer's authenticated static key.
-//! - [`seal`]: ChaCha20-Poly1305 on every data frame, anti-replay, rekeying.
+//! - [`seal`]: AES-256-GCM or ChaCha20-Poly1305 on every data frame,
+//!   anti-replay, rekeying.
 //! - [`reliable`]: the reliable, ordered channel over datagrams.
 //! - [`link`]: the three above as one state machine over one socket.
 //! - [`session`]: the tokio shell: [`Peer::builder`] connects and returns a

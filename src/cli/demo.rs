@@ -50,11 +50,12 @@ pub async fn run() -> Result<()> {
     for (name, session) in [("alice", &alice), ("bob", &bob)] {
         let info = session.path();
         println!(
-            "{name:<12} connected directly: {} -> {} via its {} candidate in {} ms, encrypted; peer fingerprint {}",
+            "{name:<12} connected directly: {} -> {} via its {} candidate in {} ms, encrypted with {}; peer fingerprint {}",
             info.local,
             info.path.remote,
             info.path.kind.as_str(),
             info.elapsed.as_millis(),
+            info.cipher.name(),
             info.remote_key.fingerprint()
         );
     }

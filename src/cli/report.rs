@@ -48,12 +48,14 @@ impl Reporter {
                 "via": via,
                 "elapsed_ms": elapsed_ms,
                 "encrypted": true,
+                "cipher": info.cipher.name(),
                 "peer_fingerprint": fingerprint,
                 "peer_key": info.remote_key.to_hex(),
             }),
             format!(
-                "connected directly to {} ({via} candidate) in {elapsed_ms} ms; end-to-end encrypted; peer fingerprint {fingerprint}",
-                info.path.remote
+                "connected directly to {} ({via} candidate) in {elapsed_ms} ms; end-to-end encrypted ({}); peer fingerprint {fingerprint}",
+                info.path.remote,
+                info.cipher.name()
             ),
         );
     }
