@@ -26,8 +26,11 @@ pub enum ConnectError {
     VersionMismatch { ours: u8, theirs: u8 },
     #[error("nobody else joined the room within {} s", waited.as_secs())]
     NoPeer { waited: Duration },
-    #[error("punching failed: no direct path to the other peer{}", reports(.0))]
-    PunchFailed(Vec<CandidateReport>),
+    #[error("punching failed: no direct path to the other peer, and {no_relay}{}", report_lines(.reports))]
+    PunchFailed {
+        reports: Vec<CandidateReport>,
+        no_relay: NoRelay,
+    },
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
 }
@@ -44,7 +47,7 @@ impl ConnectError {
             Self::Refused(ServerErrorKind::RoomTaken) => "room_taken",
             Self::VersionMismatch { .. } => "version_mismatch",
             Self::NoPeer { .. } => "no_peer",
-            Self::PunchFailed(_) => "punch_failed",
+            Self::PunchFailed { .. } => "punch_failed",
             Self::Handshake(HandshakeError::WrongCode) => "wrong_code",
             Self::Handshake(HandshakeError::KeyChanged { .. }) => "key_changed",
             Self::Handshake(_) => "handshake_failed",
@@ -52,7 +55,16 @@ impl ConnectError {
     }
 }
 
-fn reports(reports: &[CandidateReport]) -> String {
+/// Why a pair without a direct path did not fall back to the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NoRelay {
+    #[error("the rendezvous does not relay (it runs with --relay-rate 0)")]
+    ServerOff,
+    #[error("relaying is off on this side (--no-relay)")]
+    Declined,
+}
+
+fn report_lines(reports: &[CandidateReport]) -> String {
     if reports.is_empty() {
         return " (the other peer advertised no candidates)".into();
     }

@@ -11,11 +11,14 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use natter_wire::{split_header, FrameKind, HandshakeMessage, PunchMessage, Role, RoomCode};
+use natter_wire::{
+    parse_relayed, split_header, FrameKind, HandshakeMessage, PunchMessage, RelayRequest, Role,
+    RoomCode, RELAY_HEADER_LEN,
+};
 
-use crate::error::ConnectError;
+use crate::error::{ConnectError, NoRelay};
 use crate::handshake::{Handshake, HandshakeEvent, Trust};
-use crate::punch::{CandidateKind, Path, PunchConfig, PunchEvent, Puncher};
+use crate::punch::{CandidateKind, CandidateReport, Path, PunchConfig, PunchEvent, Puncher};
 use crate::reliable::{self, Connection, MessageId, SendError};
 use crate::rendezvous_client::{RendezvousClient, RendezvousConfig, RendezvousEvent};
 use crate::seal::{self, DataCipher, OpenError, Opener, Sealer};
@@ -33,6 +36,9 @@ pub struct LinkConfig {
     /// Whether to offer AES-256-GCM for data frames; by default, when this
     /// CPU has AES instructions.
     pub fast_aes: bool,
+    /// When punching fails, run the session through the rendezvous's relay
+    /// (if it offers one) instead of failing.
+    pub relay: bool,
 }
 
 impl Default for LinkConfig {
@@ -42,6 +48,7 @@ impl Default for LinkConfig {
             punch: PunchConfig::default(),
             channel: reliable::Config::default(),
             fast_aes: seal::has_fast_aes(),
+            relay: true,
         }
     }
 }
@@ -55,6 +62,10 @@ pub enum LinkEvent {
     Introduced {
         role: Role,
         candidates: Vec<(SocketAddr, CandidateKind)>,
+    },
+    /// Punching found no direct path; the session goes through the relay.
+    Relaying {
+        reports: Vec<CandidateReport>,
     },
     /// The path is up and the session keys agreed.
     Connected {
@@ -111,8 +122,11 @@ pub struct Link {
     local_secret: [u8; 32],
     role: Role,
     puncher: Option<Puncher>,
-    /// Where the session runs, once punching succeeded.
+    /// Where the session runs, once punching succeeded or gave way to the
+    /// relay.
     path: Option<Path>,
+    /// The token relay requests show, when the path is the relay.
+    relay_token: Option<u64>,
     handshake: Option<Handshake>,
     secured: Option<Secured>,
     seed: u64,
@@ -153,6 +167,7 @@ impl Link {
             role: Role::Controlled,
             puncher: None,
             path: None,
+            relay_token: None,
             handshake: None,
             secured: None,
             seed,
@@ -211,7 +226,10 @@ impl Link {
 
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         if from == self.rendezvous.server() {
-            self.rendezvous.handle_datagram(now, bytes);
+            match split_header(bytes) {
+                Ok((FrameKind::Relayed, _)) => self.handle_relayed(now, from, bytes),
+                _ => self.rendezvous.handle_datagram(now, bytes),
+            }
             self.pump(now);
             return;
         }
@@ -252,6 +270,27 @@ impl Link {
                 handshake.handle_message(message)
             }
             _ => self.stats.foreign += 1,
+        }
+    }
+
+    /// A frame of the other peer that the rendezvous relayed.
+    fn handle_relayed(&mut self, now: Instant, server: SocketAddr, bytes: &[u8]) {
+        let Ok((session_id, inner)) = parse_relayed(bytes) else {
+            self.stats.malformed += 1;
+            return;
+        };
+        let session = self.puncher.as_ref().map(Puncher::session_id);
+        if self.relay_token.is_none() || session != Some(session_id) {
+            self.stats.foreign += 1;
+            return;
+        }
+        match split_header(inner) {
+            Ok((FrameKind::Handshake, _)) => match HandshakeMessage::decode(inner) {
+                Ok(message) => self.handle_handshake(now, server, message),
+                Err(_) => self.stats.malformed += 1,
+            },
+            Ok((FrameKind::Data, _)) => self.handle_data(now, server, inner),
+            _ => self.stats.malformed += 1,
         }
     }
 
@@ -321,12 +360,29 @@ impl Link {
         let to = self.path?.remote;
         if let Some(message) = self.handshake.as_mut().and_then(Handshake::poll_transmit) {
             let bytes = message.encode().expect("handshake messages are bounded");
-            return Some(Transmit { to, bytes });
+            return Some(self.on_path(to, bytes));
         }
         let secured = self.secured.as_mut()?;
         let payload = secured.channel.poll_transmit(now)?;
         let bytes = secured.sealer.seal(now, &payload);
-        Some(Transmit { to, bytes })
+        Some(self.on_path(to, bytes))
+    }
+
+    /// A peer-to-peer frame as it goes out: as it is on a direct path,
+    /// inside a relay request on the relay.
+    fn on_path(&self, to: SocketAddr, frame: Vec<u8>) -> Transmit {
+        let Some(peer_token) = self.relay_token else {
+            return Transmit { to, bytes: frame };
+        };
+        let request = RelayRequest {
+            session_id: self.puncher.as_ref().map_or(0, Puncher::session_id),
+            peer_token,
+            inner: &frame,
+        };
+        let bytes = request
+            .encode()
+            .expect("on the relay, frames leave room for the relay header");
+        Transmit { to, bytes }
     }
 
     pub fn poll_event(&mut self) -> Option<LinkEvent> {
@@ -339,12 +395,14 @@ impl Link {
             reliable::Event::Acknowledged(id) => LinkEvent::Acknowledged(id),
             reliable::Event::Closed { reason } => {
                 self.done = true;
+                self.rendezvous.leave();
                 LinkEvent::Closed {
                     reason: reason.to_string(),
                 }
             }
             reliable::Event::TimedOut => {
                 self.done = true;
+                self.rendezvous.leave();
                 LinkEvent::Closed {
                     reason: format!(
                         "the other peer went silent for {} s",
@@ -376,29 +434,47 @@ impl Link {
             match event {
                 PunchEvent::Connected(path) => {
                     self.rendezvous.leave();
-                    self.path = Some(path);
-                    let session_id = self.puncher.as_ref().map_or(0, Puncher::session_id);
-                    self.handshake = Some(Handshake::new(
-                        now,
-                        session_id,
-                        self.role,
-                        self.trust.clone(),
-                        self.local_secret,
-                        self.config.fast_aes,
-                    ));
+                    self.start_handshake(now, path);
                 }
-                PunchEvent::Failed(reports) => {
-                    self.rendezvous.leave();
-                    self.finish(LinkEvent::Failed(ConnectError::PunchFailed(reports)));
-                }
+                PunchEvent::Failed(reports) => match self.rendezvous.relay_token() {
+                    Some(token) if self.config.relay => {
+                        // The rendezvous stays: it carries the session now,
+                        // and refreshes keep the registration and the NAT
+                        // mapping to it alive.
+                        self.relay_token = Some(token);
+                        self.events.push_back(LinkEvent::Relaying { reports });
+                        let path = Path {
+                            remote: self.rendezvous.server(),
+                            kind: CandidateKind::Relayed,
+                            rtt: None,
+                        };
+                        self.start_handshake(now, path);
+                    }
+                    _ => {
+                        self.rendezvous.leave();
+                        let no_relay = if self.config.relay {
+                            NoRelay::ServerOff
+                        } else {
+                            NoRelay::Declined
+                        };
+                        self.finish(LinkEvent::Failed(ConnectError::PunchFailed {
+                            reports,
+                            no_relay,
+                        }));
+                    }
+                },
             }
         }
         while let Some(event) = self.handshake.as_mut().and_then(Handshake::poll_event) {
             match event {
                 HandshakeEvent::Done(keys) => {
                     let session_id = self.puncher.as_ref().map_or(0, Puncher::session_id);
+                    let mut channel = self.config.channel.clone();
+                    if self.relay_token.is_some() {
+                        channel.max_payload -= RELAY_HEADER_LEN;
+                    }
                     self.secured = Some(Secured {
-                        channel: Connection::new(self.config.channel.clone(), now),
+                        channel: Connection::new(channel, now),
                         sealer: Sealer::new(now, session_id, keys.cipher, keys.send),
                         opener: Opener::new(keys.cipher, keys.receive),
                     });
@@ -445,6 +521,19 @@ impl Link {
             role,
             candidates,
             self.seed ^ session_id,
+        ));
+    }
+
+    fn start_handshake(&mut self, now: Instant, path: Path) {
+        self.path = Some(path);
+        let session_id = self.puncher.as_ref().map_or(0, Puncher::session_id);
+        self.handshake = Some(Handshake::new(
+            now,
+            session_id,
+            self.role,
+            self.trust.clone(),
+            self.local_secret,
+            self.config.fast_aes,
         ));
     }
 

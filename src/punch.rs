@@ -56,6 +56,8 @@ pub enum CandidateKind {
     Reflexive,
     /// An address the other peer's probes came from that it did not know.
     PeerReflexive,
+    /// No direct path: frames go through the rendezvous's relay.
+    Relayed,
 }
 
 impl CandidateKind {
@@ -64,6 +66,7 @@ impl CandidateKind {
             Self::Host => "host",
             Self::Reflexive => "reflexive",
             Self::PeerReflexive => "peer-reflexive",
+            Self::Relayed => "relayed",
         }
     }
 }

@@ -83,6 +83,8 @@ pub struct RendezvousClient {
     next_send: Instant,
     retransmit: Duration,
     refresh_interval: Duration,
+    /// The server relays for pairs that cannot punch.
+    relay_offered: bool,
     introduced: Option<u64>,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<RendezvousEvent>,
@@ -111,6 +113,7 @@ impl RendezvousClient {
             last_heard: None,
             next_send: now,
             refresh_interval: Duration::from_secs(15),
+            relay_offered: false,
             introduced: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -119,6 +122,15 @@ impl RendezvousClient {
 
     pub fn server(&self) -> SocketAddr {
         self.server
+    }
+
+    /// The token to show in relay requests, if the server relays and this
+    /// peer is still registered (a relayed session keeps refreshing).
+    pub fn relay_token(&self) -> Option<u64> {
+        match self.state {
+            State::Registered if self.relay_offered => self.token,
+            _ => None,
+        }
     }
 
     /// A datagram from the server's address.
@@ -148,8 +160,10 @@ impl RendezvousClient {
                 reflexive,
                 peer_token,
                 refresh_interval_ms,
+                relay,
             } if client_nonce == self.nonce => {
                 self.token = Some(peer_token);
+                self.relay_offered = relay;
                 self.refresh_interval =
                     Duration::from_millis(refresh_interval_ms.into()).max(Duration::from_secs(1));
                 if self.state == State::Registering {
@@ -315,6 +329,7 @@ mod tests {
             reflexive: "198.51.100.4:4000".parse().unwrap(),
             peer_token: 5,
             refresh_interval_ms: 15_000,
+            relay: true,
         }
         .encode()
         .unwrap()

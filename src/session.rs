@@ -34,7 +34,7 @@ use crate::error::ConnectError;
 use crate::handshake::Trust;
 use crate::identity::{Identity, PublicKey};
 use crate::link::{Link, LinkConfig, LinkEvent};
-use crate::punch::{CandidateKind, Path};
+use crate::punch::{CandidateKind, CandidateReport, Path};
 use crate::reliable::{MessageId, SendError};
 use crate::seal::DataCipher;
 use crate::udp::{Sent, Socket};
@@ -76,6 +76,11 @@ pub enum Progress {
     },
     Introduced {
         candidates: Vec<(SocketAddr, CandidateKind)>,
+    },
+    /// Punching found no direct path (what happened on each candidate);
+    /// the session goes through the rendezvous's relay.
+    Relaying {
+        reports: Vec<CandidateReport>,
     },
 }
 
@@ -680,6 +685,7 @@ impl DriverState {
                 LinkEvent::Introduced { candidates, .. } => {
                     self.report(Progress::Introduced { candidates })
                 }
+                LinkEvent::Relaying { reports } => self.report(Progress::Relaying { reports }),
                 LinkEvent::Connected {
                     path,
                     elapsed,

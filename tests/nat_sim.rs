@@ -357,7 +357,7 @@ fn connectivity_matrix_of_the_four_nat_types() {
                 .map(|h| match (&h.connected, &h.failed) {
                     (Some((remote, kind, elapsed)), _) => {
                         format!(
-                            "direct via {} {remote} in {} ms",
+                            "connected via {} {remote} in {} ms",
                             kind.as_str(),
                             elapsed.as_millis()
                         )
@@ -378,16 +378,69 @@ fn connectivity_matrix_of_the_four_nat_types() {
                     assert_eq!(remote.ip(), other_public, "{a:?} x {b:?}");
                 }
             } else {
-                assert!(failed, "{a:?} x {b:?} should fail to punch: {outcome:?}");
-                let error = world.hosts[0].failed.as_ref().unwrap();
-                assert!(
-                    error.contains("punching failed") && error.contains("probes sent"),
-                    "{error}"
-                );
+                // No direct path: both sides meet on the relay.
+                assert!(connected, "{a:?} x {b:?} should relay: {outcome:?}");
+                for host in &world.hosts {
+                    let (remote, kind, _) = host.connected.unwrap();
+                    assert_eq!((remote, kind), (world.server_addr, CandidateKind::Relayed));
+                }
             }
+            assert!(!failed);
         }
     }
     println!("{table}");
+}
+
+/// A symmetric NAT against a port-restricted one cannot be punched: the
+/// session runs through the rendezvous's relay, data flows both ways, and
+/// the relay only ever saw sealed frames.
+#[test]
+fn pairs_that_cannot_punch_talk_through_the_relay() {
+    let mut world = World::new(Some(NatType::Symmetric), Some(NatType::PortRestricted));
+    world.run_until(Duration::from_secs(20), settled);
+    assert!(world
+        .hosts
+        .iter()
+        .all(|h| h.connected.map(|c| c.1) == Some(CandidateKind::Relayed)));
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+    world.hosts[0].link.send(big.clone()).unwrap();
+    world.hosts[1]
+        .link
+        .send(b"hello over the relay".to_vec())
+        .unwrap();
+    world.run_until(Duration::from_secs(60), |w| {
+        w.hosts[1].received.len() == 1 && w.hosts[0].received.len() == 1
+    });
+    assert_eq!(world.hosts[1].received, vec![big]);
+    assert_eq!(
+        world.hosts[0].received,
+        vec![b"hello over the relay".to_vec()]
+    );
+    let stats = world.server.stats();
+    assert!(stats.relayed > 300_000 / 1200, "{stats}");
+}
+
+/// A rendezvous that does not relay leaves such a pair with a clear error.
+#[test]
+fn without_a_relay_the_error_says_why() {
+    let mut world = World::new(Some(NatType::Symmetric), Some(NatType::Symmetric));
+    world.server = Server::with_seed(
+        Config {
+            relay_rate: 0,
+            ..Config::default()
+        },
+        1,
+    );
+    world.run_until(Duration::from_secs(20), settled);
+    for host in &world.hosts {
+        let error = host.failed.as_ref().expect("fails without a relay");
+        assert!(
+            error.contains("punching failed")
+                && error.contains("the rendezvous does not relay")
+                && error.contains("probes sent"),
+            "{error}"
+        );
+    }
 }
 
 /// With either cipher: AES-256-GCM only when both sides offer it.

@@ -5,10 +5,14 @@
 //!
 //! * `nat_type_matrix`: every ordered pair of the four NAT types. All connect
 //!   directly except symmetric against port-restricted or symmetric, which
-//!   must fail with `punch_failed` and list the candidates they tried.
+//!   must connect through the rendezvous's relay after reporting the
+//!   candidates they tried.
 //! * `extra_topologies`: two peers behind the same NAT (host candidates), a
 //!   public peer against port-restricted and symmetric NATs, and a peer
-//!   behind two NATs (full-cone home router behind a port-restricted CGNAT).
+//!   behind two NATs (full-cone home router behind a port-restricted CGNAT),
+//!   and two symmetric NATs with a rendezvous that does not relay (they must
+//!   fail with `punch_failed`, list their candidates and say why there is no
+//!   relay).
 //! * `lossy_transfers`: 20 MiB each way between two port-restricted NATs with
 //!   5 % and 20 % random loss on the public segment.
 //!
@@ -215,7 +219,11 @@ fn check_stream(mut from: impl Read, seed: u64, expected_len: u64) -> StdoutChec
 enum Expect {
     /// A direct connection; `via` (both sides), when given, must match.
     Direct { via: Option<&'static str> },
-    /// Exit code 1 and `{"event":"error","kind":"punch_failed"}` on both sides.
+    /// No direct path: a `relaying` event listing the candidates, then a
+    /// connection through the rendezvous.
+    Relayed,
+    /// Exit code 1 and `{"event":"error","kind":"punch_failed"}` on both
+    /// sides. These cases run the rendezvous with `--relay-rate 0`.
     PunchFailed,
 }
 
@@ -225,6 +233,7 @@ impl Expect {
             Expect::Direct { via: None } => "direct",
             Expect::Direct { via: Some("host") } => "direct/host",
             Expect::Direct { via: Some(_) } => "direct/via",
+            Expect::Relayed => "relayed",
             Expect::PunchFailed => "punch_failed",
         }
     }
@@ -245,7 +254,7 @@ struct Case {
 fn expect_for(a: &str, b: &str) -> Expect {
     let hard = |t: &str| t == "port-restricted" || t == "symmetric";
     if (a == "symmetric" && hard(b)) || (b == "symmetric" && hard(a)) {
-        Expect::PunchFailed
+        Expect::Relayed
     } else {
         Expect::Direct { via: None }
     }
@@ -312,6 +321,12 @@ fn topology_cases() -> Vec<Case> {
             ["a", "b"],
             Expect::Direct { via: None },
         ),
+        case(
+            "symmetric x symmetric, rendezvous without relay",
+            &["--nat-a", "symmetric", "--nat-b", "symmetric"],
+            ["a", "b"],
+            Expect::PunchFailed,
+        ),
     ]
 }
 
@@ -348,11 +363,14 @@ struct Rendezvous {
 }
 
 impl Rendezvous {
-    fn start(lab: &Lab, bins: &Binaries, t0: Instant) -> Result<Rendezvous, String> {
+    fn start(lab: &Lab, bins: &Binaries, t0: Instant, relay: bool) -> Result<Rendezvous, String> {
         let rv_ip = lab.ip("RV_IP");
         let bind = format!("{rv_ip}:{RV_PORT}");
         let mut cmd = piped(lab.command("rv", &bins.rendezvous));
         cmd.args(["--bind", bind.as_str(), "--stats-secs", "0"]);
+        if !relay {
+            cmd.args(["--relay-rate", "0"]);
+        }
         let mut child = NsChild::from_command(&mut cmd)
             .map_err(|e| format!("cannot start {}: {e}", bins.rendezvous.display()))?;
         drop(child.stdin.take());
@@ -754,7 +772,8 @@ fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
         wall: started_case.elapsed(),
         failures: vec![msg],
     };
-    let rv = match Rendezvous::start(&lab, bins, started_case) {
+    let relay = case.expect != Expect::PunchFailed;
+    let rv = match Rendezvous::start(&lab, bins, started_case, relay) {
         Ok(rv) => rv,
         Err(e) => return fail_early(e),
     };
@@ -795,6 +814,7 @@ fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
     let outcome = if ok {
         match case.expect {
             Expect::Direct { .. } => "direct".to_string(),
+            Expect::Relayed => "relayed".to_string(),
             Expect::PunchFailed => "punch_failed".to_string(),
         }
     } else {
@@ -869,7 +889,20 @@ fn check_peer(
         fail("no {\"event\":\"registered\"} line".into());
     }
     match case.expect {
-        Expect::Direct { via } => {
+        Expect::Direct { .. } | Expect::Relayed => {
+            let relayed = case.expect == Expect::Relayed;
+            let via = match case.expect {
+                Expect::Direct { via } => via,
+                _ => Some("relayed"),
+            };
+            if relayed {
+                match p.event("relaying") {
+                    Some(r) if r["candidates"].as_array().is_some_and(|c| !c.is_empty()) => {}
+                    other => fail(format!(
+                        "expected a \"relaying\" event with the candidates tried, got {other:?}"
+                    )),
+                }
+            }
             if p.status.is_some() && p.exit_code() != Some(0) {
                 fail(format!("{}, expected exit code 0", p.status_text()));
             }
@@ -879,14 +912,15 @@ fn check_peer(
             match p.connected() {
                 None => fail("no {\"event\":\"connected\"} line".into()),
                 Some(c) => {
-                    if c["path"] != "direct" {
+                    let want_path = if relayed { "relayed" } else { "direct" };
+                    if c["path"] != want_path {
                         fail(format!(
-                            "connected with path {}, expected \"direct\"",
+                            "connected with path {}, expected {want_path:?}",
                             c["path"]
                         ));
                     }
                     let got_via = c["via"].as_str().unwrap_or("");
-                    if !["host", "reflexive", "peer-reflexive"].contains(&got_via) {
+                    if !["host", "reflexive", "peer-reflexive", "relayed"].contains(&got_via) {
                         fail(format!("connected with via {}", c["via"]));
                     }
                     if let Some(want) = via {
@@ -897,10 +931,10 @@ fn check_peer(
                     if c["elapsed_ms"].as_u64().is_none() {
                         fail(format!("connected without a numeric elapsed_ms: {c}"));
                     }
-                    let want_ip = if got_via == "host" {
-                        other_lan
-                    } else {
-                        other_public
+                    let want_ip = match got_via {
+                        "host" => other_lan,
+                        "relayed" => lab.ip("RV_IP"),
+                        _ => other_public,
                     };
                     if ip_of(&c["remote"]) != Some(IpAddr::V4(want_ip)) {
                         fail(format!(
@@ -959,6 +993,11 @@ fn check_peer(
                         .unwrap_or_default();
                     if candidates.is_empty() {
                         fail("no {\"event\":\"introduced\"} line with candidates".into());
+                    }
+                    if !message.contains("the rendezvous does not relay") {
+                        fail(format!(
+                            "punch_failed message does not say why there is no relay: {message:?}"
+                        ));
                     }
                     for cand in &candidates {
                         // "reflexive 203.0.113.12:5000": the address must be in the report
@@ -1369,7 +1408,7 @@ fn plaintext_never_crosses_the_public_segment() {
         let read = stderr.read_line(&mut line).expect("tcpdump stderr");
         assert!(read > 0, "tcpdump stopped before capturing");
     }
-    let rv = Rendezvous::start(&lab, &bins, t0).expect("rendezvous starts");
+    let rv = Rendezvous::start(&lab, &bins, t0, true).expect("rendezvous starts");
     let code = format!(
         "{}-capture-{:08x}",
         rand::random::<u16>().max(1),

@@ -11,7 +11,7 @@ use natter_rendezvous::{driver, Config, Server};
 #[derive(Parser)]
 #[command(
     version,
-    about = "Rendezvous server for natter peers: sees their external addresses, introduces them, answers STUN"
+    about = "Rendezvous server for natter peers: sees their external addresses, introduces them, relays for pairs that cannot punch, answers STUN"
 )]
 struct Cli {
     /// Address to listen on; repeat for several. `[::]:PORT` is dual-stack.
@@ -32,6 +32,10 @@ struct Cli {
     /// Burst of datagrams accepted from one source IP.
     #[arg(long, default_value_t = 40.0)]
     burst_per_ip: f32,
+    /// Bytes per second relayed for one pair of peers that could not punch
+    /// a direct path (0: do not relay; such pairs then fail to connect).
+    #[arg(long, default_value_t = 1 << 20)]
+    relay_rate: u32,
     /// Seconds between stats lines in the log (0: none).
     #[arg(long, default_value_t = 60)]
     stats_secs: u64,
@@ -58,6 +62,7 @@ async fn main() -> Result<()> {
             burst: cli.burst_per_ip.max(1.0),
             max_sources: 65_536,
         },
+        relay_rate: cli.relay_rate,
     };
     let sockets = driver::bind(&cli.bind).context("cannot start the rendezvous")?;
     for socket in &sockets {

@@ -20,23 +20,33 @@ pub struct RateLimit {
     pub max_sources: usize,
 }
 
+/// A token bucket: `per_second` tokens flow in, up to `burst`. Datagrams of
+/// a source here; bytes of a relayed session in the server.
 #[derive(Debug, Clone, Copy)]
-struct Bucket {
+pub struct Bucket {
     tokens: f32,
     updated: Instant,
 }
 
 impl Bucket {
-    fn refill(&mut self, now: Instant, limit: &RateLimit) {
+    pub fn full(now: Instant, burst: f32) -> Self {
+        Self {
+            tokens: burst,
+            updated: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant, per_second: f32, burst: f32) {
         let elapsed = now.saturating_duration_since(self.updated).as_secs_f32();
-        self.tokens = (self.tokens + elapsed * limit.per_second).min(limit.burst);
+        self.tokens = (self.tokens + elapsed * per_second).min(burst);
         self.updated = now;
     }
 
-    fn take(&mut self, now: Instant, limit: &RateLimit) -> bool {
-        self.refill(now, limit);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+    /// Takes `amount` tokens if there are that many.
+    pub fn take(&mut self, now: Instant, per_second: f32, burst: f32, amount: f32) -> bool {
+        self.refill(now, per_second, burst);
+        if self.tokens >= amount {
+            self.tokens -= amount;
             true
         } else {
             false
@@ -63,28 +73,30 @@ impl RateLimiter {
     /// Takes one token for `source`; false means drop the datagram.
     pub fn allow(&mut self, now: Instant, source: IpAddr) -> bool {
         let key = bucket_key(source);
-        let fresh = Bucket {
-            tokens: self.limit.burst,
-            updated: now,
-        };
+        let RateLimit {
+            per_second, burst, ..
+        } = self.limit;
+        let fresh = Bucket::full(now, burst);
         if let Some(bucket) = self.buckets.get_mut(&key) {
-            return bucket.take(now, &self.limit);
+            return bucket.take(now, per_second, burst, 1.0);
         }
         if self.buckets.len() < self.limit.max_sources {
             return self
                 .buckets
                 .entry(key)
                 .or_insert(fresh)
-                .take(now, &self.limit);
+                .take(now, per_second, burst, 1.0);
         }
-        self.overflow.get_or_insert(fresh).take(now, &self.limit)
+        self.overflow
+            .get_or_insert(fresh)
+            .take(now, per_second, burst, 1.0)
     }
 
     /// Forgets sources whose bucket has refilled: they are idle.
     pub fn sweep(&mut self, now: Instant) {
         let limit = self.limit;
         self.buckets.retain(|_, bucket| {
-            bucket.refill(now, &limit);
+            bucket.refill(now, limit.per_second, limit.burst);
             bucket.tokens < limit.burst
         });
         if self.buckets.len() < limit.max_sources {

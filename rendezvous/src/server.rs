@@ -1,19 +1,28 @@
-//! The rendezvous state machine: rooms, registrations, introductions and the
-//! STUN responder. No sockets, no clock: the driver feeds it datagrams and
-//! timeouts with the current time and sends what it queues.
+//! The rendezvous state machine: rooms, registrations, introductions, the
+//! relay for peers that cannot punch, and the STUN responder. No sockets, no
+//! clock: the driver feeds it datagrams and timeouts with the current time
+//! and sends what it queues.
+//!
+//! The relay forwards a frame only between the two members of a session
+//! in progress, only from a member that shows its registration token and
+//! sends from its registered address, and only to a member that has done the
+//! same (so it asked for the traffic and receives at that address). The
+//! forwarded frame is shorter than the request (the token is stripped), and
+//! each session has a byte rate, so the relay amplifies nothing and one pair
+//! cannot take the whole server.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use natter_wire::{
-    classify, split_header, stun, Class, ClientMessage, FrameKind, Register, Role, RoomCode,
-    ServerErrorKind, ServerMessage, WireError, REGISTER_PADDED_LEN,
+    classify, split_header, stun, Class, ClientMessage, FrameKind, Register, RelayRequest, Role,
+    RoomCode, ServerErrorKind, ServerMessage, WireError, REGISTER_PADDED_LEN,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::rate_limit::{RateLimit, RateLimiter};
+use crate::rate_limit::{Bucket, RateLimit, RateLimiter};
 use crate::stats::{DropReason, Stats};
 
 #[derive(Debug, Clone)]
@@ -25,6 +34,8 @@ pub struct Config {
     /// Most peers registered at once, over all rooms.
     pub max_peers: usize,
     pub rate_limit: RateLimit,
+    /// Bytes per second the server relays for one session (0: no relay).
+    pub relay_rate: u32,
 }
 
 impl Default for Config {
@@ -38,6 +49,7 @@ impl Default for Config {
                 burst: 40.0,
                 max_sources: 65_536,
             },
+            relay_rate: 1 << 20,
         }
     }
 }
@@ -57,6 +69,9 @@ struct Member {
     via: usize,
     host_candidates: Box<[SocketAddr]>,
     last_seen: Instant,
+    /// Sent a relay request with its token from `reflexive`: it wants relayed
+    /// frames and receives them there.
+    relaying: bool,
 }
 
 /// Up to two members; the first registered is the controlling one.
@@ -64,11 +79,31 @@ struct Member {
 struct Room {
     members: Vec<Member>,
     session_id: Option<u64>,
+    /// The session's relay budget, from its first relayed frame.
+    relay_budget: Option<Bucket>,
+}
+
+/// Relay bursts may use a quarter of a second of the rate at once.
+const RELAY_BURST_SECONDS: f32 = 0.25;
+
+impl Room {
+    /// Forgets the session, its relay index entry and budget.
+    fn end_session(&mut self, sessions: &mut HashMap<u64, RoomCode>) {
+        if let Some(session_id) = self.session_id.take() {
+            sessions.remove(&session_id);
+        }
+        self.relay_budget = None;
+        for member in &mut self.members {
+            member.relaying = false;
+        }
+    }
 }
 
 pub struct Server {
     config: Config,
     rooms: HashMap<RoomCode, Room>,
+    /// The room of each session in progress, for relay requests.
+    sessions: HashMap<u64, RoomCode>,
     peers: usize,
     limiter: RateLimiter,
     transmits: VecDeque<Transmit>,
@@ -92,6 +127,7 @@ impl Server {
             limiter: RateLimiter::new(config.rate_limit),
             config,
             rooms: HashMap::new(),
+            sessions: HashMap::new(),
             peers: 0,
             transmits: VecDeque::new(),
             next_sweep: None,
@@ -119,6 +155,11 @@ impl Server {
         self.stats.bytes_in += bytes.len() as u64;
         self.next_sweep
             .get_or_insert(now + self.config.refresh_interval);
+        // Relayed sessions carry bulk data: they have their own byte rate
+        // instead of the per-source datagram rate meant for control traffic.
+        if bytes.first() == Some(&(FrameKind::Relay as u8)) {
+            return self.handle_relay(now, from, bytes);
+        }
         if !self.limiter.allow(now, from.ip()) {
             return self.stats.drop(DropReason::RateLimited);
         }
@@ -137,13 +178,14 @@ impl Server {
         }
         let lifetime = self.config.refresh_interval * self.config.missed_refreshes;
         let mut expired = 0;
+        let sessions = &mut self.sessions;
         self.rooms.retain(|_, room| {
             let before = room.members.len();
             room.members
                 .retain(|member| now.saturating_duration_since(member.last_seen) < lifetime);
             expired += before - room.members.len();
             if room.members.len() < 2 {
-                room.session_id = None;
+                room.end_session(sessions);
             }
             !room.members.is_empty()
         });
@@ -197,6 +239,50 @@ impl Server {
             Err(WireError::WrongKind { .. }) => self.stats.drop(DropReason::WrongKind),
             Err(_) => self.stats.drop(DropReason::Malformed),
         }
+    }
+
+    /// Forwards a frame from one member of a session to the other.
+    fn handle_relay(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let Ok(request) = RelayRequest::parse(bytes) else {
+            return self.stats.drop(DropReason::Malformed);
+        };
+        if self.config.relay_rate == 0 {
+            return self.stats.drop(DropReason::RelayOff);
+        }
+        let Some(room) = self
+            .sessions
+            .get(&request.session_id)
+            .and_then(|code| self.rooms.get_mut(code))
+        else {
+            return self.stats.drop(DropReason::RelayUnknownSession);
+        };
+        let Some(index) = room
+            .members
+            .iter()
+            .position(|m| m.token == request.peer_token && m.reflexive == from)
+        else {
+            return self.stats.drop(DropReason::BadToken);
+        };
+        let sender = &mut room.members[index];
+        sender.relaying = true;
+        sender.last_seen = now;
+        let receiver = &room.members[1 - index];
+        if !receiver.relaying {
+            return self.stats.drop(DropReason::RelayPeerNotReady);
+        }
+        let (via, to) = (receiver.via, receiver.reflexive);
+        let rate = self.config.relay_rate as f32;
+        let burst = rate * RELAY_BURST_SECONDS;
+        let budget = room
+            .relay_budget
+            .get_or_insert_with(|| Bucket::full(now, burst));
+        if !budget.take(now, rate, burst, bytes.len() as f32) {
+            return self.stats.drop(DropReason::RelayRateLimited);
+        }
+        self.stats.accepted += 1;
+        self.stats.relayed += 1;
+        self.stats.relayed_bytes += bytes.len() as u64;
+        self.send(via, to, request.forwarded());
     }
 
     fn handle_register(&mut self, now: Instant, via: usize, from: SocketAddr, register: Register) {
@@ -264,6 +350,7 @@ impl Server {
             via,
             host_candidates: host_candidates.into_boxed_slice(),
             last_seen: now,
+            relaying: false,
         });
         let full = room.members.len() == 2;
         self.peers += 1;
@@ -283,7 +370,7 @@ impl Server {
             return self.stats.drop(DropReason::BadToken);
         };
         room.members.remove(index);
-        room.session_id = None;
+        room.end_session(&mut self.sessions);
         if room.members.is_empty() {
             self.rooms.remove(code);
         }
@@ -297,6 +384,7 @@ impl Server {
             reflexive: to,
             peer_token,
             refresh_interval_ms: self.config.refresh_interval.as_millis() as u32,
+            relay: self.config.relay_rate > 0,
         };
         self.send_message(via, to, &reply);
     }
@@ -312,7 +400,9 @@ impl Server {
         let session_id = self.rng.gen();
         self.stats.introductions += 1;
         if let Some(room) = self.rooms.get_mut(code) {
+            room.end_session(&mut self.sessions);
             room.session_id = Some(session_id);
+            self.sessions.insert(session_id, code.clone());
         }
         for index in 0..2 {
             self.reintroduce(code, index);
@@ -769,5 +859,128 @@ mod tests {
         let stats = h.server.stats();
         assert_eq!(stats.datagrams_in, 5);
         assert_eq!(stats.accepted + stats.refused + stats.dropped_total(), 5);
+    }
+
+    /// A and B registered and introduced: their tokens and the session id.
+    fn session(h: &mut Harness) -> (u64, u64, u64) {
+        let a = h.token(A);
+        let replies = h.register(B, None);
+        let (b, session) = match replies.as_slice() {
+            [(_, ServerMessage::Registered { peer_token, .. }), (_, ServerMessage::Introduce { session_id, .. }), _] => {
+                (*peer_token, *session_id)
+            }
+            other => panic!("{other:?}"),
+        };
+        (a, b, session)
+    }
+
+    impl Harness {
+        /// A relay request of `len` inner bytes; what the server sent for it.
+        fn relay(
+            &mut self,
+            from: &str,
+            session_id: u64,
+            peer_token: u64,
+            len: usize,
+        ) -> Vec<Transmit> {
+            let inner = vec![0x5a; len];
+            let request = RelayRequest {
+                session_id,
+                peer_token,
+                inner: &inner,
+            };
+            let bytes = request.encode().unwrap();
+            self.server
+                .handle_datagram(self.now, 0, from.parse().unwrap(), &bytes);
+            let sent: Vec<_> = std::iter::from_fn(|| self.server.poll_transmit()).collect();
+            for transmit in &sent {
+                assert!(transmit.bytes.len() < bytes.len(), "the relay amplified");
+            }
+            sent
+        }
+    }
+
+    #[test]
+    fn the_relay_forwards_between_the_two_members_once_both_asked() {
+        let mut h = Harness::new();
+        let (a, b, session) = session(&mut h);
+        // B has not asked for relaying yet: A's frame has nowhere to go.
+        assert!(h.relay(A, session, a, 100).is_empty());
+        assert_eq!(h.server.stats().dropped(DropReason::RelayPeerNotReady), 1);
+        let sent = h.relay(B, session, b, 100);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].to, addr(A));
+        assert_eq!(
+            natter_wire::parse_relayed(&sent[0].bytes),
+            Ok((session, &[0x5a; 100][..]))
+        );
+        let sent = h.relay(A, session, a, 1000);
+        assert_eq!(sent.iter().map(|t| t.to).collect::<Vec<_>>(), [addr(B)]);
+        assert_eq!(h.server.stats().relayed, 2);
+    }
+
+    #[test]
+    fn strangers_cannot_use_the_relay() {
+        let mut h = Harness::new();
+        let (a, b, session) = session(&mut h);
+        h.relay(B, session, b, 10);
+        // Wrong token, right token from another address, unknown session.
+        assert!(h.relay(A, session, a ^ 1, 10).is_empty());
+        assert!(h.relay(C, session, a, 10).is_empty());
+        assert!(h.relay(A, session ^ 1, a, 10).is_empty());
+        let stats = h.server.stats();
+        assert_eq!(stats.dropped(DropReason::BadToken), 2);
+        assert_eq!(stats.dropped(DropReason::RelayUnknownSession), 1);
+        assert_eq!(stats.relayed, 0);
+        // Once A leaves, the session is over.
+        h.send(
+            A,
+            ClientMessage::Leave {
+                room: RoomCode::new(*b"room").unwrap(),
+                peer_token: a,
+            },
+        );
+        assert!(h.relay(B, session, b, 10).is_empty());
+        assert_eq!(h.server.stats().dropped(DropReason::RelayUnknownSession), 2);
+    }
+
+    #[test]
+    fn each_session_is_held_to_its_byte_rate() {
+        let mut h = Harness::with_config(Config {
+            relay_rate: 40_000,
+            ..Config::default()
+        });
+        let (a, b, session) = session(&mut h);
+        h.relay(B, session, b, 10);
+        // A burst of a quarter second: 10 000 bytes, nine 1 018-byte frames.
+        let forwarded = (0..50)
+            .filter(|_| !h.relay(A, session, a, 1000).is_empty())
+            .count();
+        assert_eq!(forwarded, 9);
+        assert_eq!(h.server.stats().dropped(DropReason::RelayRateLimited), 41);
+        // A second later, 40 000 more bytes (capped at the burst).
+        h.now += Duration::from_secs(1);
+        let forwarded = (0..50)
+            .filter(|_| !h.relay(A, session, a, 1000).is_empty())
+            .count();
+        assert_eq!(forwarded, 9);
+        // Relayed frames are not held to the per-source datagram rate.
+        assert!(h.server.stats().dropped(DropReason::RateLimited) == 0);
+    }
+
+    #[test]
+    fn a_server_without_relay_says_so_and_relays_nothing() {
+        let mut h = Harness::with_config(Config {
+            relay_rate: 0,
+            ..Config::default()
+        });
+        assert!(matches!(
+            h.register(A, None).as_slice(),
+            [(_, ServerMessage::Registered { relay: false, .. })]
+        ));
+        let (a, b, session) = session(&mut h);
+        h.relay(B, session, b, 10);
+        assert!(h.relay(A, session, a, 10).is_empty());
+        assert_eq!(h.server.stats().dropped(DropReason::RelayOff), 2);
     }
 }

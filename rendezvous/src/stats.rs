@@ -15,10 +15,19 @@ pub enum DropReason {
     Malformed,
     Unpadded,
     BadToken,
+    /// A relay request to a server started with relaying off.
+    RelayOff,
+    /// A relay request naming no session in progress.
+    RelayUnknownSession,
+    /// A relay request before the other peer has asked for relaying (and
+    /// so shown that it receives at its address).
+    RelayPeerNotReady,
+    /// A relay request over the session's byte rate.
+    RelayRateLimited,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 13] = [
         Self::RateLimited,
         Self::UnknownProtocol,
         Self::StunMalformed,
@@ -28,6 +37,10 @@ impl DropReason {
         Self::Malformed,
         Self::Unpadded,
         Self::BadToken,
+        Self::RelayOff,
+        Self::RelayUnknownSession,
+        Self::RelayPeerNotReady,
+        Self::RelayRateLimited,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,6 +54,10 @@ impl DropReason {
             Self::Malformed => "malformed",
             Self::Unpadded => "unpadded",
             Self::BadToken => "bad_token",
+            Self::RelayOff => "relay_off",
+            Self::RelayUnknownSession => "relay_unknown_session",
+            Self::RelayPeerNotReady => "relay_peer_not_ready",
+            Self::RelayRateLimited => "relay_rate_limited",
         }
     }
 }
@@ -60,6 +77,9 @@ pub struct Stats {
     pub introductions: u64,
     pub stun_responses: u64,
     pub expired: u64,
+    /// Frames relayed between peers, and their bytes as received.
+    pub relayed: u64,
+    pub relayed_bytes: u64,
 }
 
 impl Stats {
@@ -80,7 +100,7 @@ impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "in={} out={} bytes_in={} bytes_out={} accepted={} refused={} registrations={} introductions={} stun={} expired={} dropped={}",
+            "in={} out={} bytes_in={} bytes_out={} accepted={} refused={} registrations={} introductions={} stun={} expired={} relayed={} relayed_bytes={} dropped={}",
             self.datagrams_in,
             self.datagrams_out,
             self.bytes_in,
@@ -91,6 +111,8 @@ impl fmt::Display for Stats {
             self.introductions,
             self.stun_responses,
             self.expired,
+            self.relayed,
+            self.relayed_bytes,
             self.dropped_total(),
         )?;
         for reason in DropReason::ALL {

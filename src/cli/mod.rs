@@ -84,9 +84,14 @@ struct ConnectArgs {
     /// Seconds to wait for the other peer to show up.
     #[arg(long, default_value_t = 300)]
     wait_secs: u64,
-    /// Milliseconds of punching before giving up on a direct path.
+    /// Milliseconds of punching before giving up on a direct path (and
+    /// relaying through the rendezvous, if it offers that).
     #[arg(long, default_value_t = 5000)]
     punch_timeout_ms: u64,
+    /// Fail rather than relay through the rendezvous when there is no
+    /// direct path (relayed traffic stays end-to-end encrypted either way).
+    #[arg(long)]
+    no_relay: bool,
     /// Status as one JSON object per line on stderr.
     #[arg(long)]
     json: bool,
@@ -168,6 +173,7 @@ async fn connect(args: ConnectArgs, reporter: Reporter) -> anyhow::Result<Sessio
     let mut config = LinkConfig::default();
     config.rendezvous.wait_timeout = Duration::from_secs(args.wait_secs);
     config.punch.timeout = Duration::from_millis(args.punch_timeout_ms);
+    config.relay = !args.no_relay;
     config.rendezvous.claim = matches!(meeting, Meeting::Generated);
     let mut attempt = 0;
     let session = loop {

@@ -25,6 +25,16 @@ impl Reporter {
                 json!({"event": "introduced", "candidates": candidate_list(candidates)}),
                 format!("introduced to the other peer; punching towards {}", candidate_list(candidates).join(", ")),
             ),
+            Progress::Relaying { reports } => self.emit(
+                json!({
+                    "event": "relaying",
+                    "candidates": reports.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                }),
+                format!(
+                    "no direct path through the two NATs; relaying through the rendezvous (still end-to-end encrypted){}",
+                    reports.iter().map(|r| format!("\n  {r}")).collect::<String>()
+                ),
+            ),
         }
     }
 
@@ -39,10 +49,14 @@ impl Reporter {
         let via = info.path.kind.as_str();
         let elapsed_ms = info.elapsed.as_millis() as u64;
         let fingerprint = info.remote_key.fingerprint();
+        let (path, how) = match info.path.kind {
+            CandidateKind::Relayed => ("relayed", "through the rendezvous relay at"),
+            _ => ("direct", "directly to"),
+        };
         self.emit(
             json!({
                 "event": "connected",
-                "path": "direct",
+                "path": path,
                 "remote": info.path.remote.to_string(),
                 "local": info.local.to_string(),
                 "via": via,
@@ -53,7 +67,7 @@ impl Reporter {
                 "peer_key": info.remote_key.to_hex(),
             }),
             format!(
-                "connected directly to {} ({via} candidate) in {elapsed_ms} ms; end-to-end encrypted ({}); peer fingerprint {fingerprint}",
+                "connected {how} {} ({via} candidate) in {elapsed_ms} ms; end-to-end encrypted ({}); peer fingerprint {fingerprint}",
                 info.path.remote,
                 info.cipher.name()
             ),

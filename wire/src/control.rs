@@ -108,6 +108,9 @@ pub enum ServerMessage {
         reflexive: SocketAddr,
         peer_token: u64,
         refresh_interval_ms: u32,
+        /// The server relays frames between the two peers of a session
+        /// when punching fails.
+        relay: bool,
     },
     /// Sent to both peers of a room at once, so their punch bursts start
     /// together.
@@ -303,6 +306,7 @@ mod tests {
                 reflexive: "203.0.113.7:61000".parse().unwrap(),
                 peer_token: 77,
                 refresh_interval_ms: 15_000,
+                relay: true,
             },
             largest_introduce(),
             ServerMessage::Error {

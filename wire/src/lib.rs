@@ -31,6 +31,7 @@ mod control;
 mod data;
 mod handshake;
 mod punch;
+mod relay;
 pub mod stun;
 
 pub use control::{
@@ -40,6 +41,7 @@ pub use control::{
 pub use data::{DataHeader, DATA_HEADER_LEN};
 pub use handshake::{HandshakeMessage, MAX_HANDSHAKE_MESSAGE};
 pub use punch::PunchMessage;
+pub use relay::{parse_relayed, RelayRequest, RELAYED_HEADER_LEN, RELAY_HEADER_LEN};
 
 /// The protocol version this build speaks.
 pub const VERSION: u8 = 1;
@@ -68,6 +70,10 @@ pub enum FrameKind {
     Handshake = 0xC5,
     /// Peer to peer session traffic: [`DataHeader`] then the payload.
     Data = 0xC4,
+    /// Peer to rendezvous: a frame for the other peer ([`RelayRequest`]).
+    Relay = 0xC6,
+    /// Rendezvous to peer: a frame from the other peer ([`parse_relayed`]).
+    Relayed = 0xC7,
 }
 
 impl FrameKind {
@@ -78,6 +84,8 @@ impl FrameKind {
             0xC3 => Some(Self::Punch),
             0xC4 => Some(Self::Data),
             0xC5 => Some(Self::Handshake),
+            0xC6 => Some(Self::Relay),
+            0xC7 => Some(Self::Relayed),
             _ => None,
         }
     }
