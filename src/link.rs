@@ -224,6 +224,13 @@ impl Link {
         }
     }
 
+    /// Leaves the rendezvous, if a relayed session still holds its place
+    /// there. Call once the link is done and drained: the relay carries
+    /// the last acknowledgements of the close until then.
+    pub fn leave_rendezvous(&mut self) {
+        self.rendezvous.leave();
+    }
+
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         if from == self.rendezvous.server() {
             match split_header(bytes) {
@@ -395,14 +402,12 @@ impl Link {
             reliable::Event::Acknowledged(id) => LinkEvent::Acknowledged(id),
             reliable::Event::Closed { reason } => {
                 self.done = true;
-                self.rendezvous.leave();
                 LinkEvent::Closed {
                     reason: reason.to_string(),
                 }
             }
             reliable::Event::TimedOut => {
                 self.done = true;
-                self.rendezvous.leave();
                 LinkEvent::Closed {
                     reason: format!(
                         "the other peer went silent for {} s",

@@ -614,6 +614,10 @@ impl Driver {
                     if let Some(period) = state.link.drain_period() {
                         drain(&mut socket, &mut state.link, Instant::now() + period).await?;
                     }
+                    state.link.leave_rendezvous();
+                    socket
+                        .send_all(|| state.link.poll_transmit(Instant::now().into_std()))
+                        .await;
                     let reason = state.report_ending(ending);
                     let _ = incoming.send(Delivery::Closed(reason)).await;
                     return Ok(());

@@ -418,6 +418,17 @@ fn pairs_that_cannot_punch_talk_through_the_relay() {
     );
     let stats = world.server.stats();
     assert!(stats.relayed > 300_000 / 1200, "{stats}");
+    // The close and its acknowledgement cross the relay too.
+    world.hosts[0].link.close();
+    world.run_until(Duration::from_secs(30), |w| {
+        w.hosts.iter().all(|h| h.closed.is_some())
+    });
+    let reasons: Vec<_> = world
+        .hosts
+        .iter()
+        .map(|h| h.closed.clone().unwrap().1)
+        .collect();
+    assert_eq!(reasons, ["closed by this side", "closed by the other peer"]);
 }
 
 /// A rendezvous that does not relay leaves such a pair with a clear error.
