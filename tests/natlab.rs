@@ -15,6 +15,8 @@
 //!   relay).
 //! * `lossy_transfers`: 20 MiB each way between two port-restricted NATs with
 //!   5 % and 20 % random loss on the public segment.
+//! * `relayed_transfer`: 4 MiB each way between two symmetric NATs, through
+//!   the rendezvous's relay at its default rate.
 //!
 //! Needs root, `ip` and `nft` (else skipped, or a failure with
 //! `NATTER_REQUIRE_NATLAB=1`), and the `natter-rendezvous` binary next to
@@ -56,6 +58,8 @@ const RV_PORT: u16 = 7777;
 const SMALL_PAYLOAD: u64 = 256 * 1024;
 /// Payload per side in the loss runs.
 const LOSS_PAYLOAD: u64 = 20 * 1024 * 1024;
+/// Payload per side through the relay.
+const RELAYED_PAYLOAD: u64 = 4 * 1024 * 1024;
 /// Punch timeout given to every matrix and topology case (keeps the
 /// expected failures short).
 const PUNCH_TIMEOUT_MS: u64 = 3000;
@@ -328,6 +332,22 @@ fn topology_cases() -> Vec<Case> {
             Expect::PunchFailed,
         ),
     ]
+}
+
+/// Two symmetric NATs: 4 MiB each way through the relay, whose default rate
+/// (1 MiB/s per pair, both directions together) bounds the transfer.
+fn relayed_transfer_case() -> Case {
+    Case {
+        name: "symmetric x symmetric, relayed".into(),
+        lab_args: ["--nat-a", "symmetric", "--nat-b", "symmetric"]
+            .map(String::from)
+            .to_vec(),
+        hosts: ["a", "b"],
+        expect: Expect::Relayed,
+        payload: RELAYED_PAYLOAD,
+        timeout: Duration::from_secs(60),
+        punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
+    }
 }
 
 fn loss_cases() -> Vec<Case> {
@@ -1356,6 +1376,20 @@ fn lossy_transfers() {
     let summaries = run_suite("loss runs (20 MiB each way)", loss_cases());
     print_transfer_table(&summaries, runs_from_env());
     assert_all_ok("loss runs", &summaries);
+}
+
+#[test]
+fn relayed_transfer() {
+    if !natlab_available() {
+        return;
+    }
+    let _lock = lab_lock();
+    let summaries = run_suite(
+        "relayed transfer (4 MiB each way)",
+        vec![relayed_transfer_case()],
+    );
+    print_transfer_table(&summaries, runs_from_env());
+    assert_all_ok("relayed transfer", &summaries);
 }
 
 /// Everything on the public segment (the bridge ports of all routers and
