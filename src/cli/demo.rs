@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use natter::code::{random_nameplate, PairingCode};
 use natter::identity::Identity;
+use natter::punch::CandidateKind;
 use natter::session::{Peer, Received, Session};
 use natter_rendezvous::{driver, Config};
 
@@ -49,8 +50,12 @@ pub async fn run() -> Result<()> {
         within(async { tokio::try_join!(connect("alice"), connect("bob")) }).await??;
     for (name, session) in [("alice", &alice), ("bob", &bob)] {
         let info = session.path();
+        let how = match info.path.kind {
+            CandidateKind::Relayed => "through the relay",
+            _ => "directly",
+        };
         println!(
-            "{name:<12} connected directly: {} -> {} via its {} candidate in {} ms, encrypted with {}; peer fingerprint {}",
+            "{name:<12} connected {how}: {} -> {} via its {} candidate in {} ms, encrypted with {}; peer fingerprint {}",
             info.local,
             info.path.remote,
             info.path.kind.as_str(),
