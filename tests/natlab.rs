@@ -24,8 +24,9 @@
 //! `cargo test --workspace --release` builds it).
 //!
 //! * `plaintext_never_crosses_the_public_segment`: tcpdump on the lab's
-//!   "internet" bridge while two peers exchange known payloads: none of the
-//!   payload's bytes appear in the capture (needs `tcpdump`).
+//!   "internet" bridge while two peers exchange known payloads, once on a
+//!   direct path and once through the relay: none of the payload's bytes
+//!   appear in the capture (needs `tcpdump`).
 //!
 //! `NATTER_NATLAB_RUNS=N` runs every case N times and the tables show median
 //! figures. Each test prints its table straight to stderr so CI logs show it
@@ -1412,9 +1413,21 @@ fn plaintext_never_crosses_the_public_segment() {
     };
     let _lock = lab_lock();
     let bins = Binaries::find();
+    // A direct path between port-restricted NATs, then the relay between
+    // two symmetric ones: the rendezvous's own links are on the segment too.
+    capture_one_session(&bins, &tcpdump, &[], "direct");
+    capture_one_session(
+        &bins,
+        &tcpdump,
+        &["--nat-a", "symmetric", "--nat-b", "symmetric"],
+        "relayed",
+    );
+}
+
+fn capture_one_session(bins: &Binaries, tcpdump: &std::path::Path, lab_args: &[&str], path: &str) {
     let case = Case {
         name: "capture".into(),
-        lab_args: vec![],
+        lab_args: lab_args.iter().map(|s| s.to_string()).collect(),
         hosts: ["a", "b"],
         expect: Expect::Direct { via: None },
         payload: SMALL_PAYLOAD,
@@ -1422,10 +1435,10 @@ fn plaintext_never_crosses_the_public_segment() {
         punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
     };
     let t0 = Instant::now();
-    let lab = Lab::up(&[]);
+    let lab = Lab::up(lab_args);
     let _homes = TempHomes::of(&lab);
     let pcap = std::env::temp_dir().join(format!("natter-natlab-{}.pcap", lab.id()));
-    let mut capture = piped(lab.command("inet", &tcpdump));
+    let mut capture = piped(lab.command("inet", tcpdump));
     capture
         .args(["-i", "br0", "-U", "-s", "0", "-w"])
         .arg(&pcap)
@@ -1442,7 +1455,7 @@ fn plaintext_never_crosses_the_public_segment() {
         let read = stderr.read_line(&mut line).expect("tcpdump stderr");
         assert!(read > 0, "tcpdump stopped before capturing");
     }
-    let rv = Rendezvous::start(&lab, &bins, t0, true).expect("rendezvous starts");
+    let rv = Rendezvous::start(&lab, bins, t0, true).expect("rendezvous starts");
     let code = format!(
         "{}-capture-{:08x}",
         rand::random::<u16>().max(1),
@@ -1454,16 +1467,8 @@ fn plaintext_never_crosses_the_public_segment() {
         .iter()
         .enumerate()
         .map(|(i, host)| {
-            spawn_peer(
-                &lab,
-                &bins,
-                &case,
-                host,
-                &code,
-                [seeds[i], seeds[1 - i]],
-                t0,
-            )
-            .expect("peer starts")
+            spawn_peer(&lab, bins, &case, host, &code, [seeds[i], seeds[1 - i]], t0)
+                .expect("peer starts")
         })
         .collect();
     let outcomes = wait_peers(peers, Instant::now(), case.timeout, t0);
@@ -1510,6 +1515,10 @@ fn plaintext_never_crosses_the_public_segment() {
             outcome.connected().map(|c| c["encrypted"].clone()),
             Some(Value::Bool(true))
         );
+        assert_eq!(
+            outcome.connected().map(|c| c["path"].clone()),
+            Some(Value::from(path))
+        );
     }
     assert!(
         captured.len() as u64 > 2 * SMALL_PAYLOAD,
@@ -1527,7 +1536,7 @@ fn plaintext_never_crosses_the_public_segment() {
         }
     }
     say!(
-        "natlab capture: {} bytes captured on the public segment, {leaked} of 1024 sampled 32-byte runs of the payloads found",
+        "natlab capture ({path} path): {} bytes captured on the public segment, {leaked} of 1024 sampled 32-byte runs of the payloads found",
         captured.len()
     );
     assert_eq!(leaked, 0, "plaintext crossed the public segment");
