@@ -20,7 +20,7 @@ use crate::error::{ConnectError, NoRelay};
 use crate::handshake::{Handshake, HandshakeEvent, Trust};
 use crate::punch::{CandidateKind, CandidateReport, Path, PunchConfig, PunchEvent, Puncher};
 use crate::reliable::{self, Connection, MessageId, SendError};
-use crate::rendezvous_client::{RendezvousClient, RendezvousConfig, RendezvousEvent};
+use crate::rendezvous_client::{RelayRoute, RendezvousClient, RendezvousConfig, RendezvousEvent};
 use crate::seal::{self, DataCipher, OpenError, Opener, Sealer};
 
 /// Probe periods, and the least time, that a closing link waits for the
@@ -125,8 +125,8 @@ pub struct Link {
     /// Where the session runs, once punching succeeded or gave way to the
     /// relay.
     path: Option<Path>,
-    /// The token relay requests show, when the path is the relay.
-    relay_token: Option<u64>,
+    /// The path is the rendezvous's relay.
+    relayed: bool,
     handshake: Option<Handshake>,
     secured: Option<Secured>,
     seed: u64,
@@ -167,7 +167,7 @@ impl Link {
             role: Role::Controlled,
             puncher: None,
             path: None,
-            relay_token: None,
+            relayed: false,
             handshake: None,
             secured: None,
             seed,
@@ -286,8 +286,8 @@ impl Link {
             self.stats.malformed += 1;
             return;
         };
-        let session = self.puncher.as_ref().map(Puncher::session_id);
-        if self.relay_token.is_none() || session != Some(session_id) {
+        let route = self.rendezvous.relay_route();
+        if !self.relayed || route.map(|r| r.session_id) != Some(session_id) {
             self.stats.foreign += 1;
             return;
         }
@@ -365,31 +365,21 @@ impl Link {
             return Some(Transmit { to, bytes });
         }
         let to = self.path?.remote;
+        let route = if self.relayed {
+            // None while registering again at the server (it restarted):
+            // frames wait in the channel until the relay takes them again.
+            Some(self.rendezvous.relay_route()?)
+        } else {
+            None
+        };
         if let Some(message) = self.handshake.as_mut().and_then(Handshake::poll_transmit) {
             let bytes = message.encode().expect("handshake messages are bounded");
-            return Some(self.on_path(to, bytes));
+            return Some(on_path(to, route, bytes));
         }
         let secured = self.secured.as_mut()?;
         let payload = secured.channel.poll_transmit(now)?;
         let bytes = secured.sealer.seal(now, &payload);
-        Some(self.on_path(to, bytes))
-    }
-
-    /// A peer-to-peer frame as it goes out: as it is on a direct path,
-    /// inside a relay request on the relay.
-    fn on_path(&self, to: SocketAddr, frame: Vec<u8>) -> Transmit {
-        let Some(peer_token) = self.relay_token else {
-            return Transmit { to, bytes: frame };
-        };
-        let request = RelayRequest {
-            session_id: self.puncher.as_ref().map_or(0, Puncher::session_id),
-            peer_token,
-            inner: &frame,
-        };
-        let bytes = request
-            .encode()
-            .expect("on the relay, frames leave room for the relay header");
-        Transmit { to, bytes }
+        Some(on_path(to, route, bytes))
     }
 
     pub fn poll_event(&mut self) -> Option<LinkEvent> {
@@ -441,12 +431,12 @@ impl Link {
                     self.rendezvous.leave();
                     self.start_handshake(now, path);
                 }
-                PunchEvent::Failed(reports) => match self.rendezvous.relay_token() {
-                    Some(token) if self.config.relay => {
+                PunchEvent::Failed(reports) => match self.rendezvous.relay_route() {
+                    Some(_) if self.config.relay => {
                         // The rendezvous stays: it carries the session now,
                         // and refreshes keep the registration and the NAT
                         // mapping to it alive.
-                        self.relay_token = Some(token);
+                        self.relayed = true;
                         self.events.push_back(LinkEvent::Relaying { reports });
                         let path = Path {
                             remote: self.rendezvous.server(),
@@ -475,7 +465,7 @@ impl Link {
                 HandshakeEvent::Done(keys) => {
                     let session_id = self.puncher.as_ref().map_or(0, Puncher::session_id);
                     let mut channel = self.config.channel.clone();
-                    if self.relay_token.is_some() {
+                    if self.relayed {
                         channel.max_payload -= RELAY_HEADER_LEN;
                     }
                     self.secured = Some(Secured {
@@ -548,4 +538,25 @@ impl Link {
             self.events.push_back(event);
         }
     }
+}
+
+/// A peer-to-peer frame as it goes out: as it is on a direct path, inside a
+/// relay request along `route` on the relay.
+fn on_path(to: SocketAddr, route: Option<RelayRoute>, frame: Vec<u8>) -> Transmit {
+    let Some(RelayRoute {
+        session_id,
+        peer_token,
+    }) = route
+    else {
+        return Transmit { to, bytes: frame };
+    };
+    let request = RelayRequest {
+        session_id,
+        peer_token,
+        inner: &frame,
+    };
+    let bytes = request
+        .encode()
+        .expect("on the relay, frames leave room for the relay header");
+    Transmit { to, bytes }
 }

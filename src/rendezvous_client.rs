@@ -60,6 +60,14 @@ pub enum RendezvousEvent {
     Failed(ConnectError),
 }
 
+/// Where relay requests go: the current session at the server, and the
+/// token that shows the server who sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayRoute {
+    pub session_id: u64,
+    pub peer_token: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     /// Sending Register until the first answer.
@@ -124,11 +132,18 @@ impl RendezvousClient {
         self.server
     }
 
-    /// The token to show in relay requests, if the server relays and this
-    /// peer is still registered (a relayed session keeps refreshing).
-    pub fn relay_token(&self) -> Option<u64> {
-        match self.state {
-            State::Registered if self.relay_offered => self.token,
+    /// The session id and token relay requests carry, if the server relays
+    /// and this peer is registered and introduced. Both change when the
+    /// server introduces the peers again (after it restarted, or after a
+    /// NAT rebinding), and a relayed session follows them.
+    pub fn relay_route(&self) -> Option<RelayRoute> {
+        match (self.state, self.token, self.introduced) {
+            (State::Registered, Some(peer_token), Some(session_id)) if self.relay_offered => {
+                Some(RelayRoute {
+                    session_id,
+                    peer_token,
+                })
+            }
             _ => None,
         }
     }

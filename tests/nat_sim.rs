@@ -431,6 +431,34 @@ fn pairs_that_cannot_punch_talk_through_the_relay() {
     assert_eq!(reasons, ["closed by this side", "closed by the other peer"]);
 }
 
+/// The rendezvous restarts (its rooms, tokens and sessions gone) in the
+/// middle of a relayed session: both peers register again at their next
+/// refresh, the server introduces them under a new session id, and the
+/// session goes on along the new route, nothing lost.
+#[test]
+fn a_relayed_session_survives_the_rendezvous_restarting() {
+    let mut world = World::new(Some(NatType::Symmetric), Some(NatType::Symmetric));
+    world.run_until(Duration::from_secs(20), settled);
+    world.hosts[0].link.send(b"before".to_vec()).unwrap();
+    world.run_until(Duration::from_secs(5), |w| w.hosts[1].received.len() == 1);
+    world.server = Server::with_seed(Config::default(), 99);
+    world.hosts[0].link.send(b"during".to_vec()).unwrap();
+    world.hosts[1].link.send(b"and back".to_vec()).unwrap();
+    world.run_until(Duration::from_secs(50), |w| {
+        w.hosts[1].received.len() == 2 && w.hosts[0].received.len() == 1
+    });
+    assert_eq!(
+        world.hosts[1].received,
+        [b"before".to_vec(), b"during".to_vec()]
+    );
+    assert_eq!(world.hosts[0].received, [b"and back".to_vec()]);
+    assert!(world
+        .hosts
+        .iter()
+        .all(|h| h.closed.is_none() && h.failed.is_none()));
+    assert!(world.server.stats().relayed > 0);
+}
+
 /// A rendezvous that does not relay leaves such a pair with a clear error.
 #[test]
 fn without_a_relay_the_error_says_why() {
