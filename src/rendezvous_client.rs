@@ -308,7 +308,10 @@ impl RendezvousClient {
             host_candidates: self.host_candidates.clone(),
             client_nonce: self.nonce,
             peer_token: self.token,
-            claim: self.config.claim,
+            // A claim keeps strangers apart before the introduction; after
+            // it, registering again (a restarted server) must find the room
+            // that the other peer may already have re-entered.
+            claim: self.config.claim && self.introduced.is_none(),
         });
         self.transmits.push_back(
             register
@@ -463,5 +466,68 @@ mod tests {
         assert_eq!(now - start, Duration::from_secs(300));
         // One refresh a second while waiting.
         assert_eq!(refreshes, 299);
+    }
+
+    /// After a restart the server no longer knows the token: the client
+    /// registers again at once, without the token and without claiming the
+    /// room, and follows the new introduction's relay route.
+    #[test]
+    fn a_restarted_server_is_joined_again_without_a_claim() {
+        let now = Instant::now();
+        let mut c = RendezvousClient::new(
+            now,
+            RendezvousConfig {
+                claim: true,
+                ..RendezvousConfig::default()
+            },
+            "203.0.113.1:7777".parse().unwrap(),
+            RoomCode::new(*b"room").unwrap(),
+            vec![],
+            42,
+        );
+        let introduce = |session_id| {
+            ServerMessage::Introduce {
+                session_id,
+                your_role: Role::Controlled,
+                other_reflexive: "203.0.113.9:9".parse().unwrap(),
+                other_host_candidates: vec![],
+            }
+            .encode()
+            .unwrap()
+        };
+        c.handle_timeout(now);
+        let first = ClientMessage::decode(&c.poll_transmit().unwrap()).unwrap();
+        assert!(matches!(
+            first,
+            ClientMessage::Register(Register { claim: true, .. })
+        ));
+        c.handle_datagram(now, &registered(42));
+        c.handle_datagram(now, &introduce(7));
+        assert_eq!(c.relay_route().map(|r| r.session_id), Some(7));
+        let bad_token = ServerMessage::Error {
+            client_nonce: 42,
+            kind: ServerErrorKind::BadToken,
+        };
+        c.handle_datagram(now, &bad_token.encode().unwrap());
+        assert_eq!(c.relay_route(), None);
+        c.handle_timeout(now);
+        let again = ClientMessage::decode(&c.poll_transmit().unwrap()).unwrap();
+        assert!(matches!(
+            again,
+            ClientMessage::Register(Register {
+                claim: false,
+                peer_token: None,
+                ..
+            })
+        ));
+        c.handle_datagram(now, &registered(42));
+        c.handle_datagram(now, &introduce(8));
+        assert_eq!(
+            c.relay_route(),
+            Some(RelayRoute {
+                session_id: 8,
+                peer_token: 5
+            })
+        );
     }
 }
