@@ -17,6 +17,8 @@
 //!   5 % and 20 % random loss on the public segment.
 //! * `relayed_transfer`: 4 MiB each way between two symmetric NATs, through
 //!   the rendezvous's relay at its default rate.
+//! * `a_relayed_transfer_survives_a_rendezvous_restart`: the same with the
+//!   rendezvous stopped and started again once both peers are connected.
 //!
 //! Needs root, `ip` and `nft` (else skipped, or a failure with
 //! `NATTER_REQUIRE_NATLAB=1`), and the `natter-rendezvous` binary next to
@@ -1391,6 +1393,94 @@ fn relayed_transfer() {
     );
     print_transfer_table(&summaries, runs_from_env());
     assert_all_ok("relayed transfer", &summaries);
+}
+
+/// Two symmetric NATs relay 4 MiB each way; the rendezvous is stopped and
+/// started again (all its state gone) as soon as both are connected. The
+/// peers register again at their next refresh, the new server introduces
+/// them again, and the transfer completes byte-exact on the new route.
+#[test]
+fn a_relayed_transfer_survives_a_rendezvous_restart() {
+    if !natlab_available() {
+        return;
+    }
+    let _lock = lab_lock();
+    let bins = Binaries::find();
+    let case = Case {
+        name: "relayed, rendezvous restarted".into(),
+        timeout: Duration::from_secs(120),
+        ..relayed_transfer_case()
+    };
+    let t0 = Instant::now();
+    let lab = Lab::up(&case.lab_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let _homes = TempHomes::of(&lab);
+    let rv = Rendezvous::start(&lab, &bins, t0, true).expect("rendezvous starts");
+    let code = format!(
+        "{}-restart-{:08x}",
+        rand::random::<u16>().max(1),
+        rand::random::<u32>()
+    );
+    let seeds = [0x5eed, 0xfeed];
+    let peers: Vec<_> = case
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            spawn_peer(
+                &lab,
+                &bins,
+                &case,
+                host,
+                &code,
+                [seeds[i], seeds[1 - i]],
+                t0,
+            )
+            .expect("peer starts")
+        })
+        .collect();
+    let connected = |p: &RunningPeer| {
+        p.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(_, line)| line.contains(r#""event":"connected""#))
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !peers.iter().all(connected) {
+        assert!(
+            Instant::now() < deadline,
+            "the peers did not connect within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first_log = rv.stop();
+    let restarted_at = t0.elapsed();
+    let rv = Rendezvous::start(&lab, &bins, t0, true).expect("rendezvous restarts");
+    let outcomes = wait_peers(peers, Instant::now(), case.timeout, t0);
+    let second_log = rv.stop();
+    let mut failures = Vec::new();
+    for (i, p) in outcomes.iter().enumerate() {
+        check_peer(&lab, &case, p, &outcomes[1 - i], &mut failures);
+    }
+    for p in &outcomes {
+        say!(
+            "natlab restart: rendezvous restarted at +{:.1} s; {}: {}",
+            restarted_at.as_secs_f64(),
+            p.host,
+            p.event("transferred")
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "{failures:#?}\n---- first rendezvous:\n{first_log}\n---- second rendezvous:\n{second_log}\n---- peers:\n{}",
+        outcomes
+            .iter()
+            .map(|p| format!("{}:\n{}", p.host, format_lines(&p.stderr)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 /// Everything on the public segment (the bridge ports of all routers and
