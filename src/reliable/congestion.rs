@@ -1,11 +1,24 @@
-//! Congestion control: NewReno as RFC 9002 §7 specifies it for QUIC.
+//! Congestion control: NewReno as RFC 9002 §7 specifies it for QUIC (slow
+//! start, congestion avoidance, one reduction per recovery period,
+//! persistent congestion), with Westwood+'s response to loss (Mascolo et
+//! al., 2004).
 //!
-//! Chosen over CUBIC for its simplicity and because natter's paths are mostly
-//! consumer links where NewReno and CUBIC behave alike; the controller sees
-//! only "acked", "lost" and "persistent congestion", so swapping it is local.
+//! NewReno halves its window on every loss, as if every loss were a full
+//! queue. On Wi-Fi and mobile paths many are not, and halving then cuts
+//! throughput to a few percent of the link at 1 % random loss. Westwood+
+//! instead estimates the rate at which the path delivers (bytes acknowledged
+//! per round trip) and after a loss sets the window to that rate times the
+//! minimum round trip: the path's capacity without a queue. A loss from a
+//! full queue comes with round trips above the minimum, so the window
+//! shrinks to drain it; a random loss on an empty queue leaves the window
+//! near the bandwidth-delay product. The estimate is the largest of the
+//! last [`BANDWIDTH_SAMPLES`] per-round-trip samples, as BBR filters its
+//! delivery rate, rather than Westwood+'s moving average: an average lags a
+//! growing window, so each loss would trim the window to its own past.
 //! Windows are in bytes of datagram payload.
 
-use std::time::Instant;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 /// Initial window, in full packets (RFC 9002 §7.2: ten, capped at 14 720
 /// bytes or two packets, whichever is larger).
@@ -15,8 +28,21 @@ const INITIAL_WINDOW_CAP: u64 = 14_720;
 /// The window never shrinks below two packets (RFC 9002 kMinimumWindow).
 const MINIMUM_WINDOW_PACKETS: u64 = 2;
 
+/// Per-round-trip delivery rate samples the bandwidth estimate is the
+/// maximum of (BBR's ten).
+const BANDWIDTH_SAMPLES: usize = 10;
+
+/// A loss cuts the window only if the path delivers less than all but
+/// 1/this of it without a queue: the lost packets themselves (up to about
+/// 12 % at random) lower the delivery rate that far, and a cut for them
+/// would shrink the window a little with every loss.
+const RANDOM_LOSS_MARGIN: u64 = 8;
+
+/// The shortest interval a bandwidth sample covers.
+const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
+
 #[derive(Debug, Clone)]
-pub(crate) struct NewReno {
+pub(crate) struct Westwood {
     max_datagram: u64,
     window: u64,
     slow_start_threshold: u64,
@@ -25,9 +51,14 @@ pub(crate) struct NewReno {
     recovery_start: Option<Instant>,
     /// Bytes acked in congestion avoidance since the window last grew.
     acked_in_avoidance: u64,
+    /// The latest delivery rate samples, bytes per second, oldest first.
+    bandwidth_samples: VecDeque<f64>,
+    /// The current bandwidth sample: since when, and bytes acked since.
+    sample_start: Option<Instant>,
+    sample_bytes: u64,
 }
 
-impl NewReno {
+impl Westwood {
     pub fn new(max_datagram: usize) -> Self {
         let max_datagram = max_datagram as u64;
         let window = (INITIAL_WINDOW_PACKETS * max_datagram)
@@ -38,6 +69,9 @@ impl NewReno {
             slow_start_threshold: u64::MAX,
             recovery_start: None,
             acked_in_avoidance: 0,
+            bandwidth_samples: VecDeque::with_capacity(BANDWIDTH_SAMPLES),
+            sample_start: None,
+            sample_bytes: 0,
         }
     }
 
@@ -53,10 +87,34 @@ impl NewReno {
         self.recovery_start.is_some_and(|start| time_sent <= start)
     }
 
+    /// An ACK arrived at `now`: closes a bandwidth sample once it spans a
+    /// round trip (`min_rtt`), as Westwood+ samples once per RTT so that
+    /// bunched ACKs do not inflate the estimate. Call after the packets it
+    /// acknowledged were reported.
+    pub fn on_ack(&mut self, now: Instant, min_rtt: Duration) {
+        let Some(start) = self.sample_start else {
+            self.sample_start = Some(now);
+            self.sample_bytes = 0;
+            return;
+        };
+        let elapsed = now.saturating_duration_since(start);
+        if elapsed < min_rtt.max(MIN_SAMPLE_INTERVAL) {
+            return;
+        }
+        if self.bandwidth_samples.len() == BANDWIDTH_SAMPLES {
+            self.bandwidth_samples.pop_front();
+        }
+        self.bandwidth_samples
+            .push_back(self.sample_bytes as f64 / elapsed.as_secs_f64());
+        self.sample_start = Some(now);
+        self.sample_bytes = 0;
+    }
+
     /// A packet of `size` bytes sent at `time_sent` was acknowledged.
     /// `window_limited` says whether the sender was using the window; an
     /// application-limited sender must not grow it (RFC 9002 §7.8).
     pub fn on_packet_acked(&mut self, time_sent: Instant, size: u64, window_limited: bool) {
+        self.sample_bytes += size;
         if self.in_recovery(time_sent) || !window_limited {
             return;
         }
@@ -72,14 +130,33 @@ impl NewReno {
     }
 
     /// Packets were lost, the latest of them sent at `latest_lost_sent`.
-    /// Halves the window once per round trip.
-    pub fn on_congestion_event(&mut self, now: Instant, latest_lost_sent: Instant) {
+    /// Once per recovery period, the window becomes the estimated
+    /// bandwidth-delay product if that is smaller (half the window before
+    /// the first estimate), and slow start ends there.
+    pub fn on_congestion_event(
+        &mut self,
+        now: Instant,
+        latest_lost_sent: Instant,
+        min_rtt: Duration,
+    ) {
         if self.in_recovery(latest_lost_sent) {
             return;
         }
+        let bandwidth = self.bandwidth_samples.iter().copied().reduce(f64::max);
+        let target = match bandwidth {
+            Some(bandwidth) => (bandwidth * min_rtt.as_secs_f64()) as u64,
+            None => self.window / 2,
+        }
+        .max(self.minimum_window());
+        self.slow_start_threshold = self.window.min(target);
+        if target >= self.window - self.window / RANDOM_LOSS_MARGIN {
+            // The path delivers (nearly) the whole window without a queue:
+            // a random loss. Slow start ends, but nothing is cut, so there
+            // is no recovery period in which the window could not grow.
+            return;
+        }
         self.recovery_start = Some(now);
-        self.window = (self.window / 2).max(self.minimum_window());
-        self.slow_start_threshold = self.window;
+        self.window = target;
         self.acked_in_avoidance = 0;
     }
 
@@ -98,11 +175,49 @@ mod tests {
     use std::time::Duration;
 
     const MTU: usize = 1000;
+    const RTT: Duration = Duration::from_millis(10);
+
+    /// Acknowledges a steady 100 packets of 1000 bytes per 10 ms round
+    /// trip (10 MB/s, a bandwidth-delay product of 100 000 bytes) for
+    /// `round_trips`, starting at `start`; returns the time after.
+    fn deliver_steadily(cc: &mut Westwood, start: Instant, round_trips: u32) -> Instant {
+        let mut now = start;
+        for _ in 0..round_trips * 100 {
+            now += RTT / 100;
+            cc.on_packet_acked(start, 1000, false);
+            cc.on_ack(now, RTT);
+        }
+        now
+    }
+
+    #[test]
+    fn a_random_loss_keeps_the_window_at_the_bandwidth_delay_product() {
+        let start = Instant::now();
+        let mut cc = Westwood::new(MTU);
+        cc.window = 100_000;
+        let now = deliver_steadily(&mut cc, start, 40);
+        cc.on_congestion_event(now, now, RTT);
+        let window = cc.window();
+        assert!((95_000..=100_000).contains(&window), "{window}");
+    }
+
+    #[test]
+    fn a_loss_from_a_queue_shrinks_the_window_to_the_path_without_it() {
+        let start = Instant::now();
+        let mut cc = Westwood::new(MTU);
+        // Twice the bandwidth-delay product in flight: half of it queued.
+        cc.window = 200_000;
+        let now = deliver_steadily(&mut cc, start, 40);
+        cc.on_congestion_event(now, now, RTT);
+        let window = cc.window();
+        assert!((95_000..=100_000).contains(&window), "{window}");
+        assert_eq!(cc.slow_start_threshold, window);
+    }
 
     #[test]
     fn slow_start_doubles_per_round_trip() {
         let start = Instant::now();
-        let mut cc = NewReno::new(MTU);
+        let mut cc = Westwood::new(MTU);
         assert_eq!(cc.window(), 10_000);
         for _ in 0..10 {
             cc.on_packet_acked(start, 1000, true);
@@ -116,11 +231,11 @@ mod tests {
     fn loss_halves_once_per_recovery_period() {
         let start = Instant::now();
         let later = start + Duration::from_millis(100);
-        let mut cc = NewReno::new(MTU);
-        cc.on_congestion_event(later, start);
+        let mut cc = Westwood::new(MTU);
+        cc.on_congestion_event(later, start, RTT);
         assert_eq!(cc.window(), 5_000);
         // A second loss of a packet sent before recovery began: no change.
-        cc.on_congestion_event(later + Duration::from_millis(1), start);
+        cc.on_congestion_event(later + Duration::from_millis(1), start, RTT);
         assert_eq!(cc.window(), 5_000);
         // ACKs of packets from before recovery do not grow the window.
         cc.on_packet_acked(start, 1000, true);
@@ -132,23 +247,23 @@ mod tests {
         }
         assert_eq!(cc.window(), 6_000);
         // A loss of a packet sent after recovery began halves again.
-        cc.on_congestion_event(after + Duration::from_millis(5), after);
+        cc.on_congestion_event(after + Duration::from_millis(5), after, RTT);
         assert_eq!(cc.window(), 3_000);
     }
 
     #[test]
     fn persistent_congestion_collapses_to_the_minimum() {
-        let mut cc = NewReno::new(MTU);
+        let mut cc = Westwood::new(MTU);
         cc.on_persistent_congestion();
         assert_eq!(cc.window(), 2_000);
-        cc.on_congestion_event(Instant::now(), Instant::now());
+        cc.on_congestion_event(Instant::now(), Instant::now(), RTT);
         assert_eq!(cc.window(), 2_000, "never below the minimum");
     }
 
     #[test]
     fn initial_window_is_capped_for_large_datagrams() {
-        assert_eq!(NewReno::new(1200).window(), 12_000);
-        assert_eq!(NewReno::new(1500).window(), 14_720);
-        assert_eq!(NewReno::new(9000).window(), 18_000);
+        assert_eq!(Westwood::new(1200).window(), 12_000);
+        assert_eq!(Westwood::new(1500).window(), 14_720);
+        assert_eq!(Westwood::new(9000).window(), 18_000);
     }
 }

@@ -23,7 +23,7 @@
 //! - `packet`: the payload codec;
 //! - `ack`: range sets, and what the receiver acknowledges when;
 //! - `recovery`: RTT estimation, loss detection, probe timeouts;
-//! - `congestion`: NewReno;
+//! - `congestion`: NewReno with Westwood+'s response to loss;
 //! - `send` / `recv`: the send queue and the reassembly and flow control.
 //!
 //! The wire format and the constants are described in `docs/RELIABLE.md`.
@@ -39,7 +39,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use ack::{AckTracker, Arrival};
-use congestion::NewReno;
+use congestion::Westwood;
 use packet::{Frame, Packet};
 use recovery::{PacketContent, Recovery, SentPacket, Timeout, Verdict};
 use recv::{RecvStream, Refusal, INITIAL_CREDIT};
@@ -237,7 +237,7 @@ pub struct Connection {
     next_packet_number: u64,
     ack: AckTracker,
     recovery: Recovery,
-    congestion: NewReno,
+    congestion: Westwood,
     send: SendStream,
     recv: RecvStream,
     /// The peer lets us send stream bytes below this.
@@ -272,7 +272,7 @@ impl Connection {
             next_packet_number: 0,
             ack: AckTracker::new(config.max_ack_delay),
             recovery: Recovery::new(config.initial_rtt, config.max_ack_delay, config.min_pto),
-            congestion: NewReno::new(config.max_payload),
+            congestion: Westwood::new(config.max_payload),
             send: SendStream::new(config.send_buffer),
             recv: RecvStream::new(window, config.max_message_size as u64),
             peer_limit: INITIAL_CREDIT,
@@ -496,6 +496,9 @@ impl Connection {
             self.congestion
                 .on_packet_acked(packet.time_sent, packet.size, window_limited);
         }
+        if !verdict.acked.is_empty() {
+            self.congestion.on_ack(now, self.recovery.rtt().min());
+        }
         if let Some(largest) = verdict.ack_only_largest {
             self.ack.forget_through(largest);
         }
@@ -510,7 +513,8 @@ impl Connection {
             self.requeue(&packet.content);
         }
         if let Some(latest) = verdict.lost.iter().map(|p| p.time_sent).max() {
-            self.congestion.on_congestion_event(now, latest);
+            let min_rtt = self.recovery.rtt().min();
+            self.congestion.on_congestion_event(now, latest, min_rtt);
         }
         if verdict.persistent_congestion {
             self.congestion.on_persistent_congestion();

@@ -84,6 +84,11 @@ impl RttEstimator {
         self.smoothed
     }
 
+    /// The smallest round trip seen: the path without queueing.
+    pub fn min(&self) -> Duration {
+        self.min
+    }
+
     /// RFC 6298's RTO without its floor: SRTT + max(G, 4 RTTVAR).
     fn rto(&self) -> Duration {
         self.smoothed + (self.variance * 4).max(GRANULARITY)
