@@ -27,7 +27,8 @@ Usage: $PROG [options]          (as root)
   --nat-b TYPE     NAT type in front of peer b (default port-restricted)
                    TYPE: full-cone | address-restricted | port-restricted | symmetric
                    (symmetric against port-restricted or symmetric cannot be
-                   punched: the demo then shows natter's punch_failed report)
+                   punched: the demo then shows natter relaying through the
+                   rendezvous)
   --loss PCT       drop PCT % of the packets on the lab's public segment
   --scripted       do not use tmux: send a few scripted lines each way
   --tmux           insist on the interactive tmux mode
