@@ -12,8 +12,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use natter_wire::{
-    parse_relayed, split_header, FrameKind, HandshakeMessage, PunchMessage, RelayRequest, Role,
-    RoomCode, RELAY_HEADER_LEN,
+    parse_relayed, split_header, DataHeader, FrameKind, HandshakeMessage, PunchMessage,
+    RelayRequest, Role, RoomCode, RELAY_HEADER_LEN,
 };
 
 use crate::error::{ConnectError, NoRelay};
@@ -464,10 +464,13 @@ impl Link {
             match event {
                 HandshakeEvent::Done(keys) => {
                     let session_id = self.puncher.as_ref().map_or(0, Puncher::session_id);
+                    // A sealed payload must fit one datagram, with the relay
+                    // header too on the relay.
+                    let relay_header = if self.relayed { RELAY_HEADER_LEN } else { 0 };
                     let mut channel = self.config.channel.clone();
-                    if self.relayed {
-                        channel.max_payload -= RELAY_HEADER_LEN;
-                    }
+                    channel.max_payload = channel
+                        .max_payload
+                        .min(DataHeader::MAX_PAYLOAD - seal::TAG_LEN - relay_header);
                     self.secured = Some(Secured {
                         channel: Connection::new(channel, now),
                         sealer: Sealer::new(now, session_id, keys.cipher, keys.send),

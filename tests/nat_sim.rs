@@ -189,6 +189,12 @@ impl World {
     }
 
     fn send(&mut self, from: SocketAddr, to: SocketAddr, bytes: Vec<u8>) {
+        // Direct, relayed or from the server: never past the datagram budget.
+        assert!(
+            bytes.len() <= natter::wire::MAX_DATAGRAM,
+            "a {}-byte datagram from {from}",
+            bytes.len()
+        );
         if self.blackhole {
             return;
         }
