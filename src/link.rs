@@ -105,6 +105,9 @@ pub struct LinkStats {
     pub forged: u64,
     /// Data frames already received, or behind the anti-replay window.
     pub replayed: u64,
+    /// Frames for the relay while it had no route (registering again after
+    /// the rendezvous restarted): lost, as on a path that is down.
+    pub unroutable: u64,
 }
 
 /// The encrypted session once the handshake is done.
@@ -365,12 +368,13 @@ impl Link {
             return Some(Transmit { to, bytes });
         }
         let to = self.path?.remote;
-        let route = if self.relayed {
-            // None while registering again at the server (it restarted):
-            // frames wait in the channel until the relay takes them again.
-            Some(self.rendezvous.relay_route()?)
-        } else {
-            None
+        let route = match (self.relayed, self.rendezvous.relay_route()) {
+            (false, _) => None,
+            (true, Some(route)) => Some(route),
+            (true, None) => {
+                self.discard_unroutable(now);
+                return None;
+            }
         };
         if let Some(message) = self.handshake.as_mut().and_then(Handshake::poll_transmit) {
             let bytes = message.encode().expect("handshake messages are bounded");
@@ -380,6 +384,26 @@ impl Link {
         let payload = secured.channel.poll_transmit(now)?;
         let bytes = secured.sealer.seal(now, &payload);
         Some(on_path(to, route, bytes))
+    }
+
+    /// Drops what the handshake and the channel would send while the relay
+    /// has no route. The channel sees the loss and retransmits with backoff;
+    /// holding the frames back instead would leave its timers due and
+    /// unanswered, and its driver spinning.
+    fn discard_unroutable(&mut self, now: Instant) {
+        while self
+            .handshake
+            .as_mut()
+            .and_then(Handshake::poll_transmit)
+            .is_some()
+        {
+            self.stats.unroutable += 1;
+        }
+        if let Some(secured) = &mut self.secured {
+            while secured.channel.poll_transmit(now).is_some() {
+                self.stats.unroutable += 1;
+            }
+        }
     }
 
     pub fn poll_event(&mut self) -> Option<LinkEvent> {

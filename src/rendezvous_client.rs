@@ -156,9 +156,11 @@ impl RendezvousClient {
         let message = match ServerMessage::decode(bytes) {
             Ok(message) => message,
             Err(_) => {
-                // A version notice: the server speaks another version.
+                // A version notice: the server speaks another version. Only
+                // an answer to our first Register can be one; later, it is
+                // somebody else's forgery (it would end a relayed session).
                 if let Err(WireError::UnsupportedVersion { got }) = split_header(bytes) {
-                    if bytes[0] == FrameKind::FromServer as u8 {
+                    if bytes[0] == FrameKind::FromServer as u8 && self.state == State::Registering {
                         self.fail(ConnectError::VersionMismatch {
                             ours: natter_wire::VERSION,
                             theirs: got,
@@ -466,6 +468,24 @@ mod tests {
         assert_eq!(now - start, Duration::from_secs(300));
         // One refresh a second while waiting.
         assert_eq!(refreshes, 299);
+    }
+
+    /// A version notice can only answer the first Register: later, someone
+    /// spoofing the server's address must not end the session with one.
+    #[test]
+    fn a_version_notice_after_registration_is_ignored() {
+        let now = Instant::now();
+        let mut c = client(now);
+        c.handle_datagram(now, &registered(42));
+        assert!(matches!(
+            c.poll_event(),
+            Some(RendezvousEvent::Registered { .. })
+        ));
+        c.handle_datagram(
+            now,
+            &[FrameKind::FromServer as u8, natter_wire::VERSION + 1],
+        );
+        assert_eq!(c.poll_event(), None);
     }
 
     /// After a restart the server no longer knows the token: the client

@@ -16,7 +16,7 @@ use natter::identity::Identity;
 use natter::link::{Link, LinkConfig, LinkEvent};
 use natter::punch::CandidateKind;
 use natter::seal::DataCipher;
-use natter::wire::RoomCode;
+use natter::wire::{RoomCode, ServerErrorKind, ServerMessage};
 use natter_rendezvous::{Config, Server};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -463,6 +463,79 @@ fn a_relayed_session_survives_the_rendezvous_restarting() {
         .iter()
         .all(|h| h.closed.is_none() && h.failed.is_none()));
     assert!(world.server.stats().relayed > 0);
+}
+
+/// Garbage that claims to come from the rendezvous (relayed frames with
+/// random bodies, foreign sessions, truncated headers) or from anywhere else
+/// is dropped and counted by a relayed link, and the session goes on.
+#[test]
+fn a_relayed_link_shrugs_off_garbage() {
+    use rand::{Rng, SeedableRng};
+    let mut world = World::new(Some(NatType::Symmetric), Some(NatType::Symmetric));
+    world.run_until(Duration::from_secs(20), settled);
+    assert!(world.hosts.iter().all(|h| h.connected.is_some()));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let stranger: SocketAddr = "198.51.100.66:4444".parse().unwrap();
+    for _ in 0..20_000 {
+        let len = rng.gen_range(0..1300);
+        let mut bytes: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        if len >= 2 && rng.gen_bool(0.8) {
+            // A natter header (mostly the relayed kind), so the parsers run.
+            bytes[0] = if rng.gen_bool(0.7) {
+                0xC7
+            } else {
+                0xC0 | rng.gen_range(0..16)
+            };
+            bytes[1] = 1;
+        }
+        let from = if rng.gen_bool(0.8) {
+            world.server_addr
+        } else {
+            stranger
+        };
+        world.hosts[0].link.handle_datagram(world.now, from, &bytes);
+    }
+    let stats = world.hosts[0].link.stats().clone();
+    assert!(
+        stats.malformed + stats.foreign + stats.forged > 10_000,
+        "{stats:?}"
+    );
+    world.hosts[0].link.send(b"still here".to_vec()).unwrap();
+    world.hosts[1].link.send(b"so am I".to_vec()).unwrap();
+    world.run_until(Duration::from_secs(20), |w| {
+        w.hosts.iter().all(|h| h.received.len() == 1)
+    });
+    assert_eq!(world.hosts[1].received, [b"still here".to_vec()]);
+    assert_eq!(world.hosts[0].received, [b"so am I".to_vec()]);
+}
+
+/// The relay route goes away for a moment (the server answers a refresh
+/// with BadToken, as after a restart): the link drops and counts what it
+/// cannot route, registers again, and the session goes on without losing a
+/// message.
+#[test]
+fn a_relayed_session_survives_losing_its_route_for_a_moment() {
+    let mut world = World::new(Some(NatType::Symmetric), Some(NatType::PortRestricted));
+    world.run_until(Duration::from_secs(20), settled);
+    world.hosts[1].link.send(b"one".to_vec()).unwrap();
+    world.run_until(Duration::from_secs(25), |w| w.hosts[0].received.len() == 1);
+    // Host 0's rendezvous nonce is its seed, 11.
+    let bad_token = ServerMessage::Error {
+        client_nonce: 11,
+        kind: ServerErrorKind::BadToken,
+    };
+    let (now, server) = (world.now, world.server_addr);
+    world.hosts[0]
+        .link
+        .handle_datagram(now, server, &bad_token.encode().unwrap());
+    world.hosts[1].link.send(b"two".to_vec()).unwrap();
+    world.hosts[0].link.send(b"back".to_vec()).unwrap();
+    world.run_until(Duration::from_secs(60), |w| {
+        w.hosts[0].received.len() == 2 && w.hosts[1].received.len() == 1
+    });
+    assert_eq!(world.hosts[0].received, [b"one".to_vec(), b"two".to_vec()]);
+    assert_eq!(world.hosts[1].received, [b"back".to_vec()]);
+    assert!(world.hosts[0].link.stats().unroutable > 0);
 }
 
 /// A rendezvous that does not relay leaves such a pair with a clear error.
