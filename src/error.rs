@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use natter_wire::ServerErrorKind;
 
-use crate::handshake::HandshakeError;
+use crate::handshake::{HandshakeError, HANDSHAKE_TIMEOUT};
 use crate::punch::CandidateReport;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +31,8 @@ pub enum ConnectError {
         reports: Vec<CandidateReport>,
         no_relay: NoRelay,
     },
+    #[error("no direct path to the other peer, and it did not answer through the rendezvous's relay within {} s (it may have declined relaying with --no-relay)", HANDSHAKE_TIMEOUT.as_secs())]
+    RelayUnanswered,
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
 }
@@ -48,6 +50,7 @@ impl ConnectError {
             Self::VersionMismatch { .. } => "version_mismatch",
             Self::NoPeer { .. } => "no_peer",
             Self::PunchFailed { .. } => "punch_failed",
+            Self::RelayUnanswered => "relay_unanswered",
             Self::Handshake(HandshakeError::WrongCode) => "wrong_code",
             Self::Handshake(HandshakeError::KeyChanged { .. }) => "key_changed",
             Self::Handshake(_) => "handshake_failed",

@@ -17,7 +17,7 @@ use natter_wire::{
 };
 
 use crate::error::{ConnectError, NoRelay};
-use crate::handshake::{Handshake, HandshakeEvent, Trust};
+use crate::handshake::{Handshake, HandshakeError, HandshakeEvent, Trust};
 use crate::punch::{CandidateKind, CandidateReport, Path, PunchConfig, PunchEvent, Puncher};
 use crate::reliable::{self, Connection, MessageId, SendError};
 use crate::rendezvous_client::{RelayRoute, RendezvousClient, RendezvousConfig, RendezvousEvent};
@@ -39,6 +39,11 @@ pub struct LinkConfig {
     /// When punching fails, run the session through the rendezvous's relay
     /// (if it offers one) instead of failing.
     pub relay: bool,
+    /// The controlling peer moves to the relay this long after the
+    /// introduction if nothing at all has arrived from the other peer (no
+    /// probe, no acknowledgement), rather than at the punch timeout; the
+    /// other peer follows when the relayed handshake reaches it.
+    pub relay_after: Duration,
 }
 
 impl Default for LinkConfig {
@@ -49,6 +54,7 @@ impl Default for LinkConfig {
             channel: reliable::Config::default(),
             fast_aes: seal::has_fast_aes(),
             relay: true,
+            relay_after: Duration::from_millis(1500),
         }
     }
 }
@@ -130,6 +136,11 @@ pub struct Link {
     path: Option<Path>,
     /// The path is the rendezvous's relay.
     relayed: bool,
+    /// A relay hello is due: the server then forwards the other peer's
+    /// relayed frames to this one, should it move to the relay first.
+    relay_hello: bool,
+    /// Controlling: when to move to the relay if the other peer is silent.
+    relay_early_at: Option<Instant>,
     handshake: Option<Handshake>,
     secured: Option<Secured>,
     seed: u64,
@@ -171,6 +182,8 @@ impl Link {
             puncher: None,
             path: None,
             relayed: false,
+            relay_hello: false,
+            relay_early_at: None,
             handshake: None,
             secured: None,
             seed,
@@ -290,9 +303,24 @@ impl Link {
             return;
         };
         let route = self.rendezvous.relay_route();
-        if !self.relayed || route.map(|r| r.session_id) != Some(session_id) {
+        if route.map(|r| r.session_id) != Some(session_id) {
             self.stats.foreign += 1;
             return;
+        }
+        if !self.relayed {
+            // The other peer moved to the relay first: follow it with the
+            // handshake it started, unless a direct path is already up.
+            let handshake = matches!(split_header(inner), Ok((FrameKind::Handshake, _)));
+            match self.puncher.as_mut() {
+                Some(puncher) if handshake && self.path.is_none() && self.config.relay => {
+                    let reports = puncher.give_up();
+                    self.start_relaying(now, reports);
+                }
+                _ => {
+                    self.stats.foreign += 1;
+                    return;
+                }
+            }
         }
         match split_header(inner) {
             Ok((FrameKind::Handshake, _)) => match HandshakeMessage::decode(inner) {
@@ -331,6 +359,15 @@ impl Link {
             return;
         }
         self.rendezvous.handle_timeout(now);
+        if self.relay_early_at.is_some_and(|at| now >= at) {
+            self.relay_early_at = None;
+            if let Some(puncher) = self.puncher.as_mut().filter(|p| !p.heard_from_peer()) {
+                if self.path.is_none() {
+                    let reports = puncher.give_up();
+                    self.start_relaying(now, reports);
+                }
+            }
+        }
         if let Some(puncher) = &mut self.puncher {
             puncher.handle_timeout(now);
         }
@@ -347,6 +384,7 @@ impl Link {
         [
             self.rendezvous.poll_timeout(),
             self.puncher.as_ref().and_then(Puncher::poll_timeout),
+            self.relay_early_at.filter(|_| self.path.is_none()),
             self.handshake.as_ref().and_then(Handshake::poll_timeout),
             self.secured.as_ref().and_then(|s| s.channel.poll_timeout()),
             self.close_unconfirmed_deadline(),
@@ -362,6 +400,11 @@ impl Link {
                 to: self.rendezvous.server(),
                 bytes,
             });
+        }
+        if std::mem::take(&mut self.relay_hello) {
+            if let Some(route) = self.rendezvous.relay_route() {
+                return Some(on_path(self.rendezvous.server(), Some(route), Vec::new()));
+            }
         }
         if let Some((to, message)) = self.puncher.as_mut().and_then(Puncher::poll_transmit) {
             let bytes = message.encode().expect("punch messages are small");
@@ -456,19 +499,7 @@ impl Link {
                     self.start_handshake(now, path);
                 }
                 PunchEvent::Failed(reports) => match self.rendezvous.relay_route() {
-                    Some(_) if self.config.relay => {
-                        // The rendezvous stays: it carries the session now,
-                        // and refreshes keep the registration and the NAT
-                        // mapping to it alive.
-                        self.relayed = true;
-                        self.events.push_back(LinkEvent::Relaying { reports });
-                        let path = Path {
-                            remote: self.rendezvous.server(),
-                            kind: CandidateKind::Relayed,
-                            rtt: None,
-                        };
-                        self.start_handshake(now, path);
-                    }
+                    Some(_) if self.config.relay => self.start_relaying(now, reports),
                     _ => {
                         self.rendezvous.leave();
                         let no_relay = if self.config.relay {
@@ -507,6 +538,9 @@ impl Link {
                         cipher: keys.cipher,
                     });
                 }
+                HandshakeEvent::Failed(HandshakeError::TimedOut) if self.relayed => {
+                    self.finish(LinkEvent::Failed(ConnectError::RelayUnanswered))
+                }
                 HandshakeEvent::Failed(error) => {
                     self.finish(LinkEvent::Failed(ConnectError::Handshake(error)))
                 }
@@ -544,6 +578,27 @@ impl Link {
             candidates,
             self.seed ^ session_id,
         ));
+        if self.config.relay && self.rendezvous.relay_route().is_some() {
+            self.relay_hello = true;
+            if role == Role::Controlling {
+                self.relay_early_at = Some(now + self.config.relay_after);
+            }
+        }
+    }
+
+    /// Runs the session through the rendezvous's relay. The rendezvous
+    /// stays: it carries the session now, and refreshes keep the
+    /// registration and the NAT mapping to it alive.
+    fn start_relaying(&mut self, now: Instant, reports: Vec<CandidateReport>) {
+        self.relayed = true;
+        self.relay_early_at = None;
+        self.events.push_back(LinkEvent::Relaying { reports });
+        let path = Path {
+            remote: self.rendezvous.server(),
+            kind: CandidateKind::Relayed,
+            rtt: None,
+        };
+        self.start_handshake(now, path);
     }
 
     fn start_handshake(&mut self, now: Instant, path: Path) {

@@ -188,13 +188,33 @@ impl Puncher {
         self.session_id
     }
 
+    /// Whether anything of the other peer's arrived: a probe or an
+    /// acknowledgement, on any candidate.
+    pub fn heard_from_peer(&self) -> bool {
+        self.candidates
+            .iter()
+            .any(|c| c.report.probes_received > 0 || c.report.acks_received > 0)
+    }
+
+    /// Stops punching for good, without a `Failed` event (the session goes
+    /// to the relay instead); returns what happened on each candidate.
+    pub fn give_up(&mut self) -> Vec<CandidateReport> {
+        self.state = State::Failed;
+        self.transmits.clear();
+        self.reports()
+    }
+
+    fn reports(&self) -> Vec<CandidateReport> {
+        self.candidates.iter().map(|c| c.report.clone()).collect()
+    }
+
     pub fn handle_timeout(&mut self, now: Instant) {
         if matches!(self.state, State::Connected | State::Failed) {
             return;
         }
         if now >= self.started + self.config.timeout {
             self.state = State::Failed;
-            let reports = self.candidates.iter().map(|c| c.report.clone()).collect();
+            let reports = self.reports();
             self.events.push_back(PunchEvent::Failed(reports));
             return;
         }
@@ -238,9 +258,10 @@ impl Puncher {
         self.events.pop_front()
     }
 
-    /// A punch message from `from`. Answers probes and nominations in every
-    /// state, so a peer that is still punching gets through after this side
-    /// has connected.
+    /// A punch message from `from`. Answers probes in every state and
+    /// nominations unless this side gave up, so a peer that is still
+    /// punching gets through after this side has connected, but cannot
+    /// settle on a path this side has left for the relay.
     pub fn handle_message(&mut self, now: Instant, from: SocketAddr, message: PunchMessage) {
         if message.session_id() != self.session_id {
             self.ignored += 1;
@@ -263,6 +284,7 @@ impl Puncher {
                 ));
             }
             PunchMessage::ProbeAck { nonce, .. } => self.handle_probe_ack(now, from, nonce),
+            PunchMessage::Nominate { .. } if self.state == State::Failed => self.ignored += 1,
             PunchMessage::Nominate { nonce, .. } => {
                 self.transmits
                     .push_back((from, PunchMessage::NominateAck { session_id, nonce }));
@@ -582,6 +604,46 @@ mod tests {
         );
         assert_eq!(puncher.ignored, 1);
         assert!(puncher.poll_transmit().is_none());
+    }
+
+    /// A side that left for the relay must not let the other settle on a
+    /// direct path: it still answers probes, but no nomination.
+    #[test]
+    fn a_puncher_that_gave_up_refuses_nominations() {
+        let now = Instant::now();
+        let peer = addr("198.51.100.7:7");
+        let mut puncher = Puncher::new(
+            now,
+            PunchConfig::default(),
+            1,
+            Role::Controlled,
+            [(peer, CandidateKind::Reflexive)],
+            0,
+        );
+        assert!(!puncher.heard_from_peer());
+        let reports = puncher.give_up();
+        assert_eq!(reports.len(), 1);
+        assert!(
+            puncher.poll_transmit().is_none(),
+            "no probes after giving up"
+        );
+        let nominate = PunchMessage::Nominate {
+            session_id: 1,
+            nonce: 3,
+        };
+        puncher.handle_message(now, peer, nominate);
+        assert!(puncher.poll_transmit().is_none());
+        assert_eq!(puncher.poll_event(), None);
+        let probe = PunchMessage::Probe {
+            session_id: 1,
+            nonce: 4,
+        };
+        puncher.handle_message(now, peer, probe);
+        assert!(matches!(
+            puncher.poll_transmit(),
+            Some((_, PunchMessage::ProbeAck { .. }))
+        ));
+        assert!(puncher.heard_from_peer());
     }
 
     #[test]

@@ -119,26 +119,33 @@ struct World {
 
 impl World {
     fn new(a: Option<NatType>, b: Option<NatType>) -> Self {
-        let fast_aes = LinkConfig::default().fast_aes;
-        Self::with_fast_aes(a, b, [fast_aes; 2])
+        Self::configured(a, b, |_, _| {})
     }
 
     /// Hosts that offer AES-GCM or not.
     fn with_fast_aes(a: Option<NatType>, b: Option<NatType>, fast_aes: [bool; 2]) -> Self {
+        Self::configured(a, b, |host, config| config.fast_aes = fast_aes[host])
+    }
+
+    /// Hosts whose link configuration `configure` adjusts (host 0 or 1).
+    fn configured(
+        a: Option<NatType>,
+        b: Option<NatType>,
+        configure: impl Fn(usize, &mut LinkConfig),
+    ) -> Self {
         let start = Instant::now();
         let server_addr: SocketAddr = "203.0.113.10:7777".parse().unwrap();
-        let mut config = LinkConfig::default();
-        config.rendezvous.wait_timeout = Duration::from_secs(30);
+        let mut base = LinkConfig::default();
+        base.rendezvous.wait_timeout = Duration::from_secs(30);
         let room = RoomCode::new(*b"nat-sim").unwrap();
-        let host = |internal: &str, nat: Option<Nat>, seed: u64, fast_aes: bool| {
+        let host = |internal: &str, nat: Option<Nat>, seed: u64, index: usize| {
             let internal: SocketAddr = internal.parse().unwrap();
+            let mut config = base.clone();
+            configure(index, &mut config);
             Host {
                 link: Link::new(
                     start,
-                    LinkConfig {
-                        fast_aes,
-                        ..config.clone()
-                    },
+                    config,
                     server_addr,
                     room.clone(),
                     vec![internal],
@@ -170,13 +177,13 @@ impl World {
                     a_addr,
                     a.map(|t| Nat::new(t, "203.0.113.11", 20_000)),
                     11,
-                    fast_aes[0],
+                    0,
                 ),
                 host(
                     b_addr,
                     b.map(|t| Nat::new(t, "203.0.113.12", 30_000)),
                     22,
-                    fast_aes[1],
+                    1,
                 ),
             ],
             in_flight: BTreeMap::new(),
@@ -387,8 +394,14 @@ fn connectivity_matrix_of_the_four_nat_types() {
                 // No direct path: both sides meet on the relay.
                 assert!(connected, "{a:?} x {b:?} should relay: {outcome:?}");
                 for host in &world.hosts {
-                    let (remote, kind, _) = host.connected.unwrap();
+                    let (remote, kind, elapsed) = host.connected.unwrap();
                     assert_eq!((remote, kind), (world.server_addr, CandidateKind::Relayed));
+                    // The controlling peer heard nothing and moved early;
+                    // the other followed before its own punch timeout.
+                    assert!(
+                        elapsed < Duration::from_secs(3),
+                        "{a:?} x {b:?}: {elapsed:?}"
+                    );
                 }
             }
             assert!(!failed);
@@ -536,6 +549,31 @@ fn a_relayed_session_survives_losing_its_route_for_a_moment() {
     assert_eq!(world.hosts[0].received, [b"one".to_vec(), b"two".to_vec()]);
     assert_eq!(world.hosts[1].received, [b"back".to_vec()]);
     assert!(world.hosts[0].link.stats().unroutable > 0);
+}
+
+/// One peer declines the relay: it fails with the reason, and the other,
+/// which moved to the relay, is told that nobody answered there.
+#[test]
+fn a_peer_that_declines_the_relay_fails_both_sides_clearly() {
+    for declining in [0, 1] {
+        let mut world = World::configured(
+            Some(NatType::Symmetric),
+            Some(NatType::Symmetric),
+            |host, config| config.relay = host != declining,
+        );
+        world.run_until(Duration::from_secs(30), settled);
+        let error = |host: usize| world.hosts[host].failed.clone().unwrap_or_default();
+        assert!(
+            error(declining).contains("relaying is off on this side"),
+            "{}",
+            error(declining)
+        );
+        let other = error(1 - declining);
+        assert!(
+            other.contains("did not answer through the rendezvous's relay"),
+            "{other}"
+        );
+    }
 }
 
 /// A rendezvous that does not relay leaves such a pair with a clear error.

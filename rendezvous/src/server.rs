@@ -266,6 +266,11 @@ impl Server {
         let sender = &mut room.members[index];
         sender.relaying = true;
         sender.last_seen = now;
+        if request.inner.is_empty() {
+            // A hello: the peer will take relayed frames from now on.
+            self.stats.accepted += 1;
+            return;
+        }
         let receiver = &room.members[1 - index];
         if !receiver.relaying {
             return self.stats.drop(DropReason::RelayPeerNotReady);
@@ -917,6 +922,17 @@ mod tests {
         let sent = h.relay(A, session, a, 1000);
         assert_eq!(sent.iter().map(|t| t.to).collect::<Vec<_>>(), [addr(B)]);
         assert_eq!(h.server.stats().relayed, 2);
+    }
+
+    #[test]
+    fn a_hello_forwards_nothing_but_opens_the_way() {
+        let mut h = Harness::new();
+        let (a, b, session) = session(&mut h);
+        assert!(h.relay(B, session, b, 0).is_empty());
+        let sent = h.relay(A, session, a, 100);
+        assert_eq!(sent.iter().map(|t| t.to).collect::<Vec<_>>(), [addr(B)]);
+        let stats = h.server.stats();
+        assert_eq!((stats.relayed, stats.dropped_total()), (1, 0));
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! ```
 //!
 //! The inner frame is a whole handshake or data frame, sealed end to end:
-//! the server forwards it without reading it. The peer token (from
+//! the server forwards it without reading it. A request with no inner frame
+//! is a hello: the peer tells the server it takes relayed frames from now
+//! on, and nothing is forwarded. The peer token (from
 //! `Registered`) shows the server that the sender is the registered peer and
 //! receives at its address; the server strips it, so the other peer never
 //! learns it and every forwarded datagram is shorter than the one that
