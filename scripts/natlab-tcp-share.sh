@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# natter against a TCP flow through one bottleneck, in the NAT lab (as root).
+#
+# Router A's WAN egress is capped with tc tbf (natlab.sh --rate). Host a sends
+# a natter pipe to host b (behind router B) and, at the same moment, a TCP
+# stream (the kernel's default congestion control) to the rendezvous host.
+# Both leave through router A's cap, so they compete for it. Prints each
+# flow's goodput over the measurement window (after a warm-up) and natter's
+# share of the two.
+#
+# Usage: scripts/natlab-tcp-share.sh [RATE_MBIT] [SECONDS] [WARMUP_SECONDS]
+# TCP_CC picks the TCP flow's congestion control (one of
+# /proc/sys/net/ipv4/tcp_available_congestion_control; default: the
+# kernel's). NATTER_BIN / NATTER_RENDEZVOUS_BIN override the binaries
+# (default: target/release/ of this checkout, built if missing).
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+
+if [[ ${NATLAB_TCP_SHARE_INNER:-} != 1 ]]; then
+    rate=${1:-20}
+    secs=${2:-30}
+    warmup=${3:-5}
+    natter=${NATTER_BIN:-$root/target/release/natter}
+    rendezvous=${NATTER_RENDEZVOUS_BIN:-$root/target/release/natter-rendezvous}
+    if [[ ! -x $natter || ! -x $rendezvous ]]; then
+        (cd "$root" && cargo build --workspace --release)
+    fi
+    export NATLAB_TCP_SHARE_INNER=1 NATTER_BIN=$natter NATTER_RENDEZVOUS_BIN=$rendezvous
+    export SHARE_RATE=$rate SHARE_SECS=$secs SHARE_WARMUP=$warmup
+    exec "$here/natlab.sh" run --rate "$rate" -- "$0"
+fi
+
+# Inside the lab: natlab.sh run put LAB_ID, RV_IP, ... in the environment.
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
+in_ns() { "$here/natlab.sh" exec "$LAB_ID" "$@"; }
+
+# Reads a byte stream (stdin, or one TCP connection on PORT) and logs
+# "seconds-since-start total-bytes" every 100 ms.
+counter='
+import socket, sys, time
+port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+if port:
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", port))
+    server.listen(1)
+    conn, _ = server.accept()
+    read = lambda: conn.recv(1 << 16)
+else:
+    read = lambda: sys.stdin.buffer.read1(1 << 16)
+start, total, last = time.monotonic(), 0, 0.0
+while True:
+    chunk = read()
+    if not chunk:
+        break
+    total += len(chunk)
+    now = time.monotonic() - start
+    if now - last >= 0.1:
+        print(f"{now:.2f} {total}", flush=True)
+        last = now
+'
+# Sends zeros to HOST:PORT for SECONDS.
+tcp_source='
+import socket, sys, time
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+end, block = time.monotonic() + float(sys.argv[3]), bytes(1 << 16)
+while time.monotonic() < end:
+    sock.sendall(block)
+'
+
+if [[ -n ${TCP_CC:-} ]]; then
+    in_ns a sysctl -qw "net.ipv4.tcp_congestion_control=$TCP_CC"
+fi
+in_ns rv "$NATTER_RENDEZVOUS_BIN" --bind "$RV_IP:7777" --stats-secs 0 2>"$work/rv.err" &
+in_ns rv python3 -c "$counter" 5001 >"$work/tcp.log" &
+sleep 0.5 # the rendezvous and the TCP sink bind; both fail loudly below if not
+code="$((RANDOM % 900 + 100))-share-$RANDOM"
+in_ns b "$NATTER_BIN" pipe --code "$code" --rendezvous "$RV_IP:7777" --json \
+    2>"$work/b.err" | python3 -c "$counter" >"$work/natter.log" &
+in_ns a bash -c "head -c $((SHARE_SECS * 1024 * 1024 * 1024)) /dev/zero | timeout $SHARE_SECS \
+    '$NATTER_BIN' pipe --code '$code' --rendezvous '$RV_IP:7777' --json" 2>"$work/a.err" >/dev/null &
+# Start TCP once natter is connected, so both run over the same window.
+for _ in $(seq 100); do
+    grep -q '"connected"' "$work/a.err" 2>/dev/null && break
+    sleep 0.1
+done
+grep -q '"connected"' "$work/a.err" || { cat "$work/a.err" "$work/b.err" >&2; exit 1; }
+in_ns a python3 -c "$tcp_source" "$RV_IP" 5001 "$SHARE_SECS" &
+sleep "$SHARE_SECS"
+sleep 1
+
+# Goodput over [warmup, secs - 1] of each log's own clock.
+rate_of() {
+    python3 - "$1" "$SHARE_WARMUP" "$((SHARE_SECS - 1))" <<'EOF'
+import sys
+rows = [tuple(map(float, line.split())) for line in open(sys.argv[1]) if line.strip()]
+lo, hi = float(sys.argv[2]), float(sys.argv[3])
+a = next(r for r in rows if r[0] >= lo)
+b = [r for r in rows if r[0] <= hi][-1]
+print(f"{(b[1] - a[1]) * 8 / (b[0] - a[0]) / 1e6:.2f}")
+EOF
+}
+natter_mbit=$(rate_of "$work/natter.log")
+tcp_mbit=$(rate_of "$work/tcp.log")
+cc=$(in_ns a cat /proc/sys/net/ipv4/tcp_congestion_control)
+echo "bottleneck $SHARE_RATE Mbit/s (tc tbf on router A's WAN), $SHARE_SECS s, measured after ${SHARE_WARMUP} s"
+echo "  natter     $natter_mbit Mbit/s"
+echo "  TCP ($cc) $tcp_mbit Mbit/s"
+python3 -c "import sys; n, t = map(float, sys.argv[1:]); print(f'  natter share {n / (n + t):.2f}, together {n + t:.2f} Mbit/s')" \
+    "$natter_mbit" "$tcp_mbit"
