@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use natter::reliable::{Config, Connection, Event, SendError, Stats};
 use natter::seal::{DataCipher, Opener, Sealer};
+use natter::wire::SealedKind;
 use netsim::{Link, LinkParams, Net, WIRE_OVERHEAD};
 
 const MIB: u64 = 1024 * 1024;
@@ -88,12 +89,16 @@ impl Seals {
     /// `Net::transmit`, sealing each payload into a data frame.
     fn transmit(&mut self, net: &mut Net) {
         while let Some(payload) = net.a.poll_transmit(net.now) {
-            net.a_to_b
-                .send(net.now, self.a_sealer.seal(net.now, &payload));
+            net.a_to_b.send(
+                net.now,
+                self.a_sealer.seal(net.now, SealedKind::Data, &payload),
+            );
         }
         while let Some(payload) = net.b.poll_transmit(net.now) {
-            net.b_to_a
-                .send(net.now, self.b_sealer.seal(net.now, &payload));
+            net.b_to_a.send(
+                net.now,
+                self.b_sealer.seal(net.now, SealedKind::Data, &payload),
+            );
         }
     }
 
@@ -101,11 +106,19 @@ impl Seals {
     fn advance_to(&mut self, net: &mut Net, at: Instant) {
         net.now = net.now.max(at);
         while let Some(frame) = net.a_to_b.pop_arrived(net.now) {
-            let payload = self.b_opener.open(&frame).expect("an honest frame opens");
+            let payload = self
+                .b_opener
+                .open(&frame)
+                .expect("an honest frame opens")
+                .payload;
             net.b.handle_datagram(net.now, &payload);
         }
         while let Some(frame) = net.b_to_a.pop_arrived(net.now) {
-            let payload = self.a_opener.open(&frame).expect("an honest frame opens");
+            let payload = self
+                .a_opener
+                .open(&frame)
+                .expect("an honest frame opens")
+                .payload;
             net.a.handle_datagram(net.now, &payload);
         }
         for conn in [&mut net.a, &mut net.b] {

@@ -28,6 +28,7 @@ pub mod error;
 pub mod handshake;
 pub mod identity;
 pub mod link;
+pub mod paths;
 pub mod punch;
 pub mod reliable;
 pub mod rendezvous_client;

@@ -1,23 +1,32 @@
 //! The link to the other peer, as one state machine over one socket: meet at
 //! the rendezvous, punch, agree on keys, then carry the reliable channel,
-//! sealed, on the punched path.
+//! sealed, on whichever path works best as the network changes.
 //!
 //! Everything a peer sends and receives goes through [`Link`], so one UDP
 //! socket (one NAT mapping) serves the rendezvous, the probes and the data.
 //! Like the pieces it combines it is sans-IO: the driver passes datagrams
 //! and the time in, and sends what [`Link::poll_transmit`] returns.
+//!
+//! Its life is one [`Phase`] at a time: meeting at the rendezvous, punching,
+//! securing (the handshake on the path punching found, or on the relay),
+//! secured (the channel runs; [`Paths`] moves it between direct paths and the
+//! relay), draining (closed, still answering a repeated CLOSE), done. The
+//! link stays registered at the rendezvous until it is done: the server
+//! relays for it when a direct path fails, and introduces the peers again
+//! when one of their addresses changes.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use natter_wire::{
-    parse_relayed, split_header, DataHeader, FrameKind, HandshakeMessage, PunchMessage,
-    RelayRequest, Role, RoomCode, RELAY_HEADER_LEN,
+    parse_relayed, split_header, DataHeader, FrameKind, HandshakeMessage, PathCheck, PunchMessage,
+    RelayRequest, Role, RoomCode, SealedKind, RELAY_HEADER_LEN,
 };
 
 use crate::error::{ConnectError, NoRelay};
-use crate::handshake::{Handshake, HandshakeError, HandshakeEvent, Trust};
+use crate::handshake::{Handshake, HandshakeError, HandshakeEvent, SessionKeys, Trust};
+use crate::paths::{Heard, MoveReason, PathEvent, PathStats, Paths, Route};
 use crate::punch::{CandidateKind, CandidateReport, Path, PunchConfig, PunchEvent, Puncher};
 use crate::reliable::{self, Connection, MessageId, SendError};
 use crate::rendezvous_client::{RelayRoute, RendezvousClient, RendezvousConfig, RendezvousEvent};
@@ -36,8 +45,8 @@ pub struct LinkConfig {
     /// Whether to offer AES-256-GCM for data frames; by default, when this
     /// CPU has AES instructions.
     pub fast_aes: bool,
-    /// When punching fails, run the session through the rendezvous's relay
-    /// (if it offers one) instead of failing.
+    /// When punching fails, or a direct path goes silent, run the session
+    /// through the rendezvous's relay (if it offers one).
     pub relay: bool,
     /// The controlling peer moves to the relay this long after the
     /// introduction if nothing at all has arrived from the other peer (no
@@ -83,6 +92,12 @@ pub enum LinkEvent {
         /// What seals the data frames.
         cipher: DataCipher,
     },
+    /// The session moved to another path (the relay's is the rendezvous's
+    /// address, of kind `Relayed`).
+    PathChanged {
+        path: Path,
+        reason: MoveReason,
+    },
     Message(Vec<u8>),
     Acknowledged(MessageId),
     /// The channel closed: gracefully, or because the peer went silent.
@@ -103,50 +118,77 @@ pub struct Transmit {
 pub struct LinkStats {
     /// Not natter, or not decodable.
     pub malformed: u64,
-    /// For another session, or from an address that is not the path.
+    /// For another session, or handshake frames from off the path.
     pub foreign: u64,
     /// Data before the session keys were agreed.
     pub early: u64,
-    /// Data frames that failed authentication.
+    /// Sealed frames that failed authentication.
     pub forged: u64,
-    /// Data frames already received, or behind the anti-replay window.
+    /// Sealed frames already received, or behind the anti-replay window.
     pub replayed: u64,
     /// Frames for the relay while it had no route (registering again after
     /// the rendezvous restarted): lost, as on a path that is down.
     pub unroutable: u64,
 }
 
+/// Where the link is in its life.
+enum Phase {
+    /// Registering at the rendezvous, waiting for the other peer.
+    Meeting,
+    /// Introduced: probing the other peer's candidates. The controlling
+    /// peer moves to the relay at `relay_early_at` if it heard nothing.
+    Punching { relay_early_at: Option<Instant> },
+    /// On a path, agreeing on keys.
+    Securing {
+        path: Path,
+        route: Route,
+        handshake: Handshake,
+    },
+    /// The sealed channel runs.
+    Secured(Box<Secured>),
+    /// The channel closed gracefully; the link still acknowledges a repeated
+    /// CLOSE until `until`, then reports `reason`.
+    Draining {
+        secured: Box<Secured>,
+        until: Instant,
+        reason: String,
+    },
+    /// Over; only last words are left to send.
+    Done,
+}
+
 /// The encrypted session once the handshake is done.
 struct Secured {
+    /// Kept to answer a repeated last flight of the other peer.
+    handshake: Handshake,
     channel: Connection,
     sealer: Sealer,
     opener: Opener,
+    paths: Paths,
 }
 
 pub struct Link {
     config: LinkConfig,
     started: Instant,
+    /// The time of the latest call that passed one in.
+    now: Instant,
     rendezvous: RendezvousClient,
     trust: Trust,
     local_secret: [u8; 32],
     role: Role,
+    /// From the introduction on: answers the other peer's probes even after
+    /// this side has connected.
     puncher: Option<Puncher>,
-    /// Where the session runs, once punching succeeded or gave way to the
-    /// relay.
-    path: Option<Path>,
-    /// The path is the rendezvous's relay.
-    relayed: bool,
-    /// A relay hello is due: the server then forwards the other peer's
-    /// relayed frames to this one, should it move to the relay first.
-    relay_hello: bool,
-    /// Controlling: when to move to the relay if the other peer is silent.
-    relay_early_at: Option<Instant>,
-    handshake: Option<Handshake>,
-    secured: Option<Secured>,
+    phase: Phase,
+    /// The relay session a hello was sent for; a hello tells the server to
+    /// forward the other peer's relayed frames here, and follows every
+    /// new relay session and every refresh while secured.
+    relay_hello_for: Option<u64>,
+    /// Datagrams that must still leave after the link is done.
+    last_words: VecDeque<Transmit>,
     seed: u64,
     events: VecDeque<LinkEvent>,
     stats: LinkStats,
-    done: bool,
 }
 
 impl Link {
@@ -175,21 +217,18 @@ impl Link {
         Self {
             config,
             started: now,
+            now,
             rendezvous,
             trust,
             local_secret,
             role: Role::Controlled,
             puncher: None,
-            path: None,
-            relayed: false,
-            relay_hello: false,
-            relay_early_at: None,
-            handshake: None,
-            secured: None,
+            phase: Phase::Meeting,
+            relay_hello_for: None,
+            last_words: VecDeque::new(),
             seed,
             events: VecDeque::new(),
             stats: LinkStats::default(),
-            done: false,
         }
     }
 
@@ -197,65 +236,58 @@ impl Link {
         &self.stats
     }
 
-    /// After the channel closed gracefully, how long to keep driving the link
-    /// so a lost acknowledgement of the peer's CLOSE can be repeated.
-    pub fn drain_period(&self) -> Option<Duration> {
-        self.secured.as_ref()?.channel.drain_period()
+    /// The paths' counters, once the session is secured.
+    pub fn path_stats(&self) -> Option<&PathStats> {
+        self.secured().map(|s| s.paths.stats())
     }
 
-    /// When to stop waiting for the acknowledgement of our CLOSE once
-    /// everything else of the close is settled: the peer most likely closed
-    /// and exited and its acknowledgement was lost. Several retransmissions
-    /// fit in the grace period, so a peer that is still there gets our
-    /// CLOSE; waiting for the channel's idle timeout instead kept processes
-    /// alive for a minute after a transfer on lossy paths.
-    fn close_unconfirmed_deadline(&self) -> Option<Instant> {
-        if self.done {
-            return None;
+    fn secured(&self) -> Option<&Secured> {
+        match &self.phase {
+            Phase::Secured(secured) | Phase::Draining { secured, .. } => Some(secured),
+            _ => None,
         }
-        let channel = &self.secured.as_ref()?.channel;
-        let grace = (channel.pto_period() * CLOSE_GRACE_PTOS).max(CLOSE_GRACE_MIN);
-        channel.close_unconfirmed_since()?.checked_add(grace)
     }
 
     /// Queues a message on the channel; fails before the session is up.
     pub fn send(&mut self, message: Vec<u8>) -> Result<MessageId, SendError> {
-        match &mut self.secured {
-            Some(secured) => secured.channel.send(message),
-            None => Err(SendError::Closed),
+        match &mut self.phase {
+            Phase::Secured(secured) => secured.channel.send(message),
+            _ => Err(SendError::Closed),
         }
     }
 
     /// Closes the channel gracefully (what was sent is delivered first), or
     /// leaves the rendezvous when no session is up yet.
     pub fn close(&mut self) {
-        match &mut self.secured {
-            Some(secured) => secured.channel.close(),
-            None => {
-                self.rendezvous.leave();
+        match &mut self.phase {
+            Phase::Secured(secured) => secured.channel.close(),
+            Phase::Draining { .. } | Phase::Done => {}
+            Phase::Meeting | Phase::Punching { .. } | Phase::Securing { .. } => {
                 self.finish(LinkEvent::Closed {
                     reason: "closed before a path was found".into(),
-                });
+                })
             }
         }
     }
 
-    /// Leaves the rendezvous, if a relayed session still holds its place
-    /// there. Call once the link is done and drained: the relay carries
-    /// the last acknowledgements of the close until then.
-    pub fn leave_rendezvous(&mut self) {
-        self.rendezvous.leave();
+    /// This host's own addresses changed: the rendezvous hears of the new
+    /// ones now, and tells the other peer.
+    pub fn set_host_candidates(&mut self, now: Instant, host_candidates: Vec<SocketAddr>) {
+        self.now = now;
+        self.rendezvous.set_host_candidates(now, host_candidates);
     }
 
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.now = now;
         if from == self.rendezvous.server() {
             match split_header(bytes) {
-                Ok((FrameKind::Relayed, _)) => self.handle_relayed(now, from, bytes),
+                Ok((FrameKind::Relayed, _)) => self.handle_relayed(now, bytes),
                 _ => self.rendezvous.handle_datagram(now, bytes),
             }
             self.pump(now);
             return;
         }
+        let route = Route::Direct(from);
         match split_header(bytes) {
             Ok((FrameKind::Punch, _)) => match (PunchMessage::decode(bytes), &mut self.puncher) {
                 (Ok(message), Some(puncher)) => puncher.handle_message(now, from, message),
@@ -263,16 +295,18 @@ impl Link {
                 (Err(_), _) => self.stats.malformed += 1,
             },
             Ok((FrameKind::Handshake, _)) => match HandshakeMessage::decode(bytes) {
-                Ok(message) => self.handle_handshake(now, from, message),
+                Ok(message) => self.handle_handshake(now, route, message),
                 Err(_) => self.stats.malformed += 1,
             },
-            Ok((FrameKind::Data, _)) => self.handle_data(now, from, bytes),
+            Ok((FrameKind::Data | FrameKind::PathCheck, _)) => {
+                self.handle_sealed(now, route, bytes)
+            }
             _ => self.stats.malformed += 1,
         }
         self.pump(now);
     }
 
-    fn handle_handshake(&mut self, now: Instant, from: SocketAddr, message: HandshakeMessage) {
+    fn handle_handshake(&mut self, now: Instant, route: Route, message: HandshakeMessage) {
         let Some(puncher) = &mut self.puncher else {
             self.stats.early += 1;
             return;
@@ -281,23 +315,27 @@ impl Link {
             self.stats.foreign += 1;
             return;
         }
-        if self.path.is_none() {
+        if let (Phase::Punching { .. }, Route::Direct(from)) = (&self.phase, route) {
             // The controlled side starts the handshake as soon as it takes
             // the nomination: that proves the nomination arrived even if its
             // acknowledgement did not.
             puncher.confirm_nomination(from);
             self.pump(now);
         }
-        match (&mut self.handshake, self.path) {
-            (Some(handshake), Some(path)) if path.remote == from => {
-                handshake.handle_message(message)
-            }
+        match &mut self.phase {
+            Phase::Securing {
+                route: on,
+                handshake,
+                ..
+            } if *on == route => handshake.handle_message(message),
+            // A repeat of the other peer's last flight: its answer was lost.
+            Phase::Secured(secured) => secured.handshake.handle_message(message),
             _ => self.stats.foreign += 1,
         }
     }
 
     /// A frame of the other peer that the rendezvous relayed.
-    fn handle_relayed(&mut self, now: Instant, server: SocketAddr, bytes: &[u8]) {
+    fn handle_relayed(&mut self, now: Instant, bytes: &[u8]) {
         let Ok((session_id, inner)) = parse_relayed(bytes) else {
             self.stats.malformed += 1;
             return;
@@ -307,12 +345,12 @@ impl Link {
             self.stats.foreign += 1;
             return;
         }
-        if !self.relayed {
+        let kind = split_header(inner).map(|(kind, _)| kind);
+        if let Phase::Meeting | Phase::Punching { .. } = self.phase {
             // The other peer moved to the relay first: follow it with the
-            // handshake it started, unless a direct path is already up.
-            let handshake = matches!(split_header(inner), Ok((FrameKind::Handshake, _)));
+            // handshake it started.
             match self.puncher.as_mut() {
-                Some(puncher) if handshake && self.path.is_none() && self.config.relay => {
+                Some(puncher) if kind == Ok(FrameKind::Handshake) && self.config.relay => {
                     let reports = puncher.give_up();
                     self.start_relaying(now, reports);
                 }
@@ -322,72 +360,112 @@ impl Link {
                 }
             }
         }
-        match split_header(inner) {
-            Ok((FrameKind::Handshake, _)) => match HandshakeMessage::decode(inner) {
-                Ok(message) => self.handle_handshake(now, server, message),
+        match kind {
+            Ok(FrameKind::Handshake) => match HandshakeMessage::decode(inner) {
+                Ok(message) => self.handle_handshake(now, Route::Relay, message),
                 Err(_) => self.stats.malformed += 1,
             },
-            Ok((FrameKind::Data, _)) => self.handle_data(now, server, inner),
+            Ok(FrameKind::Data | FrameKind::PathCheck) => {
+                self.handle_sealed(now, Route::Relay, inner)
+            }
             _ => self.stats.malformed += 1,
         }
     }
 
-    fn handle_data(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
-        let (Some(secured), Some(path)) = (&mut self.secured, self.path) else {
+    /// A data frame or path check, from `route`.
+    fn handle_sealed(&mut self, now: Instant, route: Route, frame: &[u8]) {
+        let (Phase::Secured(secured) | Phase::Draining { secured, .. }) = &mut self.phase else {
             self.stats.early += 1;
             return;
         };
-        if path.remote != from {
-            self.stats.foreign += 1;
-            return;
-        }
-        match secured.opener.open(bytes) {
-            Ok(payload) => secured.channel.handle_datagram(now, &payload),
-            Err(OpenError::Forged) => self.stats.forged += 1,
-            Err(OpenError::Replayed | OpenError::TooOld) => self.stats.replayed += 1,
+        let opened = match secured.opener.open(frame) {
+            Ok(opened) => opened,
+            Err(OpenError::Forged) => return self.stats.forged += 1,
+            Err(OpenError::Replayed | OpenError::TooOld) => return self.stats.replayed += 1,
+        };
+        let heard = match opened.kind {
+            SealedKind::Data => Heard::Data {
+                newest: opened.newest,
+            },
+            SealedKind::PathCheck => match PathCheck::decode(&opened.payload) {
+                Ok(check) => Heard::Check(check),
+                Err(_) => return self.stats.malformed += 1,
+            },
+        };
+        secured.paths.handle_frame(now, route, frame.len(), heard);
+        if opened.kind == SealedKind::Data {
+            secured.channel.handle_datagram(now, &opened.payload);
         }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self
-            .close_unconfirmed_deadline()
-            .is_some_and(|deadline| now >= deadline)
-        {
-            self.finish(LinkEvent::Closed {
-                reason: "closed; the other peer left before confirming".into(),
-            });
-            return;
-        }
+        self.now = now;
         self.rendezvous.handle_timeout(now);
-        if self.relay_early_at.is_some_and(|at| now >= at) {
-            self.relay_early_at = None;
-            if let Some(puncher) = self.puncher.as_mut().filter(|p| !p.heard_from_peer()) {
-                if self.path.is_none() {
+        if let Some(puncher) = &mut self.puncher {
+            puncher.handle_timeout(now);
+        }
+        match &mut self.phase {
+            Phase::Punching {
+                relay_early_at: Some(at),
+            } if now >= *at => {
+                let puncher = self.puncher.as_mut().expect("punching has a puncher");
+                if puncher.heard_from_peer() {
+                    self.phase = Phase::Punching {
+                        relay_early_at: None,
+                    };
+                } else {
                     let reports = puncher.give_up();
                     self.start_relaying(now, reports);
                 }
             }
-        }
-        if let Some(puncher) = &mut self.puncher {
-            puncher.handle_timeout(now);
-        }
-        if let Some(handshake) = &mut self.handshake {
-            handshake.handle_timeout(now);
-        }
-        if let Some(secured) = &mut self.secured {
-            secured.channel.handle_timeout(now);
+            Phase::Securing { handshake, .. } => handshake.handle_timeout(now),
+            Phase::Secured(secured) => {
+                if close_unconfirmed_deadline(&secured.channel).is_some_and(|at| now >= at) {
+                    return self.finish(LinkEvent::Closed {
+                        reason: "closed; the other peer left before confirming".into(),
+                    });
+                }
+                secured.channel.handle_timeout(now);
+                let busy = secured.channel.stats().bytes_in_flight > 0;
+                secured.paths.handle_timeout(now, busy);
+            }
+            Phase::Draining { until, reason, .. } if now >= *until => {
+                let reason = std::mem::take(reason);
+                return self.finish(LinkEvent::Closed { reason });
+            }
+            Phase::Draining { secured, .. } => secured.channel.handle_timeout(now),
+            Phase::Meeting | Phase::Punching { .. } | Phase::Done => {}
         }
         self.pump(now);
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
+        let phase = match &self.phase {
+            Phase::Punching { relay_early_at } => *relay_early_at,
+            Phase::Securing { handshake, .. } => handshake.poll_timeout(),
+            Phase::Secured(secured) => {
+                let busy = secured.channel.stats().bytes_in_flight > 0;
+                [
+                    secured.channel.poll_timeout(),
+                    secured.paths.poll_timeout(busy),
+                    close_unconfirmed_deadline(&secured.channel),
+                ]
+                .into_iter()
+                .flatten()
+                .min()
+            }
+            Phase::Draining { secured, until, .. } => Some(
+                secured
+                    .channel
+                    .poll_timeout()
+                    .map_or(*until, |t| t.min(*until)),
+            ),
+            Phase::Meeting | Phase::Done => None,
+        };
         [
             self.rendezvous.poll_timeout(),
             self.puncher.as_ref().and_then(Puncher::poll_timeout),
-            self.relay_early_at.filter(|_| self.path.is_none()),
-            self.handshake.as_ref().and_then(Handshake::poll_timeout),
-            self.secured.as_ref().and_then(|s| s.channel.poll_timeout()),
-            self.close_unconfirmed_deadline(),
+            phase,
         ]
         .into_iter()
         .flatten()
@@ -395,56 +473,94 @@ impl Link {
     }
 
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
+        self.now = now;
         if let Some(bytes) = self.rendezvous.poll_transmit() {
+            if matches!(self.phase, Phase::Secured(_)) {
+                // A refresh: repeat the hello, in case one was lost.
+                self.relay_hello_for = None;
+            }
             return Some(Transmit {
                 to: self.rendezvous.server(),
                 bytes,
             });
         }
-        if std::mem::take(&mut self.relay_hello) {
-            if let Some(route) = self.rendezvous.relay_route() {
-                return Some(on_path(self.rendezvous.server(), Some(route), Vec::new()));
-            }
+        if let Some(transmit) = self.last_words.pop_front() {
+            return Some(transmit);
+        }
+        if let Some(hello) = self.relay_hello() {
+            return Some(hello);
         }
         if let Some((to, message)) = self.puncher.as_mut().and_then(Puncher::poll_transmit) {
             let bytes = message.encode().expect("punch messages are small");
             return Some(Transmit { to, bytes });
         }
-        let to = self.path?.remote;
-        let route = match (self.relayed, self.rendezvous.relay_route()) {
-            (false, _) => None,
-            (true, Some(route)) => Some(route),
-            (true, None) => {
-                self.discard_unroutable(now);
-                return None;
+        loop {
+            let (route, frame) = self.next_frame(now)?;
+            match self.on_route(route, frame) {
+                Some(transmit) => return Some(transmit),
+                // The relay has no route for now: lost, as on a path that
+                // is down. The channel retransmits with backoff; holding
+                // frames back instead would leave its timers due and its
+                // driver spinning.
+                None => self.stats.unroutable += 1,
             }
-        };
-        if let Some(message) = self.handshake.as_mut().and_then(Handshake::poll_transmit) {
-            let bytes = message.encode().expect("handshake messages are bounded");
-            return Some(on_path(to, route, bytes));
         }
-        let secured = self.secured.as_mut()?;
-        let payload = secured.channel.poll_transmit(now)?;
-        let bytes = secured.sealer.seal(now, &payload);
-        Some(on_path(to, route, bytes))
     }
 
-    /// Drops what the handshake and the channel would send while the relay
-    /// has no route. The channel sees the loss and retransmits with backoff;
-    /// holding the frames back instead would leave its timers due and
-    /// unanswered, and its driver spinning.
-    fn discard_unroutable(&mut self, now: Instant) {
-        while self
-            .handshake
-            .as_mut()
-            .and_then(Handshake::poll_transmit)
-            .is_some()
-        {
-            self.stats.unroutable += 1;
+    /// The next peer-to-peer frame of the current phase, and its route.
+    fn next_frame(&mut self, now: Instant) -> Option<(Route, Vec<u8>)> {
+        match &mut self.phase {
+            Phase::Securing {
+                route, handshake, ..
+            } => {
+                let message = handshake.poll_transmit()?;
+                Some((
+                    *route,
+                    message.encode().expect("handshake messages are bounded"),
+                ))
+            }
+            Phase::Secured(secured) | Phase::Draining { secured, .. } => {
+                let active = secured.paths.active().route;
+                if let Some(message) = secured.handshake.poll_transmit() {
+                    let bytes = message.encode().expect("handshake messages are bounded");
+                    return Some((active, bytes));
+                }
+                if let Some((route, check)) = secured.paths.poll_transmit() {
+                    let frame = secured
+                        .sealer
+                        .seal(now, SealedKind::PathCheck, &check.encode());
+                    return Some((route, frame));
+                }
+                let payload = secured.channel.poll_transmit(now)?;
+                Some((active, secured.sealer.seal(now, SealedKind::Data, &payload)))
+            }
+            Phase::Meeting | Phase::Punching { .. } | Phase::Done => None,
         }
-        if let Some(secured) = &mut self.secured {
-            while secured.channel.poll_transmit(now).is_some() {
-                self.stats.unroutable += 1;
+    }
+
+    /// A relay hello, when one is due: the link may need the relay (it is
+    /// punching, or its session may have to move there) and has not said
+    /// hello for the current relay session.
+    fn relay_hello(&mut self) -> Option<Transmit> {
+        if !self.config.relay || matches!(self.phase, Phase::Meeting | Phase::Done) {
+            return None;
+        }
+        let route = self.rendezvous.relay_route()?;
+        if self.relay_hello_for == Some(route.session_id) {
+            return None;
+        }
+        self.relay_hello_for = Some(route.session_id);
+        Some(relayed(self.rendezvous.server(), route, &[]))
+    }
+
+    /// `frame` as it goes out on `route`; `None` if that is the relay and it
+    /// has no route now.
+    fn on_route(&self, route: Route, frame: Vec<u8>) -> Option<Transmit> {
+        match route {
+            Route::Direct(to) => Some(Transmit { to, bytes: frame }),
+            Route::Relay => {
+                let relay = self.rendezvous.relay_route()?;
+                Some(relayed(self.rendezvous.server(), relay, &frame))
             }
         }
     }
@@ -453,30 +569,42 @@ impl Link {
         if let Some(event) = self.events.pop_front() {
             return Some(event);
         }
-        let secured = self.secured.as_mut()?;
-        let event = match secured.channel.poll_event()? {
-            reliable::Event::Message(message) => LinkEvent::Message(message),
-            reliable::Event::Acknowledged(id) => LinkEvent::Acknowledged(id),
+        let Phase::Secured(secured) = &mut self.phase else {
+            return None;
+        };
+        match secured.channel.poll_event()? {
+            reliable::Event::Message(message) => Some(LinkEvent::Message(message)),
+            reliable::Event::Acknowledged(id) => Some(LinkEvent::Acknowledged(id)),
             reliable::Event::Closed { reason } => {
-                self.done = true;
-                LinkEvent::Closed {
+                // Keep answering for the channel's drain period: if our
+                // acknowledgement of the peer's CLOSE was lost, it repeats
+                // its CLOSE, and without an answer would wait out its idle
+                // timeout.
+                let until = self.now + secured.channel.drain_period().unwrap_or_default();
+                let Phase::Secured(secured) = std::mem::replace(&mut self.phase, Phase::Done)
+                else {
+                    unreachable!("matched above")
+                };
+                self.phase = Phase::Draining {
+                    secured,
+                    until,
                     reason: reason.to_string(),
-                }
+                };
+                None
             }
             reliable::Event::TimedOut => {
-                self.done = true;
-                LinkEvent::Closed {
-                    reason: format!(
-                        "the other peer went silent for {} s",
-                        self.config.channel.idle_timeout.as_secs()
-                    ),
-                }
+                let reason = format!(
+                    "the other peer went silent for {} s",
+                    self.config.channel.idle_timeout.as_secs()
+                );
+                self.finish(LinkEvent::Closed { reason });
+                self.events.pop_front()
             }
-        };
-        Some(event)
+        }
     }
 
-    /// Moves events from the rendezvous client and the puncher forward.
+    /// Moves events from the rendezvous client, the puncher, the handshake
+    /// and the paths forward.
     fn pump(&mut self, now: Instant) {
         while let Some(event) = self.rendezvous.poll_event() {
             match event {
@@ -488,20 +616,21 @@ impl Link {
                     role,
                     reflexive,
                     host_candidates,
-                } => self.start_punching(now, session_id, role, reflexive, host_candidates),
+                } => self.introduced(now, session_id, role, reflexive, host_candidates),
+                // With a session up, the rendezvous is a way back should the
+                // path fail, not a reason to end.
+                RendezvousEvent::Failed(_) if self.secured().is_some() => {}
                 RendezvousEvent::Failed(error) => self.finish(LinkEvent::Failed(error)),
             }
         }
         while let Some(event) = self.puncher.as_mut().and_then(Puncher::poll_event) {
             match event {
                 PunchEvent::Connected(path) => {
-                    self.rendezvous.leave();
-                    self.start_handshake(now, path);
+                    self.start_handshake(now, path, Route::Direct(path.remote))
                 }
                 PunchEvent::Failed(reports) => match self.rendezvous.relay_route() {
                     Some(_) if self.config.relay => self.start_relaying(now, reports),
                     _ => {
-                        self.rendezvous.leave();
                         let no_relay = if self.config.relay {
                             NoRelay::ServerOff
                         } else {
@@ -515,40 +644,61 @@ impl Link {
                 },
             }
         }
-        while let Some(event) = self.handshake.as_mut().and_then(Handshake::poll_event) {
-            match event {
-                HandshakeEvent::Done(keys) => {
-                    let session_id = self.puncher.as_ref().map_or(0, Puncher::session_id);
-                    // A sealed payload must fit one datagram, with the relay
-                    // header too on the relay.
-                    let relay_header = if self.relayed { RELAY_HEADER_LEN } else { 0 };
-                    let mut channel = self.config.channel.clone();
-                    channel.max_payload = channel
-                        .max_payload
-                        .min(DataHeader::MAX_PAYLOAD - seal::TAG_LEN - relay_header);
-                    self.secured = Some(Secured {
-                        channel: Connection::new(channel, now),
-                        sealer: Sealer::new(now, session_id, keys.cipher, keys.send),
-                        opener: Opener::new(keys.cipher, keys.receive),
-                    });
-                    self.events.push_back(LinkEvent::Connected {
-                        path: self.path.expect("the handshake runs on a path"),
-                        elapsed: now - self.started,
-                        remote_key: keys.remote_static,
-                        cipher: keys.cipher,
-                    });
-                }
-                HandshakeEvent::Failed(HandshakeError::TimedOut) if self.relayed => {
+        if let Phase::Securing { handshake, .. } = &mut self.phase {
+            match handshake.poll_event() {
+                Some(HandshakeEvent::Done(keys)) => self.secure(now, keys),
+                Some(HandshakeEvent::Failed(HandshakeError::TimedOut))
+                    if matches!(
+                        self.phase,
+                        Phase::Securing {
+                            route: Route::Relay,
+                            ..
+                        }
+                    ) =>
+                {
                     self.finish(LinkEvent::Failed(ConnectError::RelayUnanswered))
                 }
-                HandshakeEvent::Failed(error) => {
+                Some(HandshakeEvent::Failed(error)) => {
                     self.finish(LinkEvent::Failed(ConnectError::Handshake(error)))
                 }
+                None => {}
             }
         }
+        let relay_available = self.config.relay && self.rendezvous.relay_route().is_some();
+        let server = self.rendezvous.server();
+        let (Phase::Secured(secured) | Phase::Draining { secured, .. }) = &mut self.phase else {
+            return;
+        };
+        secured.paths.set_relay_available(relay_available);
+        let mut changes = Vec::new();
+        while let Some(event) = secured.paths.poll_event() {
+            match event {
+                PathEvent::Moved {
+                    route,
+                    via,
+                    reason,
+                    migration,
+                } => {
+                    secured
+                        .channel
+                        .migrate(migration, max_payload(&self.config, route));
+                    let path = Path {
+                        remote: match route {
+                            Route::Direct(addr) => addr,
+                            Route::Relay => server,
+                        },
+                        kind: via,
+                        rtt: secured.paths.active().rtt,
+                    };
+                    changes.push(LinkEvent::PathChanged { path, reason });
+                }
+                PathEvent::Silent => self.rendezvous.refresh_now(now),
+            }
+        }
+        self.events.extend(changes);
     }
 
-    fn start_punching(
+    fn introduced(
         &mut self,
         now: Instant,
         session_id: u64,
@@ -556,16 +706,24 @@ impl Link {
         reflexive: SocketAddr,
         host_candidates: Vec<SocketAddr>,
     ) {
-        if self.path.is_some() {
-            return;
-        }
-        self.role = role;
         let candidates: Vec<_> = host_candidates
             .into_iter()
             .filter(|&addr| addr != reflexive)
             .map(|addr| (addr, CandidateKind::Host))
             .chain([(reflexive, CandidateKind::Reflexive)])
             .collect();
+        match &mut self.phase {
+            Phase::Meeting | Phase::Punching { .. } => {}
+            // Introduced again: an address changed (or the server
+            // restarted). The session stays; its paths check the new
+            // candidates.
+            Phase::Secured(secured) | Phase::Draining { secured, .. } => {
+                secured.paths.add_candidates(now, candidates);
+                return;
+            }
+            Phase::Securing { .. } | Phase::Done => return,
+        }
+        self.role = role;
         self.events.push_back(LinkEvent::Introduced {
             role,
             candidates: candidates.clone(),
@@ -578,67 +736,134 @@ impl Link {
             candidates,
             self.seed ^ session_id,
         ));
-        if self.config.relay && self.rendezvous.relay_route().is_some() {
-            self.relay_hello = true;
-            if role == Role::Controlling {
-                self.relay_early_at = Some(now + self.config.relay_after);
-            }
-        }
+        let relay_early = self.config.relay
+            && self.rendezvous.relay_route().is_some()
+            && role == Role::Controlling;
+        self.phase = Phase::Punching {
+            relay_early_at: relay_early.then(|| now + self.config.relay_after),
+        };
     }
 
     /// Runs the session through the rendezvous's relay. The rendezvous
-    /// stays: it carries the session now, and refreshes keep the
-    /// registration and the NAT mapping to it alive.
+    /// carries the session now, and refreshes keep the registration and the
+    /// NAT mapping to it alive.
     fn start_relaying(&mut self, now: Instant, reports: Vec<CandidateReport>) {
-        self.relayed = true;
-        self.relay_early_at = None;
         self.events.push_back(LinkEvent::Relaying { reports });
         let path = Path {
             remote: self.rendezvous.server(),
             kind: CandidateKind::Relayed,
             rtt: None,
         };
-        self.start_handshake(now, path);
+        self.start_handshake(now, path, Route::Relay);
     }
 
-    fn start_handshake(&mut self, now: Instant, path: Path) {
-        self.path = Some(path);
+    fn start_handshake(&mut self, now: Instant, path: Path, route: Route) {
         let session_id = self.puncher.as_ref().map_or(0, Puncher::session_id);
-        self.handshake = Some(Handshake::new(
+        let handshake = Handshake::new(
             now,
             session_id,
             self.role,
             self.trust.clone(),
             self.local_secret,
             self.config.fast_aes,
-        ));
+        );
+        self.phase = Phase::Securing {
+            path,
+            route,
+            handshake,
+        };
     }
 
+    /// The keys are agreed: the channel starts on the handshake's path, and
+    /// the other peer's candidates become the paths it may move to.
+    fn secure(&mut self, now: Instant, keys: SessionKeys) {
+        let Phase::Securing {
+            path,
+            route,
+            handshake,
+        } = std::mem::replace(&mut self.phase, Phase::Done)
+        else {
+            unreachable!("called while securing")
+        };
+        let puncher = self.puncher.as_ref().expect("securing follows punching");
+        let session_id = puncher.session_id();
+        let mut channel = self.config.channel.clone();
+        channel.max_payload = max_payload(&self.config, route);
+        let mut paths = Paths::new(now, self.role, route, path.kind, path.rtt, self.seed);
+        paths.track_candidates(puncher.candidates());
+        self.phase = Phase::Secured(Box::new(Secured {
+            handshake,
+            channel: Connection::new(channel, now),
+            sealer: Sealer::new(now, session_id, keys.cipher, keys.send),
+            opener: Opener::new(keys.cipher, keys.receive),
+            paths,
+        }));
+        self.events.push_back(LinkEvent::Connected {
+            path,
+            elapsed: now - self.started,
+            remote_key: keys.remote_static,
+            cipher: keys.cipher,
+        });
+    }
+
+    /// Ends the link with `event`: what the handshake still had to say (a
+    /// Reject) and a Leave for the rendezvous go out as last words.
     fn finish(&mut self, event: LinkEvent) {
-        if !self.done {
-            self.done = true;
-            self.events.push_back(event);
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Done => return,
+            Phase::Securing {
+                route,
+                mut handshake,
+                ..
+            } => {
+                while let Some(message) = handshake.poll_transmit() {
+                    let frame = message.encode().expect("handshake messages are bounded");
+                    match self.on_route(route, frame) {
+                        Some(transmit) => self.last_words.push_back(transmit),
+                        None => self.stats.unroutable += 1,
+                    }
+                }
+            }
+            _ => {}
         }
+        self.rendezvous.leave();
+        self.events.push_back(event);
     }
 }
 
-/// A peer-to-peer frame as it goes out: as it is on a direct path, inside a
-/// relay request along `route` on the relay.
-fn on_path(to: SocketAddr, route: Option<RelayRoute>, frame: Vec<u8>) -> Transmit {
-    let Some(RelayRoute {
-        session_id,
-        peer_token,
-    }) = route
-    else {
-        return Transmit { to, bytes: frame };
+/// When to stop waiting for the acknowledgement of our CLOSE once
+/// everything else of the close is settled: the peer most likely closed
+/// and exited and its acknowledgement was lost. Several retransmissions
+/// fit in the grace period, so a peer that is still there gets our CLOSE;
+/// waiting for the channel's idle timeout instead kept processes alive for
+/// a minute after a transfer on lossy paths.
+fn close_unconfirmed_deadline(channel: &Connection) -> Option<Instant> {
+    let grace = (channel.pto_period() * CLOSE_GRACE_PTOS).max(CLOSE_GRACE_MIN);
+    channel.close_unconfirmed_since()?.checked_add(grace)
+}
+
+/// The channel's largest payload on `route`: a sealed frame must fit one
+/// datagram, with the relay header too on the relay.
+fn max_payload(config: &LinkConfig, route: Route) -> usize {
+    let relay_header = match route {
+        Route::Direct(_) => 0,
+        Route::Relay => RELAY_HEADER_LEN,
     };
+    config
+        .channel
+        .max_payload
+        .min(DataHeader::MAX_PAYLOAD - seal::TAG_LEN - relay_header)
+}
+
+/// A frame inside a relay request along `route`.
+fn relayed(server: SocketAddr, route: RelayRoute, frame: &[u8]) -> Transmit {
     let request = RelayRequest {
-        session_id,
-        peer_token,
-        inner: &frame,
+        session_id: route.session_id,
+        peer_token: route.peer_token,
+        inner: frame,
     };
     let bytes = request
         .encode()
         .expect("on the relay, frames leave room for the relay header");
-    Transmit { to, bytes }
+    Transmit { to: server, bytes }
 }

@@ -196,6 +196,14 @@ impl Puncher {
             .any(|c| c.report.probes_received > 0 || c.report.acks_received > 0)
     }
 
+    /// The other peer's candidates: those it was introduced with and those
+    /// its probes came from.
+    pub fn candidates(&self) -> impl Iterator<Item = (SocketAddr, CandidateKind)> + '_ {
+        self.candidates
+            .iter()
+            .map(|c| (c.report.addr, c.report.kind))
+    }
+
     /// Stops punching for good, without a `Failed` event (the session goes
     /// to the relay instead); returns what happened on each candidate.
     pub fn give_up(&mut self) -> Vec<CandidateReport> {

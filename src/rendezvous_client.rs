@@ -237,7 +237,10 @@ impl RendezvousClient {
                     });
                 }
                 let last_heard = self.last_heard.expect("set when registered");
-                if now >= last_heard + 3 * self.refresh_interval {
+                // Once introduced, a session may be running on a direct
+                // path: a server that went away is no reason to end it, and
+                // refreshes go on in case it comes back.
+                if self.introduced.is_none() && now >= last_heard + 3 * self.refresh_interval {
                     return self.fail(ConnectError::RendezvousLost {
                         server: self.server,
                         silent_for: now - last_heard,
@@ -278,8 +281,25 @@ impl RendezvousClient {
         self.events.pop_front()
     }
 
-    /// Tells the server we are done (the path is up, or we are quitting) and
-    /// stops all traffic to it.
+    /// Refreshes the registration now rather than at the next interval: this
+    /// peer's address may have changed (a path went silent, the host's
+    /// addresses changed), and the server introduces the peers again when it
+    /// sees a registration from a new address.
+    pub fn refresh_now(&mut self, now: Instant) {
+        if self.state == State::Registered {
+            self.next_send = now;
+        }
+    }
+
+    /// This host's addresses changed: the next registration carries these.
+    pub fn set_host_candidates(&mut self, now: Instant, host_candidates: Vec<SocketAddr>) {
+        if host_candidates != self.host_candidates {
+            self.host_candidates = host_candidates;
+            self.refresh_now(now);
+        }
+    }
+
+    /// Tells the server we are done and stops all traffic to it.
     pub fn leave(&mut self) {
         if let (Some(peer_token), State::Registered) = (self.token, self.state) {
             let leave = ClientMessage::Leave {

@@ -20,7 +20,7 @@
 
 use std::time::{Duration, Instant};
 
-use natter_wire::{DataHeader, DATA_HEADER_LEN};
+use natter_wire::{DataHeader, SealedKind, DATA_HEADER_LEN};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
 
 /// The counter's top bit: the key phase.
@@ -158,8 +158,8 @@ impl Sealer {
         }
     }
 
-    /// The whole datagram: header, then `payload` sealed.
-    pub fn seal(&mut self, now: Instant, payload: &[u8]) -> Vec<u8> {
+    /// The whole datagram: a header of `kind`, then `payload` sealed.
+    pub fn seal(&mut self, now: Instant, kind: SealedKind, payload: &[u8]) -> Vec<u8> {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         let used = sequence - self.epoch_first_sequence;
@@ -176,6 +176,7 @@ impl Sealer {
         let counter = sequence | phase;
         let mut frame = Vec::with_capacity(DATA_HEADER_LEN + payload.len() + TAG_LEN);
         DataHeader {
+            kind,
             session_id: self.session_id,
             counter,
         }
@@ -193,6 +194,17 @@ impl Sealer {
         frame.extend_from_slice(tag.as_ref());
         frame
     }
+}
+
+/// An authentic frame, opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    pub kind: SealedKind,
+    /// No frame with a higher counter was opened before: the sender sent
+    /// it last of all it sent so far (RFC 9000 §9.3 moves a connection
+    /// only for such a frame, so reordered or delayed copies cannot).
+    pub newest: bool,
+    pub payload: Vec<u8>,
 }
 
 /// Opens the other side's frames.
@@ -220,9 +232,8 @@ impl Opener {
         }
     }
 
-    /// Checks and decrypts one data frame (header included) and returns its
-    /// payload.
-    pub fn open(&mut self, frame: &[u8]) -> Result<Vec<u8>, OpenError> {
+    /// Checks and decrypts one sealed frame (header included).
+    pub fn open(&mut self, frame: &[u8]) -> Result<Opened, OpenError> {
         let (header, sealed) = DataHeader::parse(frame).map_err(|_| OpenError::Forged)?;
         if sealed.len() < TAG_LEN {
             return Err(OpenError::Forged);
@@ -250,6 +261,7 @@ impl Opener {
             .len();
         payload.truncate(plaintext_len);
         // Only an authentic frame moves the window or the key.
+        let newest = self.window.highest.is_none_or(|highest| sequence > highest);
         self.window.accept(sequence);
         if key_update {
             let next_key = rekey(self.kind, &self.current_key);
@@ -261,7 +273,11 @@ impl Opener {
             self.phase = phase;
             self.epoch_first_sequence = sequence;
         }
-        Ok(payload)
+        Ok(Opened {
+            kind: header.kind,
+            newest,
+            payload,
+        })
     }
 }
 
@@ -360,29 +376,32 @@ mod tests {
         let now = Instant::now();
         let mut chacha = Sealer::new(now, 7, DataCipher::ChaCha20Poly1305, [1; 32]);
         let mut aes = Opener::new(DataCipher::Aes256Gcm, [1; 32]);
-        assert_eq!(aes.open(&chacha.seal(now, b"x")), Err(OpenError::Forged));
+        assert_eq!(
+            aes.open(&chacha.seal(now, SealedKind::Data, b"x")),
+            Err(OpenError::Forged)
+        );
     }
 
     #[test]
     fn round_trip() {
         for (mut sealer, mut opener, now) in pairs() {
-            let frame = sealer.seal(now, b"secret words");
+            let frame = sealer.seal(now, SealedKind::Data, b"secret words");
             assert!(!frame.windows(6).any(|w| w == b"secret"));
             assert_eq!(frame.len(), DATA_HEADER_LEN + 12 + TAG_LEN);
-            assert_eq!(opener.open(&frame).unwrap(), b"secret words");
+            assert_eq!(opener.open(&frame).unwrap().payload, b"secret words");
         }
     }
 
     #[test]
     fn any_flipped_bit_is_caught() {
         for (mut sealer, mut opener, now) in pairs() {
-            let frame = sealer.seal(now, b"hello");
+            let frame = sealer.seal(now, SealedKind::Data, b"hello");
             for bit in 0..frame.len() * 8 {
                 let mut tampered = frame.clone();
                 tampered[bit / 8] ^= 1 << (bit % 8);
                 assert!(opener.open(&tampered).is_err(), "bit {bit} went unnoticed");
             }
-            assert_eq!(opener.open(&frame).unwrap(), b"hello");
+            assert_eq!(opener.open(&frame).unwrap().payload, b"hello");
         }
     }
 
@@ -390,14 +409,19 @@ mod tests {
     fn wrong_key_is_forged() {
         for (mut sealer, opener, now) in pairs() {
             let mut other = Opener::new(opener.kind, [2; 32]);
-            assert_eq!(other.open(&sealer.seal(now, b"x")), Err(OpenError::Forged));
+            assert_eq!(
+                other.open(&sealer.seal(now, SealedKind::Data, b"x")),
+                Err(OpenError::Forged)
+            );
         }
     }
 
     #[test]
     fn replays_and_ancient_frames_are_refused_reordering_is_not() {
         for (mut sealer, mut opener, now) in pairs() {
-            let frames: Vec<_> = (0..3000).map(|_| sealer.seal(now, b"x")).collect();
+            let frames: Vec<_> = (0..3000)
+                .map(|_| sealer.seal(now, SealedKind::Data, b"x"))
+                .collect();
             // Deliver out of order within the window: all accepted once.
             for index in (0..100).rev() {
                 assert!(opener.open(&frames[index]).is_ok());
@@ -412,15 +436,32 @@ mod tests {
     }
 
     #[test]
+    fn opened_frames_say_their_kind_and_whether_they_are_the_newest() {
+        for (mut sealer, mut opener, now) in pairs() {
+            let first = sealer.seal(now, SealedKind::Data, b"a");
+            let check = sealer.seal(now, SealedKind::PathCheck, b"b");
+            let opened = opener.open(&check).unwrap();
+            assert_eq!((opened.kind, opened.newest), (SealedKind::PathCheck, true));
+            let opened = opener.open(&first).unwrap();
+            assert_eq!((opened.kind, opened.newest), (SealedKind::Data, false));
+            // The kind is authenticated: a data frame relabelled as a check
+            // does not open.
+            let mut relabelled = sealer.seal(now, SealedKind::Data, b"c");
+            relabelled[0] = natter_wire::FrameKind::PathCheck as u8;
+            assert_eq!(opener.open(&relabelled), Err(OpenError::Forged));
+        }
+    }
+
+    #[test]
     fn keys_rotate_with_time_and_frames_across_the_change_still_open() {
         for (mut sealer, mut opener, now) in pairs() {
-            let before = sealer.seal(now, b"old key");
-            let after = sealer.seal(now + REKEY_AFTER, b"new key");
+            let before = sealer.seal(now, SealedKind::Data, b"old key");
+            let after = sealer.seal(now + REKEY_AFTER, SealedKind::Data, b"new key");
             let (header, _) = DataHeader::parse(&after).unwrap();
             assert_eq!(split_counter(header.counter), (true, 1));
             // The new-key frame arrives first; the old one still opens.
-            assert_eq!(opener.open(&after).unwrap(), b"new key");
-            assert_eq!(opener.open(&before).unwrap(), b"old key");
+            assert_eq!(opener.open(&after).unwrap().payload, b"new key");
+            assert_eq!(opener.open(&before).unwrap().payload, b"old key");
             // A frame under the new key does not open with the old one.
             let mut stale = Opener::new(opener.kind, [1; 32]);
             stale.phase = true;
@@ -433,25 +474,31 @@ mod tests {
         for (mut sealer, mut opener, now) in pairs() {
             sealer.next_sequence = REKEY_AFTER_FRAMES - 1;
             opener.window.accept(REKEY_AFTER_FRAMES - 2);
-            let last_old = sealer.seal(now, b"a");
-            let first_new = sealer.seal(now, b"b");
+            let last_old = sealer.seal(now, SealedKind::Data, b"a");
+            let first_new = sealer.seal(now, SealedKind::Data, b"b");
             assert!(!split_counter(DataHeader::parse(&last_old).unwrap().0.counter).0);
             assert!(split_counter(DataHeader::parse(&first_new).unwrap().0.counter).0);
-            assert_eq!(opener.open(&last_old).unwrap(), b"a");
-            assert_eq!(opener.open(&first_new).unwrap(), b"b");
+            assert_eq!(opener.open(&last_old).unwrap().payload, b"a");
+            assert_eq!(opener.open(&first_new).unwrap().payload, b"b");
         }
     }
 
     #[test]
     fn a_forged_frame_cannot_change_the_key() {
         for (mut sealer, mut opener, now) in pairs() {
-            let mut forged = sealer.seal(now + REKEY_AFTER, b"x");
+            let mut forged = sealer.seal(now + REKEY_AFTER, SealedKind::Data, b"x");
             let last = forged.len() - 1;
             forged[last] ^= 1;
             assert_eq!(opener.open(&forged), Err(OpenError::Forged));
             assert!(!opener.phase);
             // The genuine next frame under the new key still opens and moves it.
-            assert_eq!(opener.open(&sealer.seal(now, b"y")).unwrap(), b"y");
+            assert_eq!(
+                opener
+                    .open(&sealer.seal(now, SealedKind::Data, b"y"))
+                    .unwrap()
+                    .payload,
+                b"y"
+            );
             assert!(opener.phase);
         }
     }

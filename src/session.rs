@@ -34,6 +34,7 @@ use crate::error::ConnectError;
 use crate::handshake::Trust;
 use crate::identity::{Identity, PublicKey};
 use crate::link::{Link, LinkConfig, LinkEvent};
+use crate::paths::MoveReason;
 use crate::punch::{CandidateKind, CandidateReport, Path};
 use crate::reliable::{MessageId, SendError};
 use crate::seal::DataCipher;
@@ -45,6 +46,10 @@ const TAG_END: u8 = 1;
 /// driver stops taking messages from the channel, whose receive window then
 /// holds the sender back.
 const INCOMING_QUEUE: usize = 64;
+/// How often the host's own addresses are looked at again: a peer whose
+/// address changed (a new network, an interface down and up) tells the
+/// rendezvous within this, and through it the other peer.
+const REGATHER_INTERVAL: Duration = Duration::from_secs(3);
 /// Largest message one `poll_write` makes of a byte stream.
 const WRITE_CHUNK: usize = 64 * 1024;
 
@@ -81,6 +86,11 @@ pub enum Progress {
     /// the session goes through the rendezvous's relay.
     Relaying {
         reports: Vec<CandidateReport>,
+    },
+    /// After connecting: the session moved to another path.
+    PathChanged {
+        path: Path,
+        reason: MoveReason,
     },
 }
 
@@ -173,7 +183,8 @@ impl PeerBuilder {
         self
     }
 
-    /// Where to report registration and introduction while connecting.
+    /// Where to report registration and introduction while connecting, and
+    /// path changes afterwards.
     pub fn progress(mut self, progress: mpsc::UnboundedSender<Progress>) -> Self {
         self.progress = Some(progress);
         self
@@ -212,6 +223,7 @@ impl PeerBuilder {
         let (connected_tx, connected) = oneshot::channel();
         let driver = Driver {
             socket: Socket::new(socket)?,
+            local,
             commands: command_rx,
             incoming: incoming_tx,
             state: DriverState {
@@ -551,6 +563,8 @@ impl AsyncRead for SessionReceiver {
 /// and the link.
 struct Driver {
     socket: Socket,
+    /// The socket's address, for gathering host candidates again.
+    local: SocketAddr,
     commands: mpsc::Receiver<Command>,
     incoming: mpsc::Sender<Delivery>,
     state: DriverState,
@@ -577,10 +591,13 @@ impl Driver {
     async fn run(self) -> io::Result<()> {
         let Driver {
             mut socket,
+            local,
             mut commands,
             incoming,
             mut state,
         } = self;
+        let mut regather = tokio::time::interval(REGATHER_INTERVAL);
+        regather.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A message the application has no room for yet, and a send the
         // channel had no room for yet: both hold their queue back.
         let mut undelivered: Option<Vec<u8>> = None;
@@ -604,17 +621,9 @@ impl Driver {
             // credit, which the send then advertises.
             if undelivered.is_none() {
                 if let Some(ending) = state.handle_events(&incoming, &mut undelivered) {
-                    // Last words (a Leave, a Reject, the close
-                    // acknowledgement) go out before the application hears
-                    // of the end: a process that exits at once must not
-                    // swallow them.
-                    socket
-                        .send_all(|| state.link.poll_transmit(Instant::now().into_std()))
-                        .await;
-                    if let Some(period) = state.link.drain_period() {
-                        drain(&mut socket, &mut state.link, Instant::now() + period).await?;
-                    }
-                    state.link.leave_rendezvous();
+                    // Last words (a Leave, a Reject) go out before the
+                    // application hears of the end: a process that exits at
+                    // once must not swallow them.
                     socket
                         .send_all(|| state.link.poll_transmit(Instant::now().into_std()))
                         .await;
@@ -633,6 +642,10 @@ impl Driver {
                 // once this one has used its share.
                 () = tokio::task::coop::consume_budget(), if sent == Sent::More => {}
                 _ = sleep_until(timeout) => state.link.handle_timeout(Instant::now().into_std()),
+                _ = regather.tick() => {
+                    let hosts = host_candidates(local);
+                    state.link.set_host_candidates(Instant::now().into_std(), hosts);
+                }
                 command = commands.recv(), if unsent.is_none() && commands_open => match command {
                     Some(Command::Send { message, acked }) => unsent = state.try_send(message, acked),
                     Some(Command::Close) => state.link.close(),
@@ -690,6 +703,9 @@ impl DriverState {
                     self.report(Progress::Introduced { candidates })
                 }
                 LinkEvent::Relaying { reports } => self.report(Progress::Relaying { reports }),
+                LinkEvent::PathChanged { path, reason } => {
+                    self.report(Progress::PathChanged { path, reason })
+                }
                 LinkEvent::Connected {
                     path,
                     elapsed,
@@ -740,27 +756,6 @@ impl DriverState {
         if let Some(tx) = &self.progress {
             let _ = tx.send(progress);
         }
-    }
-}
-
-/// Keeps answering the peer until `until` after a graceful close: if our
-/// acknowledgement of its CLOSE was lost it repeats the CLOSE, and without an
-/// answer it would wait out its idle timeout. The application hears of the
-/// close only afterwards, so a process that exits at once still drains.
-async fn drain(socket: &mut Socket, link: &mut Link, until: Instant) -> io::Result<()> {
-    loop {
-        let timer = link.poll_timeout().map(Instant::from_std);
-        tokio::select! {
-            ready = socket.readable() => ready?,
-            _ = sleep_until(timer) => link.handle_timeout(Instant::now().into_std()),
-            _ = tokio::time::sleep_until(until) => return Ok(()),
-        }
-        socket.receive(|from, datagram| {
-            link.handle_datagram(Instant::now().into_std(), from, datagram)
-        });
-        socket
-            .send_all(|| link.poll_transmit(Instant::now().into_std()))
-            .await;
     }
 }
 

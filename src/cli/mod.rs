@@ -223,6 +223,12 @@ async fn connect_reporting(builder: PeerBuilder, reporter: Reporter) -> Result<S
     while let Ok(step) = progress.try_recv() {
         reporter.progress(&step);
     }
+    // Path changes are reported for as long as the session runs.
+    tokio::spawn(async move {
+        while let Some(step) = progress.recv().await {
+            reporter.progress(&step);
+        }
+    });
     session
 }
 

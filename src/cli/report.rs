@@ -35,6 +35,28 @@ impl Reporter {
                     reports.iter().map(|r| format!("\n  {r}")).collect::<String>()
                 ),
             ),
+            Progress::PathChanged { path, reason } => {
+                let (kind, human) = match path.kind {
+                    CandidateKind::Relayed => (
+                        "relayed",
+                        format!("relaying through the rendezvous: {reason}"),
+                    ),
+                    via => (
+                        "direct",
+                        format!("now direct to {} ({} candidate): {reason}", path.remote, via.as_str()),
+                    ),
+                };
+                self.emit(
+                    json!({
+                        "event": "path_changed",
+                        "path": kind,
+                        "remote": path.remote.to_string(),
+                        "via": path.kind.as_str(),
+                        "reason": reason.as_str(),
+                    }),
+                    human,
+                )
+            }
         }
     }
 

@@ -110,6 +110,18 @@ impl Default for Config {
     }
 }
 
+/// How the route of a connection's datagrams changed, for
+/// [`Connection::migrate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migration {
+    /// The same address with another port (a NAT rebinding): most likely
+    /// the same path, so its round trip and congestion state are kept.
+    PortOnly,
+    /// Another address, or into or out of a relay: the path's round trip
+    /// and capacity are unknown again.
+    NewPath,
+}
+
 /// Names a message sent on this connection; they count up from zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MessageId(pub u64);
@@ -287,6 +299,21 @@ impl Connection {
             last_sent: now,
             stats: Stats::default(),
             config,
+        }
+    }
+
+    /// The datagrams now go by another route, whose largest payload is
+    /// `max_payload`. What was in flight on the old route is sent again on
+    /// the new one at once instead of after its loss timers, so a move
+    /// stalls for about one round trip of the new route.
+    pub fn migrate(&mut self, migration: Migration, max_payload: usize) {
+        let new_path = migration == Migration::NewPath;
+        for packet in self.recovery.abandon_in_flight(new_path) {
+            self.requeue(&packet.content);
+        }
+        self.config.max_payload = max_payload.max(MIN_PAYLOAD);
+        if new_path {
+            self.congestion = Westwood::new(self.config.max_payload);
         }
     }
 

@@ -153,6 +153,7 @@ pub(crate) struct Recovery {
     last_ack_eliciting_sent: Option<Instant>,
     rtt: RttEstimator,
     first_rtt_sample: Option<Instant>,
+    initial_rtt: Duration,
     max_ack_delay: Duration,
     min_pto: Duration,
 }
@@ -169,6 +170,7 @@ impl Recovery {
             last_ack_eliciting_sent: None,
             rtt: RttEstimator::new(initial_rtt),
             first_rtt_sample: None,
+            initial_rtt,
             max_ack_delay,
             min_pto,
         }
@@ -225,6 +227,23 @@ impl Recovery {
             return None;
         }
         Some(self.last_ack_eliciting_sent? + self.backed_off_pto())
+    }
+
+    /// The connection's datagrams take another route: every packet in flight
+    /// is handed back to be sent again there, neither acknowledged nor
+    /// counted as lost (the old route's fate says nothing about congestion
+    /// on the new one), and the probe backoff starts over. On a new path the
+    /// round-trip estimate starts over too (RFC 9000 §9.4).
+    pub fn abandon_in_flight(&mut self, new_path: bool) -> Vec<SentPacket> {
+        let abandoned = std::mem::take(&mut self.in_flight).into_values().collect();
+        self.bytes_in_flight = 0;
+        self.loss_time = None;
+        self.pto_count = 0;
+        if new_path {
+            self.rtt = RttEstimator::new(self.initial_rtt);
+            self.first_rtt_sample = None;
+        }
+        abandoned
     }
 
     /// Processes an ACK frame already checked to acknowledge only packet

@@ -1,21 +1,46 @@
-//! The header of a peer-to-peer data frame.
+//! The header of a sealed peer-to-peer frame, and the body of a path check.
 //!
 //! ```text
-//! | 0xC4 | version | session id (u64 BE) | counter (u64 BE) | payload ... |
+//! | 0xC4 or 0xC8 | version | session id (u64 BE) | counter (u64 BE) | payload ... |
 //! ```
+//!
+//! Two kinds of frame are sealed with the session keys: data (`0xC4`, the
+//! reliable channel's packets) and path checks (`0xC8`, a challenge or its
+//! response on one route). Both count in the same counter space, so a nonce
+//! is never used twice, and the kind byte is part of the authenticated
+//! header, so neither can be passed off as the other.
 //!
 //! The session id names the session the rendezvous introduced, so a frame for
 //! an old or foreign session is dropped before any work. The counter grows by
-//! one per frame sent; once sessions are sealed it is the AEAD nonce and the
-//! whole header is the associated data, so nothing in it can be altered.
+//! one per frame sent; it is the AEAD nonce and the whole header is the
+//! associated data, so nothing in it can be altered.
 
-use super::{expect_kind, push_header, FrameKind, WireError, HEADER_LEN, MAX_DATAGRAM};
+use super::{push_header, split_header, FrameKind, WireError, HEADER_LEN, MAX_DATAGRAM};
 
-/// Bytes from the start of a data frame to its payload.
+/// Bytes from the start of a sealed frame to its payload.
 pub const DATA_HEADER_LEN: usize = HEADER_LEN + 16;
+
+/// What a sealed frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealedKind {
+    /// A packet of the reliable channel.
+    Data,
+    /// A [`PathCheck`].
+    PathCheck,
+}
+
+impl SealedKind {
+    fn frame_kind(self) -> FrameKind {
+        match self {
+            Self::Data => FrameKind::Data,
+            Self::PathCheck => FrameKind::PathCheck,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataHeader {
+    pub kind: SealedKind,
     pub session_id: u64,
     pub counter: u64,
 }
@@ -26,14 +51,23 @@ impl DataHeader {
 
     /// Appends the header to `out`; the caller appends the payload.
     pub fn write(&self, out: &mut Vec<u8>) {
-        push_header(out, FrameKind::Data);
+        push_header(out, self.kind.frame_kind());
         out.extend_from_slice(&self.session_id.to_be_bytes());
         out.extend_from_slice(&self.counter.to_be_bytes());
     }
 
-    /// Splits a data frame into its header and payload.
+    /// Splits a sealed frame into its header and payload.
     pub fn parse(bytes: &[u8]) -> Result<(Self, &[u8]), WireError> {
-        let body = expect_kind(bytes, FrameKind::Data)?;
+        let (kind, body) = match split_header(bytes)? {
+            (FrameKind::Data, body) => (SealedKind::Data, body),
+            (FrameKind::PathCheck, body) => (SealedKind::PathCheck, body),
+            (got, _) => {
+                return Err(WireError::WrongKind {
+                    expected: FrameKind::Data,
+                    got,
+                })
+            }
+        };
         let Some((session_id, rest)) = body.split_first_chunk::<8>() else {
             return Err(WireError::Truncated);
         };
@@ -41,10 +75,56 @@ impl DataHeader {
             return Err(WireError::Truncated);
         };
         let header = Self {
+            kind,
             session_id: u64::from_be_bytes(*session_id),
             counter: u64::from_be_bytes(*counter),
         };
         Ok((header, payload))
+    }
+}
+
+/// Bytes of a path check's plaintext: a type byte and the 16 random bytes.
+pub const PATH_CHECK_LEN: usize = 17;
+
+const CHALLENGE: u8 = 1;
+const RESPONSE: u8 = 2;
+
+/// Proof that a route works both ways (RFC 9000's PATH_CHALLENGE and
+/// PATH_RESPONSE), sealed so that nobody without the session keys can
+/// answer a challenge or forge a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathCheck {
+    /// "Answer me on the route this came by": 16 random bytes.
+    Challenge([u8; 16]),
+    /// The bytes of a challenge, sent back on the route it came by.
+    Response([u8; 16]),
+}
+
+impl PathCheck {
+    pub fn encode(&self) -> [u8; PATH_CHECK_LEN] {
+        let (kind, data) = match self {
+            Self::Challenge(data) => (CHALLENGE, data),
+            Self::Response(data) => (RESPONSE, data),
+        };
+        let mut out = [0; PATH_CHECK_LEN];
+        out[0] = kind;
+        out[1..].copy_from_slice(data);
+        out
+    }
+
+    /// Decodes the plaintext of a path check frame.
+    pub fn decode(plaintext: &[u8]) -> Result<Self, WireError> {
+        let Some((&kind, data)) = plaintext.split_first() else {
+            return Err(WireError::Truncated);
+        };
+        let data: [u8; 16] = data.try_into().map_err(|_| {
+            WireError::Malformed(format!("a path check of {} bytes", plaintext.len()))
+        })?;
+        match kind {
+            CHALLENGE => Ok(Self::Challenge(data)),
+            RESPONSE => Ok(Self::Response(data)),
+            other => Err(WireError::Malformed(format!("path check type {other}"))),
+        }
     }
 }
 
@@ -54,21 +134,25 @@ mod tests {
 
     #[test]
     fn round_trip() {
-        let header = DataHeader {
-            session_id: 0x0102_0304_0506_0708,
-            counter: u64::MAX - 1,
-        };
-        let mut bytes = Vec::new();
-        header.write(&mut bytes);
-        assert_eq!(bytes.len(), DATA_HEADER_LEN);
-        bytes.extend_from_slice(b"payload");
-        assert_eq!(DataHeader::parse(&bytes), Ok((header, &b"payload"[..])));
+        for kind in [SealedKind::Data, SealedKind::PathCheck] {
+            let header = DataHeader {
+                kind,
+                session_id: 0x0102_0304_0506_0708,
+                counter: u64::MAX - 1,
+            };
+            let mut bytes = Vec::new();
+            header.write(&mut bytes);
+            assert_eq!(bytes.len(), DATA_HEADER_LEN);
+            bytes.extend_from_slice(b"payload");
+            assert_eq!(DataHeader::parse(&bytes), Ok((header, &b"payload"[..])));
+        }
     }
 
     #[test]
     fn truncated_header_is_refused() {
         let mut bytes = Vec::new();
         DataHeader {
+            kind: SealedKind::Data,
             session_id: 1,
             counter: 2,
         }
@@ -76,5 +160,27 @@ mod tests {
         for len in HEADER_LEN..DATA_HEADER_LEN {
             assert_eq!(DataHeader::parse(&bytes[..len]), Err(WireError::Truncated));
         }
+    }
+
+    #[test]
+    fn other_kinds_are_not_sealed_frames() {
+        assert!(matches!(
+            DataHeader::parse(&[FrameKind::Punch as u8, crate::VERSION, 0]),
+            Err(WireError::WrongKind { .. })
+        ));
+    }
+
+    #[test]
+    fn path_checks_round_trip_and_refuse_garbage() {
+        for check in [
+            PathCheck::Challenge([7; 16]),
+            PathCheck::Response([0xff; 16]),
+        ] {
+            assert_eq!(PathCheck::decode(&check.encode()), Ok(check));
+        }
+        assert_eq!(PathCheck::decode(&[]), Err(WireError::Truncated));
+        assert!(PathCheck::decode(&[1; 16]).is_err());
+        assert!(PathCheck::decode(&[1; 18]).is_err());
+        assert!(PathCheck::decode(&[3; 17]).is_err());
     }
 }

@@ -38,7 +38,7 @@ pub use control::{
     ClientMessage, Register, Role, RoomCode, ServerErrorKind, ServerMessage, MAX_HOST_CANDIDATES,
     MAX_ROOM_CODE, REGISTER_PADDED_LEN,
 };
-pub use data::{DataHeader, DATA_HEADER_LEN};
+pub use data::{DataHeader, PathCheck, SealedKind, DATA_HEADER_LEN, PATH_CHECK_LEN};
 pub use handshake::{HandshakeMessage, MAX_HANDSHAKE_MESSAGE};
 pub use punch::PunchMessage;
 pub use relay::{parse_relayed, RelayRequest, RELAYED_HEADER_LEN, RELAY_HEADER_LEN};
@@ -74,6 +74,8 @@ pub enum FrameKind {
     Relay = 0xC6,
     /// Rendezvous to peer: a frame from the other peer ([`parse_relayed`]).
     Relayed = 0xC7,
+    /// Peer to peer, sealed like data: a [`PathCheck`] on one route.
+    PathCheck = 0xC8,
 }
 
 impl FrameKind {
@@ -86,6 +88,7 @@ impl FrameKind {
             0xC5 => Some(Self::Handshake),
             0xC6 => Some(Self::Relay),
             0xC7 => Some(Self::Relayed),
+            0xC8 => Some(Self::PathCheck),
             _ => None,
         }
     }
