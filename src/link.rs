@@ -142,7 +142,7 @@ enum Phase {
     Securing {
         path: Path,
         route: Route,
-        handshake: Handshake,
+        handshake: Box<Handshake>,
     },
     /// The sealed channel runs.
     Secured(Box<Secured>),
@@ -160,7 +160,7 @@ enum Phase {
 /// The encrypted session once the handshake is done.
 struct Secured {
     /// Kept to answer a repeated last flight of the other peer.
-    handshake: Handshake,
+    handshake: Box<Handshake>,
     channel: Connection,
     sealer: Sealer,
     opener: Opener,
@@ -759,14 +759,14 @@ impl Link {
 
     fn start_handshake(&mut self, now: Instant, path: Path, route: Route) {
         let session_id = self.puncher.as_ref().map_or(0, Puncher::session_id);
-        let handshake = Handshake::new(
+        let handshake = Box::new(Handshake::new(
             now,
             session_id,
             self.role,
             self.trust.clone(),
             self.local_secret,
             self.config.fast_aes,
-        );
+        ));
         self.phase = Phase::Securing {
             path,
             route,

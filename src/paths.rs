@@ -9,16 +9,17 @@
 //! a challenge sent on it comes back on it.
 //!
 //! The session follows the network:
-//! - **Roaming**: when the other peer's newest data frame arrives on another
-//!   route (its NAT gave it a new port, or it moved to or from the relay),
-//!   that route is challenged and the session moves there once it answers
-//!   (at once for the relay, which the server vouches for, or for a route
-//!   that answered within [`TRUSTED_FOR`]). Frames that are not the newest
-//!   (replays are refused before they get here, delayed copies are not the
-//!   newest) never move a session.
-//! - **Direct → relay**: the active direct path is heartbeaten when it goes
-//!   quiet; two unanswered challenges make it failed, and the session moves
-//!   to a direct path that answered recently or to the relay.
+//! - **Roaming**: when the other peer's newest data frame arrives from
+//!   another direct address (its NAT gave it a new port or address, or it
+//!   moved off the relay), that address is challenged and the session moves
+//!   there once it answers (at once if it answered within [`TRUSTED_FOR`]).
+//!   Frames that are not the newest (replays are refused before they get
+//!   here, delayed copies are not the newest) never move a session.
+//! - **Direct → relay**: the active path is heartbeaten when it goes quiet;
+//!   two unanswered challenges make it failed, and the session moves from a
+//!   failed direct path to a direct path that answered recently or to the
+//!   relay. Either way the rendezvous hears from this peer at once, so that
+//!   an address that changed is introduced to the other peer again.
 //! - **Relay → direct**: while relayed (or while the active path has
 //!   failed), every direct candidate is challenged every [`PROBE_INTERVAL`],
 //!   backing off to [`MAX_PROBE_INTERVAL`]; both peers do so, so their
@@ -369,11 +370,15 @@ impl Paths {
         }
         match heard {
             Heard::Data { newest } => {
-                if index == self.active || !newest {
+                // The other peer sends its newest data by another direct
+                // route: its address changed, so follow it there. (To the
+                // relay it is not followed: that the other peer went there
+                // says a direct path failed, and this side's heartbeats
+                // find out for themselves whether its own way still works.)
+                if index == self.active || !newest || !route.is_direct() {
                     return;
                 }
-                // The other peer sends its newest data this way: follow it.
-                if route == Route::Relay || path.recently_answered(now) {
+                if path.recently_answered(now) {
                     self.move_to(now, index, MoveReason::PeerMoved);
                 } else {
                     self.following = Some(route);
@@ -384,6 +389,13 @@ impl Paths {
             }
             Heard::Check(PathCheck::Challenge(data)) => {
                 self.send_check(index, PathCheck::Response(data));
+                if index != self.active {
+                    // Also by the active path: whoever raced a copy of the
+                    // challenge from its own address would get the only
+                    // answer, and the genuine challenge, arriving later, is
+                    // dropped as a replay.
+                    self.send_check(self.active, PathCheck::Response(data));
+                }
                 self.stats.responses_sent += 1;
                 // A triggered check: the other peer found this route, so
                 // it is likely to work back too.
@@ -393,20 +405,29 @@ impl Paths {
                     self.challenge(now, index);
                 }
             }
-            Heard::Check(PathCheck::Response(data)) => self.handle_response(now, index, data),
+            Heard::Check(PathCheck::Response(data)) => self.handle_response(now, data),
         }
     }
 
-    fn handle_response(&mut self, now: Instant, index: usize, data: [u8; 16]) {
-        let path = &mut self.paths[index];
-        let Some(position) = path.outstanding.iter().position(|(d, _)| *d == data) else {
+    /// A response validates the path its challenge went out on, whichever
+    /// route it came back by (RFC 9000 §8.2.2): an attacker that races
+    /// copies of the other peer's frames from its own address would
+    /// otherwise have every heartbeat answered "from the wrong place", and
+    /// the genuine answer dropped as a replay.
+    fn handle_response(&mut self, now: Instant, data: [u8; 16]) {
+        let found = self.paths.iter().enumerate().find_map(|(index, path)| {
+            let position = path.outstanding.iter().position(|(d, _)| *d == data)?;
+            Some((index, path.outstanding[position].1))
+        });
+        let Some((index, sent_at)) = found else {
             self.stats.unmatched += 1;
             return;
         };
-        let (_, sent_at) = path.outstanding[position];
+        let path = &mut self.paths[index];
         path.outstanding.clear();
         path.rtt = Some(now.saturating_duration_since(sent_at));
         path.last_answered = Some(now);
+        path.last_heard = Some(now);
         self.stats.answered += 1;
         if index == self.active {
             path.status = PathStatus::Active;
@@ -452,12 +473,12 @@ impl Paths {
         self.events.pop_front()
     }
 
-    /// When the active direct path next needs a heartbeat, if it does.
+    /// When the active path next needs a heartbeat, if it does. The relay
+    /// is heartbeaten too: when this peer's address changes, the server
+    /// drops its relay requests until it registers again, which a silent
+    /// relay makes happen at once.
     fn heartbeat_due(&self, busy: bool) -> Option<Instant> {
         let active = self.active();
-        if active.route == Route::Relay {
-            return None;
-        }
         if active.status == PathStatus::Failed {
             return None;
         }
@@ -469,7 +490,7 @@ impl Paths {
     }
 
     fn check_active(&mut self, now: Instant, busy: bool) {
-        if !self.heartbeat_due(busy).is_some_and(|at| now >= at) {
+        if self.heartbeat_due(busy).is_none_or(|at| now < at) {
             return;
         }
         let active = self.active();
@@ -527,16 +548,17 @@ impl Paths {
         })
     }
 
-    /// Challenges every direct candidate, while the session is relayed or
-    /// its path failed.
+    /// Challenges every direct candidate, and the active path if it failed,
+    /// while the session is relayed or its path failed.
     fn probe_round(&mut self, now: Instant) {
         let active = self.active();
-        if active.route.is_direct() && active.status != PathStatus::Failed {
+        let failed = active.status == PathStatus::Failed;
+        if active.route.is_direct() && !failed {
             self.next_probe = None;
             return;
         }
         for index in 0..self.paths.len() {
-            if self.paths[index].route.is_direct() {
+            if self.paths[index].route.is_direct() || (failed && index == self.active) {
                 self.challenge(now, index);
             }
         }

@@ -4,4 +4,5 @@
 //! helper, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod nat_world;
 pub mod netns;
