@@ -251,7 +251,10 @@ impl Link {
     /// Queues a message on the channel; fails before the session is up.
     pub fn send(&mut self, message: Vec<u8>) -> Result<MessageId, SendError> {
         match &mut self.phase {
-            Phase::Secured(secured) => secured.channel.send(message),
+            Phase::Secured(secured) => {
+                secured.paths.note_use(self.now);
+                secured.channel.send(message)
+            }
             _ => Err(SendError::Closed),
         }
     }
@@ -573,7 +576,10 @@ impl Link {
             return None;
         };
         match secured.channel.poll_event()? {
-            reliable::Event::Message(message) => Some(LinkEvent::Message(message)),
+            reliable::Event::Message(message) => {
+                secured.paths.note_use(self.now);
+                Some(LinkEvent::Message(message))
+            }
             reliable::Event::Acknowledged(id) => Some(LinkEvent::Acknowledged(id)),
             reliable::Event::Closed { reason } => {
                 // Keep answering for the channel's drain period: if our

@@ -21,8 +21,9 @@
 //!   relay. Either way the rendezvous hears from this peer at once, so that
 //!   an address that changed is introduced to the other peer again.
 //! - **Relay → direct**: while relayed (or while the active path has
-//!   failed), every direct candidate is challenged every [`PROBE_INTERVAL`],
-//!   backing off to [`MAX_PROBE_INTERVAL`]; both peers do so, so their
+//!   failed), every direct candidate is challenged every [`PROBE_INTERVAL`]
+//!   while the session is in use, backing off to [`MAX_PROBE_INTERVAL`]
+//!   while it is idle; both peers do so, so their
 //!   challenges punch their NATs as the first probes did. The controlling
 //!   peer moves to a direct path that answers; the other follows it by the
 //!   roaming rule, so the two never pull towards different paths.
@@ -61,16 +62,23 @@ const HEARTBEATS_UNANSWERED: usize = 2;
 /// A route that answered this recently is followed without a new check
 /// (Tailscale trusts a direct address for 6.5 s after its last pong).
 pub const TRUSTED_FOR: Duration = Duration::from_millis(6500);
-/// First interval between rounds of challenges to the direct candidates
-/// while the session is relayed; it doubles up to [`MAX_PROBE_INTERVAL`],
-/// and starts over when the rendezvous introduces new candidates.
+/// Interval between rounds of challenges to the direct candidates while the
+/// session is relayed and in use; while it is idle the interval doubles up
+/// to [`MAX_PROBE_INTERVAL`]. It starts over when the rendezvous introduces
+/// new candidates.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 pub const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(60);
+/// A session that sent or received a message this recently is in use
+/// (Tailscale's `sessionActiveTimeout`).
+pub const IN_USE_FOR: Duration = Duration::from_secs(45);
 /// Challenges a session may send per second, and in a burst: a probe round
 /// to every candidate fits, a flood of frames from new addresses does not
 /// get more.
 const CHALLENGES_PER_SECOND: f64 = 20.0;
 const CHALLENGE_BURST: f64 = 40.0;
+/// Least time between two challenges on one route that its own challenges
+/// trigger.
+const TRIGGERED_CHECK_GAP: Duration = Duration::from_millis(200);
 /// Routes tracked, so frames from ever new addresses cannot grow the state.
 pub const MAX_PATHS: usize = 16;
 /// Unanswered challenges remembered per route.
@@ -254,10 +262,11 @@ pub struct Paths {
     next_heartbeat: Option<Instant>,
     next_probe: Option<Instant>,
     probe_interval: Duration,
-    /// Moves away from a failed direct path since the last direct path that
-    /// lasted: each doubles the wait before probing again, so a path that
-    /// answers challenges but does not carry the session cannot make it flap.
+    /// Direct paths failed since the last one that lasted (see
+    /// `back_off_direct`).
     fallbacks: u32,
+    /// When the application last sent or received a message.
+    last_used: Instant,
     /// Since when a direct path carries the session.
     direct_since: Option<Instant>,
     /// Challenge tokens and when they were last counted.
@@ -293,6 +302,7 @@ impl Paths {
             next_probe: None,
             probe_interval: PROBE_INTERVAL,
             fallbacks: 0,
+            last_used: now,
             direct_since: Some(now).filter(|_| route.is_direct()),
             tokens: CHALLENGE_BURST,
             tokens_at: now,
@@ -325,6 +335,13 @@ impl Paths {
     /// introduced at a rendezvous that relays).
     pub fn set_relay_available(&mut self, available: bool) {
         self.relay_available = available;
+    }
+
+    /// The application sent or received a message: the session is in use,
+    /// and a relayed one keeps looking for a direct path every
+    /// [`PROBE_INTERVAL`].
+    pub fn note_use(&mut self, now: Instant) {
+        self.last_used = now;
     }
 
     /// The other peer's candidates, as the rendezvous named them.
@@ -399,8 +416,13 @@ impl Paths {
                 self.stats.responses_sent += 1;
                 // A triggered check: the other peer found this route, so
                 // it is likely to work back too.
+                // Challenges crossing in flight may both be dropped by the
+                // NATs; this one came through, so the holes are open now.
                 let path = &self.paths[index];
-                if route.is_direct() && path.outstanding.is_empty() && !path.recently_answered(now)
+                let last_sent = path.outstanding.back().map(|(_, at)| *at);
+                if route.is_direct()
+                    && !path.recently_answered(now)
+                    && last_sent.is_none_or(|at| now - at >= TRIGGERED_CHECK_GAP)
                 {
                     self.challenge(now, index);
                 }
@@ -504,18 +526,16 @@ impl Paths {
             })
             .count();
         if unanswered >= HEARTBEATS_UNANSWERED && active.status != PathStatus::Failed {
+            let direct = active.route.is_direct();
             self.paths[self.active].status = PathStatus::Failed;
             self.events.push_back(PathEvent::Silent);
-            if self
-                .direct_since
-                .is_some_and(|since| now - since >= MAX_PROBE_INTERVAL)
-            {
-                self.fallbacks = 0;
+            if direct {
+                self.back_off_direct(now);
+                // Other candidates at once (the rendezvous may just have
+                // introduced new ones): the failed path waits its turn.
+                let failed = self.active;
+                self.challenge_direct(now, Some(failed));
             }
-            self.fallbacks += 1;
-            self.probe_interval =
-                (PROBE_INTERVAL * 2u32.pow(self.fallbacks.min(4) - 1)).min(MAX_PROBE_INTERVAL);
-            self.next_probe = Some(now + self.probe_interval);
             if let Some(index) = self.fallback(now) {
                 self.move_to(now, index, MoveReason::PathSilent);
                 return;
@@ -528,6 +548,28 @@ impl Paths {
         }
         self.challenge(now, self.active);
         self.next_heartbeat = Some(now + HEARTBEAT_RETRY);
+    }
+
+    /// A direct path failed: the next probe round waits twice as long for
+    /// each such failure since a direct path last lasted, so a path that
+    /// answers challenges but does not carry the session cannot make it flap.
+    fn back_off_direct(&mut self, now: Instant) {
+        if self
+            .direct_since
+            .is_some_and(|since| now - since >= MAX_PROBE_INTERVAL)
+        {
+            self.fallbacks = 0;
+        }
+        self.fallbacks += 1;
+        self.probe_interval = self.probe_floor();
+        self.next_probe = Some(now + self.probe_interval);
+    }
+
+    /// The shortest interval between probe rounds: [`PROBE_INTERVAL`],
+    /// doubled for each direct path that failed since one lasted.
+    fn probe_floor(&self) -> Duration {
+        let doublings = self.fallbacks.saturating_sub(1).min(4);
+        (PROBE_INTERVAL * 2u32.pow(doublings)).min(MAX_PROBE_INTERVAL)
     }
 
     /// Where to go when the active path failed: the direct path that
@@ -553,17 +595,35 @@ impl Paths {
     fn probe_round(&mut self, now: Instant) {
         let active = self.active();
         let failed = active.status == PathStatus::Failed;
-        if active.route.is_direct() && !failed {
+        let direct = active.route.is_direct();
+        if direct && !failed {
             self.next_probe = None;
             return;
         }
+        if failed {
+            // Still no answer: tell the rendezvous where this peer is now
+            // again (its address may have changed once more since).
+            self.events.push_back(PathEvent::Silent);
+            if !direct {
+                self.challenge(now, self.active);
+            }
+        }
+        self.challenge_direct(now, None);
+        self.next_probe = Some(now + self.probe_interval);
+        self.probe_interval = if now.saturating_duration_since(self.last_used) < IN_USE_FOR {
+            self.probe_floor()
+        } else {
+            (self.probe_interval * 2).min(MAX_PROBE_INTERVAL)
+        };
+    }
+
+    /// Challenges every direct path but `except`.
+    fn challenge_direct(&mut self, now: Instant, except: Option<usize>) {
         for index in 0..self.paths.len() {
-            if self.paths[index].route.is_direct() || (failed && index == self.active) {
+            if self.paths[index].route.is_direct() && Some(index) != except {
                 self.challenge(now, index);
             }
         }
-        self.next_probe = Some(now + self.probe_interval);
-        self.probe_interval = (self.probe_interval * 2).min(MAX_PROBE_INTERVAL);
     }
 
     fn move_to(&mut self, now: Instant, index: usize, reason: MoveReason) {
@@ -665,5 +725,231 @@ impl Paths {
         };
         self.paths.push(Path::new(route, via, status));
         Some(self.paths.len() - 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    const PEER: &str = "203.0.113.12:4000";
+
+    /// A controlling session on a direct path to `PEER`, relay available.
+    fn direct(now: Instant) -> Paths {
+        let route = Route::Direct(addr(PEER));
+        let mut paths = Paths::new(
+            now,
+            Role::Controlling,
+            route,
+            CandidateKind::Reflexive,
+            None,
+            1,
+        );
+        paths.set_relay_available(true);
+        paths
+    }
+
+    fn challenges(paths: &mut Paths) -> Vec<(Route, [u8; 16])> {
+        std::iter::from_fn(|| paths.poll_transmit())
+            .filter_map(|(route, check)| match check {
+                PathCheck::Challenge(data) => Some((route, data)),
+                PathCheck::Response(_) => None,
+            })
+            .collect()
+    }
+
+    fn moves(paths: &mut Paths) -> Vec<(Route, MoveReason)> {
+        std::iter::from_fn(|| paths.poll_event())
+            .filter_map(|event| match event {
+                PathEvent::Moved { route, reason, .. } => Some((route, reason)),
+                PathEvent::Silent => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_quiet_busy_path_is_heartbeaten_then_left_for_the_relay() {
+        let start = Instant::now();
+        let mut paths = direct(start);
+        // Quiet for less than BUSY_QUIET: nothing to do.
+        paths.handle_timeout(start + Duration::from_millis(900), true);
+        assert!(paths.poll_transmit().is_none());
+        let mut now = start;
+        let mut sent = 0;
+        while paths.active().route != Route::Relay {
+            now = paths.poll_timeout(true).expect("a heartbeat is due");
+            paths.handle_timeout(now, true);
+            sent += challenges(&mut paths).len();
+            assert!(now - start < Duration::from_secs(10), "never left");
+        }
+        assert_eq!(sent, 2);
+        assert_eq!(now - start, BUSY_QUIET + HEARTBEAT_RETRY * 2);
+        assert_eq!(moves(&mut paths), [(Route::Relay, MoveReason::PathSilent)]);
+    }
+
+    #[test]
+    fn an_answered_heartbeat_keeps_the_path_and_an_idle_path_waits_longer() {
+        let start = Instant::now();
+        let mut paths = direct(start);
+        assert_eq!(paths.poll_timeout(false), Some(start + IDLE_QUIET));
+        let now = start + IDLE_QUIET;
+        paths.handle_timeout(now, false);
+        let [(route, data)] = challenges(&mut paths)[..] else {
+            panic!("one heartbeat")
+        };
+        assert_eq!(route, Route::Direct(addr(PEER)));
+        let later = now + Duration::from_millis(40);
+        let heard = Heard::Check(PathCheck::Response(data));
+        paths.handle_frame(later, route, 51, heard);
+        assert_eq!(paths.active().rtt, Some(Duration::from_millis(40)));
+        assert_eq!(paths.poll_timeout(false), Some(later + IDLE_QUIET));
+        assert_eq!(paths.active().status, PathStatus::Active);
+    }
+
+    #[test]
+    fn the_newest_frame_from_a_new_address_moves_the_session_once_it_answers() {
+        let now = Instant::now();
+        let mut paths = direct(now);
+        let moved = Route::Direct(addr("203.0.113.12:5000"));
+        // A frame that is not the newest (delayed) does nothing.
+        paths.handle_frame(now, moved, 100, Heard::Data { newest: false });
+        assert!(challenges(&mut paths).is_empty());
+        paths.handle_frame(now, moved, 100, Heard::Data { newest: true });
+        let [(route, data)] = challenges(&mut paths)[..] else {
+            panic!("one challenge")
+        };
+        assert_eq!(route, moved);
+        assert_eq!(paths.active().route, Route::Direct(addr(PEER)));
+        // A response to something else does not count.
+        paths.handle_frame(now, moved, 51, Heard::Check(PathCheck::Response([9; 16])));
+        assert_eq!(paths.stats().unmatched, 1);
+        paths.handle_frame(now, moved, 51, Heard::Check(PathCheck::Response(data)));
+        let events: Vec<_> = std::iter::from_fn(|| paths.poll_event()).collect();
+        assert_eq!(
+            events,
+            [PathEvent::Moved {
+                route: moved,
+                via: CandidateKind::PeerReflexive,
+                reason: MoveReason::PeerMoved,
+                // The same address, another port: a rebinding.
+                migration: Migration::PortOnly,
+            }]
+        );
+    }
+
+    #[test]
+    fn frames_from_the_relay_do_not_pull_a_working_direct_session_there() {
+        let now = Instant::now();
+        let mut paths = direct(now);
+        paths.handle_frame(now, Route::Relay, 100, Heard::Data { newest: true });
+        assert!(challenges(&mut paths).is_empty());
+        assert!(moves(&mut paths).is_empty());
+    }
+
+    #[test]
+    fn unproven_addresses_get_at_most_three_times_what_they_sent() {
+        let now = Instant::now();
+        let mut paths = direct(now);
+        let attacker = Route::Direct(addr("198.51.100.66:4444"));
+        let mut sent = 0;
+        // Frames of 5 bytes, smaller than any real one (a sealed check is
+        // 51), so the answers and checks would be ten times larger.
+        for i in 0..1000 {
+            let heard = if i % 2 == 0 {
+                Heard::Data { newest: true }
+            } else {
+                Heard::Check(PathCheck::Challenge([i as u8; 16]))
+            };
+            paths.handle_frame(now, attacker, 5, heard);
+            while let Some((route, _)) = paths.poll_transmit() {
+                if route == attacker {
+                    sent += CHECK_DATAGRAM;
+                }
+            }
+        }
+        assert!(sent <= 3 * 5 * 1000, "{sent}");
+        assert!(paths.stats().amplification_limited > 0);
+        assert!(moves(&mut paths).is_empty());
+    }
+
+    #[test]
+    fn frames_from_ever_new_addresses_are_bounded_in_state_and_challenges() {
+        let now = Instant::now();
+        let mut paths = direct(now);
+        let mut challenged = 0;
+        for port in 0..5000u16 {
+            let route = Route::Direct(addr(&format!("198.51.100.7:{}", 1024 + port)));
+            paths.handle_frame(now, route, 1200, Heard::Data { newest: true });
+            challenged += challenges(&mut paths).len();
+        }
+        assert_eq!(paths.paths().len(), MAX_PATHS);
+        assert_eq!(challenged as f64, CHALLENGE_BURST);
+        assert!(paths.stats().rate_limited > 0);
+        assert_eq!(paths.active().route, Route::Direct(addr(PEER)));
+    }
+
+    #[test]
+    fn a_relayed_session_probes_its_candidates_and_the_controlling_side_moves() {
+        let start = Instant::now();
+        for role in [Role::Controlling, Role::Controlled] {
+            let mut paths = Paths::new(start, role, Route::Relay, CandidateKind::Relayed, None, 2);
+            paths.set_relay_available(true);
+            let candidate = addr("203.0.113.12:6000");
+            paths.track_candidates([(candidate, CandidateKind::Reflexive)]);
+            assert_eq!(paths.poll_timeout(false), Some(start + PROBE_INTERVAL));
+            // Challenges to the candidate; the relay answers its heartbeats.
+            let direct = |paths: &mut Paths, now: Instant| {
+                let mut direct = Vec::new();
+                for (route, data) in challenges(paths) {
+                    if route.is_direct() {
+                        direct.push((route, data));
+                    } else {
+                        let answer = Heard::Check(PathCheck::Response(data));
+                        paths.handle_frame(now, route, 51, answer);
+                    }
+                }
+                direct
+            };
+            let mut rounds = Vec::new();
+            for at in 1..=200 {
+                let now = start + Duration::from_secs(at);
+                paths.handle_timeout(now, false);
+                match direct(&mut paths, now).len() {
+                    0 => {}
+                    1 => rounds.push(at),
+                    n => panic!("{n} challenges to one candidate at {at} s"),
+                }
+            }
+            // Every 5 s while in use (a message within 45 s of the start),
+            // then backing off to a minute.
+            let expected: Vec<u64> = (1..=10).map(|i| i * 5).chain([60, 80, 120, 180]).collect();
+            assert_eq!(rounds, expected);
+            // The candidate answers the next round's challenge.
+            let now = start + Duration::from_secs(240);
+            paths.handle_timeout(now, false);
+            let [(route, data)] = direct(&mut paths, now)[..] else {
+                panic!("one challenge")
+            };
+            let answered = Heard::Check(PathCheck::Response(data));
+            paths.handle_frame(now, route, 51, answered);
+            let moved = moves(&mut paths);
+            if role == Role::Controlling {
+                assert_eq!(
+                    moved,
+                    [(Route::Direct(candidate), MoveReason::DirectPathOpened)]
+                );
+            } else {
+                // The controlled side waits for the other's frames there.
+                assert!(moved.is_empty());
+                assert_eq!(paths.paths()[1].status, PathStatus::Backup);
+                let at = now + Duration::from_secs(1);
+                paths.handle_frame(at, route, 100, Heard::Data { newest: true });
+                assert_eq!(moves(&mut paths), [(route, MoveReason::PeerMoved)]);
+            }
+        }
     }
 }

@@ -254,6 +254,9 @@ struct Case {
     hosts: [&'static str; 2],
     expect: Expect,
     payload: u64,
+    /// Feed stdin in pieces of this many bytes, one per interval, instead of
+    /// all at once (a slow stream of lines).
+    pace: Option<(usize, Duration)>,
     timeout: Duration,
     punch_timeout_ms: Option<u64>,
 }
@@ -279,6 +282,7 @@ fn matrix_cases() -> Vec<Case> {
                 payload: SMALL_PAYLOAD,
                 timeout: SMALL_CASE_TIMEOUT,
                 punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
+                pace: None,
             });
         }
     }
@@ -294,6 +298,7 @@ fn topology_cases() -> Vec<Case> {
         payload: SMALL_PAYLOAD,
         timeout: SMALL_CASE_TIMEOUT,
         punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
+        pace: None,
     };
     vec![
         case(
@@ -350,6 +355,7 @@ fn relayed_transfer_case() -> Case {
         payload: RELAYED_PAYLOAD,
         timeout: Duration::from_secs(60),
         punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
+        pace: None,
     }
 }
 
@@ -373,6 +379,7 @@ fn loss_cases() -> Vec<Case> {
             // natter's default punch timeout on purpose: the loss hits the
             // rendezvous exchange and the punching too, not only the transfer
             punch_timeout_ms: None,
+            pace: None,
         })
         .collect()
 }
@@ -654,15 +661,21 @@ fn spawn_peer(
     let stdout = child.stdout.take().expect("piped stdout");
     let err = child.stderr.take().expect("piped stderr");
     let len = case.payload;
+    let pace = case.pace;
     let writer = std::thread::spawn(move || -> io::Result<u64> {
         let mut payload = Payload::new(send_seed);
-        let mut buf = vec![0u8; 64 * 1024];
+        let piece = pace.map_or(64 * 1024, |(bytes, _)| bytes);
+        let mut buf = vec![0u8; piece];
         let mut written = 0u64;
         while written < len {
             let n = (len - written).min(buf.len() as u64) as usize;
             payload.fill(&mut buf[..n]);
             stdin.write_all(&buf[..n])?;
+            stdin.flush()?;
             written += n as u64;
+            if let Some((_, interval)) = pace {
+                std::thread::sleep(interval);
+            }
         }
         // dropping stdin closes it: EOF for natter
         Ok(written)
@@ -1523,6 +1536,7 @@ fn capture_one_session(bins: &Binaries, tcpdump: &std::path::Path, lab_args: &[&
         payload: SMALL_PAYLOAD,
         timeout: SMALL_CASE_TIMEOUT,
         punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
+        pace: None,
     };
     let t0 = Instant::now();
     let lab = Lab::up(lab_args);
@@ -1649,4 +1663,435 @@ fn payload_stream_is_chunking_independent() {
     assert_eq!(check_stream(&bad[..], 7, 1000).first_mismatch, Some(517));
     assert_eq!(check_stream(&whole[..], 7, 999).first_mismatch, Some(999));
     assert_eq!(check_stream(&whole[..10], 7, 1000).received, 10);
+}
+
+// -------------------------------------------------------------- roaming --
+
+/// Something done to the lab while two peers run: at `at` after both
+/// connected (or before they start, for `Duration::ZERO` with `before`).
+struct LabStep<'a> {
+    name: &'static str,
+    at: Duration,
+    action: Box<dyn Fn(&Lab) + 'a>,
+}
+
+/// What a roaming run saw: the peers, and when each step ran (since the
+/// lab was up, the clock of the peers' event times).
+struct RoamingRun {
+    outcomes: Vec<PeerOutcome>,
+    step_times: Vec<(&'static str, Duration)>,
+}
+
+impl RoamingRun {
+    fn step(&self, name: &str) -> Duration {
+        self.step_times
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
+            .unwrap_or_else(|| panic!("step {name} did not run"))
+    }
+
+    /// Every `path_changed` event of `host`'s peer: when, its path and why.
+    fn moves(&self, host: usize) -> Vec<(Duration, String, String)> {
+        self.outcomes[host]
+            .events
+            .iter()
+            .filter(|(_, e)| e["event"] == "path_changed")
+            .map(|(t, e)| {
+                (
+                    *t,
+                    e["path"].as_str().unwrap_or("?").to_string(),
+                    e["reason"].as_str().unwrap_or("?").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// The first move of `host` to `path` after `since`, if any.
+    fn moved_to(&self, host: usize, path: &str, since: Duration) -> Option<Duration> {
+        self.moves(host)
+            .into_iter()
+            .find(|(t, p, _)| *t >= since && p == path)
+            .map(|(t, _, _)| t - since)
+    }
+
+    fn describe(&self) -> String {
+        let steps: Vec<_> = self
+            .step_times
+            .iter()
+            .map(|(n, t)| format!("{n} +{:.1}", t.as_secs_f64()))
+            .collect();
+        let moves: Vec<_> = (0..2)
+            .map(|h| {
+                self.moves(h)
+                    .iter()
+                    .map(|(t, p, r)| format!("{p} ({r}) +{:.1}", t.as_secs_f64()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .collect();
+        format!(
+            "steps [{}]; moves a [{}], b [{}]; {} / {}",
+            steps.join(", "),
+            moves[0],
+            moves[1],
+            self.outcomes[0].timeline(),
+            self.outcomes[1].timeline()
+        )
+    }
+}
+
+/// Runs `case` with `before` applied to the lab before the peers start and
+/// `steps` while they run, then checks both peers as every case is checked
+/// (byte-exact both ways, exit 0, no error).
+fn run_roaming(
+    bins: &Binaries,
+    case: &Case,
+    before: Option<&dyn Fn(&Lab)>,
+    steps: Vec<LabStep<'_>>,
+) -> RoamingRun {
+    let t0 = Instant::now();
+    let lab = Lab::up(&case.lab_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let _homes = TempHomes::of(&lab);
+    let rv = Rendezvous::start(&lab, bins, t0, true).expect("rendezvous starts");
+    let mut step_times = Vec::new();
+    if let Some(before) = before {
+        before(&lab);
+        step_times.push(("before", t0.elapsed()));
+    }
+    let code = format!(
+        "{}-roam-{:08x}",
+        rand::random::<u16>().max(1),
+        rand::random::<u32>()
+    );
+    let seeds = [0x5eed, 0xfeed];
+    let peers: Vec<_> = case
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            spawn_peer(&lab, bins, case, host, &code, [seeds[i], seeds[1 - i]], t0)
+                .expect("peer starts")
+        })
+        .collect();
+    let started = Instant::now();
+    let connected = |p: &RunningPeer| {
+        p.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|(_, line)| line.contains(r#""event":"connected""#))
+    };
+    let deadline = started + Duration::from_secs(20);
+    while !peers.iter().all(connected) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let connected_at = Instant::now();
+    for step in steps {
+        let due = connected_at + step.at;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        (step.action)(&lab);
+        step_times.push((step.name, t0.elapsed()));
+    }
+    let outcomes = wait_peers(peers, started, case.timeout, t0);
+    let rv_log = rv.stop();
+    let mut failures = Vec::new();
+    for (i, p) in outcomes.iter().enumerate() {
+        check_peer(&lab, case, p, &outcomes[1 - i], &mut failures);
+    }
+    let run = RoamingRun {
+        outcomes,
+        step_times,
+    };
+    assert!(
+        failures.is_empty(),
+        "{}: {failures:#?}\n{}\n---- rendezvous:\n{rv_log}\n---- peers:\n{}",
+        case.name,
+        run.describe(),
+        run.outcomes
+            .iter()
+            .map(|p| format!("{}:\n{}", p.host, format_lines(&p.stderr)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    run
+}
+
+/// Empties a router's connection tracking table: every NAT mapping is gone,
+/// as after a router reboot or a CGNAT reassigning its ports.
+fn flush_conntrack(lab: &Lab, router: &str) {
+    let conntrack = support::netns::find_program("conntrack")
+        .expect("conntrack (Debian package conntrack) is needed for the rebinding tests");
+    let out = lab.exec(router, conntrack.to_str().unwrap(), ["-F"]);
+    assert!(out.status.success(), "conntrack -F in {router}: {out:?}");
+}
+
+/// Drops every datagram between the two routers' public addresses on the
+/// lab's internet bridge; the rendezvous stays reachable from both.
+fn block_direct(lab: &Lab) {
+    let (a, b) = (lab.var("A_PUBLIC_IP"), lab.var("B_PUBLIC_IP"));
+    let rules = format!(
+        "table bridge natter_block {{\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority -10; policy accept;\n\
+         \t\tip saddr {a} ip daddr {b} drop\n\
+         \t\tip saddr {b} ip daddr {a} drop\n\
+         \t}}\n\
+         }}\n"
+    );
+    let mut child = lab
+        .command("inet", "nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("nft runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "nft -f: {rules}");
+}
+
+fn unblock_direct(lab: &Lab) {
+    lab.exec_ok("inet", "nft", ["delete", "table", "bridge", "natter_block"]);
+}
+
+fn roaming_case(name: &str, nat_a: &str, nat_b: &str, rate_mbit: Option<u32>) -> Case {
+    let mut lab_args: Vec<String> = ["--nat-a", nat_a, "--nat-b", nat_b]
+        .map(String::from)
+        .to_vec();
+    if let Some(rate) = rate_mbit {
+        lab_args.extend(["--rate".to_string(), rate.to_string()]);
+    }
+    Case {
+        name: name.into(),
+        lab_args,
+        hosts: ["a", "b"],
+        expect: expect_for(nat_a, nat_b),
+        payload: ROAMING_PAYLOAD,
+        pace: None,
+        timeout: Duration::from_secs(90),
+        punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
+    }
+}
+
+/// Payload per side of the roaming transfers; a `--rate` cap makes them
+/// last several seconds.
+const ROAMING_PAYLOAD: u64 = 4 * 1024 * 1024;
+
+/// The symmetric router's connection tracking is flushed mid-transfer (its
+/// mapping to the other peer and to the rendezvous get new random ports):
+/// 4 MiB each way at 8 Mbit/s, and a slow stream of 100-byte lines every
+/// 0.5 s, both byte-exact. The full-cone side follows the symmetric side's
+/// new port.
+#[test]
+fn a_transfer_survives_the_nat_losing_its_mappings() {
+    if !natlab_available() {
+        return;
+    }
+    let _lock = lab_lock();
+    let bins = Binaries::find();
+    let bulk = roaming_case(
+        "symmetric x full-cone, 4 MiB, conntrack flushed",
+        "symmetric",
+        "full-cone",
+        Some(8),
+    );
+    let lines = Case {
+        name: "symmetric x full-cone, lines every 0.5 s, conntrack flushed".into(),
+        payload: 24 * 100,
+        pace: Some((100, Duration::from_millis(500))),
+        ..roaming_case("", "symmetric", "full-cone", None)
+    };
+    for (case, at) in [
+        (&bulk, Duration::from_secs(1)),
+        (&lines, Duration::from_secs(5)),
+    ] {
+        let run = run_roaming(
+            &bins,
+            case,
+            None,
+            vec![LabStep {
+                name: "flush",
+                at,
+                action: Box::new(|lab| flush_conntrack(lab, "ra")),
+            }],
+        );
+        let flushed = run.step("flush");
+        let followed = run.moved_to(1, "direct", flushed);
+        say!(
+            "natlab roaming: {}: b followed a's new mapping after {:?}; transfer {:?} / {:?} ms; {}",
+            case.name,
+            followed,
+            run.outcomes[0].transfer_ms(),
+            run.outcomes[1].transfer_ms(),
+            run.describe()
+        );
+        assert!(
+            followed.is_some(),
+            "{}: b did not follow: {}",
+            case.name,
+            run.describe()
+        );
+    }
+}
+
+/// The direct path between two port-restricted NATs is blackholed for 12 s
+/// mid-transfer (the rendezvous stays reachable): the session moves to the
+/// relay within 7 s, back to a direct path within 15 s of the path
+/// reopening, and the transfer completes byte-exact.
+#[test]
+fn a_blackholed_direct_path_moves_to_the_relay_and_back() {
+    if !natlab_available() {
+        return;
+    }
+    let _lock = lab_lock();
+    let bins = Binaries::find();
+    let case = Case {
+        payload: 16 * 1024 * 1024,
+        ..roaming_case(
+            "port-restricted x port-restricted, direct path dark for 12 s",
+            "port-restricted",
+            "port-restricted",
+            Some(8),
+        )
+    };
+    let run = run_roaming(
+        &bins,
+        &case,
+        None,
+        vec![
+            LabStep {
+                name: "dark",
+                at: Duration::from_secs(2),
+                action: Box::new(block_direct),
+            },
+            LabStep {
+                name: "light",
+                at: Duration::from_secs(14),
+                action: Box::new(unblock_direct),
+            },
+        ],
+    );
+    let (dark, light) = (run.step("dark"), run.step("light"));
+    for host in 0..2 {
+        let to_relay = run.moved_to(host, "relayed", dark);
+        let back = run.moved_to(host, "direct", light);
+        say!(
+            "natlab roaming: {} [{}]: to the relay after {to_relay:?}, back to direct {back:?} after the path reopened",
+            case.name,
+            case.hosts[host]
+        );
+        assert!(
+            to_relay.is_some_and(|t| t < Duration::from_secs(7)),
+            "{}",
+            run.describe()
+        );
+        assert!(
+            back.is_some_and(|t| t < Duration::from_secs(15)),
+            "{}",
+            run.describe()
+        );
+    }
+    say!("natlab roaming: {}", run.describe());
+}
+
+/// The direct path between the two NATs is blocked from the start and
+/// opens 10 s after the peers connected: they start on the relay and are
+/// direct within 10 s of the block lifting.
+#[test]
+fn a_pair_blocked_at_first_goes_direct_when_the_block_lifts() {
+    if !natlab_available() {
+        return;
+    }
+    let _lock = lab_lock();
+    let bins = Binaries::find();
+    let case = Case {
+        expect: Expect::Relayed,
+        payload: 24 * 100,
+        pace: Some((100, Duration::from_millis(1000))),
+        ..roaming_case(
+            "port-restricted x address-restricted, direct path blocked for the first 10 s",
+            "port-restricted",
+            "address-restricted",
+            None,
+        )
+    };
+    let run = run_roaming(
+        &bins,
+        &case,
+        Some(&block_direct),
+        vec![LabStep {
+            name: "lift",
+            at: Duration::from_secs(10),
+            action: Box::new(unblock_direct),
+        }],
+    );
+    let lift = run.step("lift");
+    for host in 0..2 {
+        let direct = run.moved_to(host, "direct", lift);
+        say!(
+            "natlab roaming: {} [{}]: direct {direct:?} after the block lifted",
+            case.name,
+            case.hosts[host]
+        );
+        assert!(
+            direct.is_some_and(|t| t < Duration::from_secs(10)),
+            "{}",
+            run.describe()
+        );
+    }
+}
+
+/// Host a's own address changes mid-session (192.168.1.2 → .50 behind the
+/// same port-restricted router): its NAT maps the new address to a new
+/// port, the rendezvous introduces the peers again, and the stream goes on
+/// byte-exact over a direct path.
+#[test]
+fn a_session_survives_the_host_address_changing() {
+    if !natlab_available() {
+        return;
+    }
+    let _lock = lab_lock();
+    let bins = Binaries::find();
+    let case = Case {
+        payload: 30 * 100,
+        pace: Some((100, Duration::from_millis(500))),
+        ..roaming_case(
+            "port-restricted x port-restricted, host a's address changed",
+            "port-restricted",
+            "port-restricted",
+            None,
+        )
+    };
+    let run = run_roaming(
+        &bins,
+        &case,
+        None,
+        vec![LabStep {
+            name: "renumber",
+            at: Duration::from_secs(4),
+            action: Box::new(|lab| {
+                lab.exec_ok("a", "ip", ["addr", "flush", "dev", "eth0"]);
+                lab.exec_ok("a", "ip", ["addr", "add", "192.168.1.50/24", "dev", "eth0"]);
+                lab.exec_ok(
+                    "a",
+                    "ip",
+                    ["route", "replace", "default", "via", "192.168.1.1"],
+                );
+            }),
+        }],
+    );
+    let renumbered = run.step("renumber");
+    let moved = run.moved_to(1, "direct", renumbered);
+    say!(
+        "natlab roaming: {}: b on a's new address after {moved:?}; {}",
+        case.name,
+        run.describe()
+    );
+    assert!(moved.is_some(), "{}", run.describe());
 }

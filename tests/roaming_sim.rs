@@ -313,7 +313,7 @@ fn random_rebindings_and_outages_lose_nothing() {
     let seeds = seeds();
     let count = seeds.end - seeds.start;
     let mut moves_total = 0;
-    let mut worst_stall: f64 = 0.0;
+    let mut worst_stall = (0.0, 0);
     for seed in seeds {
         let mut rng = StdRng::seed_from_u64(seed);
         let (a, b) = (ALL[rng.gen_range(0..4)], ALL[rng.gen_range(0..4)]);
@@ -330,6 +330,11 @@ fn random_rebindings_and_outages_lose_nothing() {
             })
             .collect();
         events.sort();
+        if std::env::var("NATTER_SIM_SEED").is_ok() {
+            println!(
+                "events (at, 0 new port / 1 new address / 2 outage, host, outage): {events:?}"
+            );
+        }
         let mut dark_until = Duration::ZERO;
         let first = events[0].0;
         let mut next_ip = 40;
@@ -354,12 +359,25 @@ fn random_rebindings_and_outages_lose_nothing() {
             },
         );
         check_delivery(&world, sent, &format!("seed {seed}: {a:?} x {b:?}"));
+        if std::env::var("NATTER_SIM_SEED").is_ok() {
+            println!(
+                "{a:?} x {b:?}; moves a {:?}; b {:?}",
+                moves(&world, 0),
+                moves(&world, 1)
+            );
+        }
         moves_total += world
             .hosts
             .iter()
             .map(|h| h.path_changes.len())
             .sum::<usize>();
-        worst_stall = worst_stall.max(stall_after(&world, 1, first));
+        let stall = stall_after(&world, 0, first).max(stall_after(&world, 1, first));
+        if stall > worst_stall.0 {
+            worst_stall = (stall, seed);
+        }
     }
-    println!("{count} seeds: {moves_total} moves, longest stall {worst_stall:.0} RTTs");
+    println!(
+        "{count} seeds: {moves_total} moves, longest stall {:.0} RTTs (seed {})",
+        worst_stall.0, worst_stall.1
+    );
 }

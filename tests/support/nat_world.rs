@@ -375,11 +375,14 @@ impl World {
         }
     }
 
-    /// Runs until `done` or `limit` of virtual time passed.
+    /// Runs until `done` or `limit` of virtual time since the start passed;
+    /// the clock stops at the limit, not at the next event after it, so a
+    /// caller that acts between calls acts on time.
     pub fn run_until(&mut self, limit: Duration, done: impl Fn(&World) -> bool) {
+        let deadline = self.start + limit;
         for _ in 0..1_000_000 {
             self.step();
-            if done(self) || self.now - self.start > limit {
+            if done(self) || self.now >= deadline {
                 return;
             }
             let timers = self
@@ -391,6 +394,10 @@ impl World {
             let Some(next) = timers.chain(next_packet).min() else {
                 return;
             };
+            if next > deadline {
+                self.now = deadline;
+                return;
+            }
             self.now = next.max(self.now);
             if let Some(entry) = self.in_flight.first_entry() {
                 if entry.key().0 <= self.now {
