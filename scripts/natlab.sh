@@ -18,6 +18,12 @@
 #   nl-ID-cgn    CGNAT router   WAN 203.0.113.13, LAN 100.64.0.1/24 (--double-nat;
 #                router A's WAN then is 100.64.0.2 behind it)
 #
+# With --ipv6 the lab is dual-stack: the internet is also 2001:db8::/64 (rv
+# ::10, router A ::11, router B ::12), LAN A 2001:db8:1::/64 (host A ::2),
+# LAN B 2001:db8:2::/64 (host B ::2), routed without NAT; each router's IPv6
+# firewall is a home router's: forward what the LAN sends and what answers
+# it (established, related), drop what the internet starts.
+#
 # Run "natlab.sh help" for usage.
 set -euo pipefail
 shopt -s inherit_errexit
@@ -27,6 +33,7 @@ PROG=${0##*/}
 PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 STATE_DIR=/run/natlab
 NET_PUB=203.0.113
+NET6=2001:db8
 RV_IP=$NET_PUB.10
 PUB_IP=$NET_PUB.20
 RA_WAN_PUBLIC=$NET_PUB.11
@@ -63,6 +70,9 @@ Options:
   --double-nat      put router A behind a CGNAT router "cgn" (100.64.0.0/24)
   --loss PCT        drop PCT % (0-100) of the IPv4 frames crossing the public bridge
   --rate MBIT       cap each router's WAN egress to MBIT Mbit/s (tc tbf)
+  --ipv6            dual-stack lab: IPv6 everywhere besides IPv4, routers with
+                    a stateful IPv6 firewall (not with --double-nat/--same-nat/
+                    --public-peer)
 EOF
 }
 
@@ -113,9 +123,18 @@ nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 new_ns() { # NS
     ip netns add "$1"
     ip -n "$1" link set lo up
-    # keep the lab quiet and IPv4 only
-    nsx "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 >/dev/null 2>&1 || true
-    nsx "$1" sysctl -qw net.ipv6.conf.default.disable_ipv6=1 >/dev/null 2>&1 || true
+    if [[ $IPV6 -eq 1 ]]; then
+        # static addresses only, usable at once (no duplicate detection)
+        local conf
+        for conf in all default; do
+            nsx "$1" sysctl -qw net.ipv6.conf.$conf.accept_ra=0 net.ipv6.conf.$conf.autoconf=0 \
+                net.ipv6.conf.$conf.accept_dad=0 >/dev/null 2>&1 || true
+        done
+    else
+        # keep the lab quiet and IPv4 only
+        nsx "$1" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 >/dev/null 2>&1 || true
+        nsx "$1" sysctl -qw net.ipv6.conf.default.disable_ipv6=1 >/dev/null 2>&1 || true
+    fi
     # if br_netfilter is loaded, bridged frames (the internet bridge, a router's
     # LAN bridge) must not go through this namespace's IP hooks / forward policy
     if [[ -e /proc/sys/net/bridge/bridge-nf-call-iptables ]]; then
@@ -189,6 +208,38 @@ $fwd_upd    ct state established,related accept
 EOF
 }
 
+# A home router's IPv6 firewall: no NAT; the LAN may start anything, the
+# internet only answer (neighbour discovery aside).
+firewall6_ruleset() {
+    cat <<EOF
+table ip6 natlab6 {
+  chain forward {
+    type filter hook forward priority filter; policy drop;
+    ct state established,related accept
+    iifname "lan0" oifname "wan0" accept
+  }
+  chain input {
+    type filter hook input priority filter; policy accept;
+    icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept
+    iifname "wan0" ct state new drop
+  }
+}
+EOF
+}
+
+# IPv6 of a home: the router (WAN ::N on the internet, LAN PREFIX::1) and
+# its host (PREFIX::2)
+add_ipv6_home() { # ROUTER_NS HOST_NS WAN_SUFFIX PREFIX OTHER_PREFIX OTHER_WAN_SUFFIX
+    local rns=$1 hns=$2 wan=$3 lan=$4 other_lan=$5 other_wan=$6
+    nsx "$rns" sysctl -qw net.ipv6.conf.all.forwarding=1 >/dev/null
+    ip -n "$rns" -6 addr add "$NET6::$wan/64" dev wan0 nodad
+    ip -n "$rns" -6 addr add "$lan::1/64" dev lan0 nodad
+    ip -n "$rns" -6 route add "$other_lan::/64" via "$NET6::$other_wan"
+    firewall6_ruleset | nsx "$rns" nft -f -
+    ip -n "$hns" -6 addr add "$lan::2/64" dev eth0 nodad
+    ip -n "$hns" -6 route add default via "$lan::1"
+}
+
 make_router() { # NS TYPE WAN_IP LAN_IP HOSTS...
     local ns=$1 type=$2 wan_ip=$3 lan_ip=$4; shift 4
     nsx "$ns" sysctl -qw net.ipv4.ip_forward=1 >/dev/null
@@ -212,7 +263,7 @@ validate_type() {
 
 parse_opts() {
     NAT_A=port-restricted NAT_B=port-restricted NAT_CGN=port-restricted
-    PUBLIC_PEER=0 SAME_NAT=0 DOUBLE_NAT=0 LOSS=0 RATE=""
+    PUBLIC_PEER=0 SAME_NAT=0 DOUBLE_NAT=0 LOSS=0 RATE="" IPV6=0
     while [[ $# -gt 0 ]]; do
         case $1 in
             --nat-a) [[ $# -ge 2 ]] || die "--nat-a needs a TYPE"; validate_type "$2"; NAT_A=$2; shift 2 ;;
@@ -223,11 +274,15 @@ parse_opts() {
             --double-nat) DOUBLE_NAT=1; shift ;;
             --loss) [[ $# -ge 2 && $2 =~ ^[0-9]+$ && $2 -le 100 ]] || die "--loss needs a percentage 0-100"; LOSS=$2; shift 2 ;;
             --rate) [[ $# -ge 2 && $2 =~ ^[0-9]+$ && $2 -ge 1 ]] || die "--rate needs a whole number of Mbit/s >= 1"; RATE=$2; shift 2 ;;
+            --ipv6) IPV6=1; shift ;;
             --) shift; REST=("$@"); return 0 ;;
             *) die "unknown option '$1' (see '$PROG help')" ;;
         esac
     done
     REST=()
+    if [[ $IPV6 -eq 1 && $((DOUBLE_NAT + SAME_NAT + PUBLIC_PEER)) -gt 0 ]]; then
+        die "--ipv6 builds the plain two-home lab only (no --double-nat, --same-nat or --public-peer)"
+    fi
 }
 
 build_lab() { # LAB_ID  (options already parsed); prints KEY=VALUE lines
@@ -302,6 +357,14 @@ EOF
     new_ns "$B"
     make_lan_host "$RB" "$B" l-b 192.168.2.2 192.168.2.1
 
+    if [[ $IPV6 -eq 1 ]]; then
+        ip -n "$RV" -6 addr add "$NET6::10/64" dev eth0 nodad
+        ip -n "$RV" -6 route add "$NET6:1::/64" via "$NET6::11"
+        ip -n "$RV" -6 route add "$NET6:2::/64" via "$NET6::12"
+        add_ipv6_home "$RA" "$A" 11 "$NET6:1" "$NET6:2" 12
+        add_ipv6_home "$RB" "$B" 12 "$NET6:2" "$NET6:1" 11
+    fi
+
     if [[ -n $RATE ]]; then
         local r
         for r in "$RA" "$RB" ${CGN:+"$CGN"}; do
@@ -347,6 +410,11 @@ EOF
         echo "NAT_CGN=$NAT_CGN"
         echo "CGN_WAN_IP=$CGN_WAN_IP"
         echo "CGN_LAN_IP=$CGN_LAN_IP"
+    fi
+    if [[ $IPV6 -eq 1 ]]; then
+        echo "RV_IP6=$NET6::10"
+        echo "A_IP6=$NET6:1::2"
+        echo "B_IP6=$NET6:2::2"
     fi
     echo "LOSS_PCT=$LOSS"
     echo "RATE_MBIT=${RATE:-0}"

@@ -5,11 +5,17 @@ use std::net::{IpAddr, SocketAddr};
 
 use natter_wire::MAX_HOST_CANDIDATES;
 
-/// The addresses another peer on the same network could reach `local` at.
-/// A socket bound to one address advertises just that address (bind to
-/// `127.0.0.1` to advertise loopback). A wildcard socket advertises its
-/// interfaces' addresses of its own family, leaving out loopback and
-/// link-local ones, which another machine cannot reach.
+/// Most host candidates of each address family.
+const PER_FAMILY: usize = MAX_HOST_CANDIDATES / 2;
+
+/// The addresses another peer could reach `local` at directly: on the same
+/// network, and for IPv6 (which has no NAT) across the internet too. A
+/// socket bound to one address advertises just that address (bind to
+/// `127.0.0.1` to advertise loopback). A wildcard IPv4 socket advertises its
+/// interfaces' IPv4 addresses; a wildcard IPv6 socket, which natter makes
+/// dual-stack, its IPv4 and IPv6 addresses, up to [`PER_FAMILY`] of each.
+/// Loopback and link-local addresses are left out: another machine cannot
+/// reach them.
 pub fn host_candidates(local: SocketAddr) -> Vec<SocketAddr> {
     if !local.ip().is_unspecified() {
         return vec![local];
@@ -21,24 +27,33 @@ pub fn host_candidates(local: SocketAddr) -> Vec<SocketAddr> {
             return Vec::new();
         }
     };
-    let mut candidates: Vec<SocketAddr> = interfaces
-        .into_iter()
-        .map(|interface| interface.ip())
-        .filter(|ip| usable(*ip, local))
-        .map(|ip| SocketAddr::new(ip, local.port()))
-        .collect();
-    candidates.dedup();
-    candidates.truncate(MAX_HOST_CANDIDATES);
+    let ips: Vec<IpAddr> = interfaces.into_iter().map(|i| i.ip()).collect();
+    let of_family = |v6: bool| {
+        let mut family: Vec<SocketAddr> = ips
+            .iter()
+            .copied()
+            .filter(|ip| ip.is_ipv6() == v6 && reachable(*ip))
+            .map(|ip| SocketAddr::new(ip, local.port()))
+            .collect();
+        family.dedup();
+        family.truncate(PER_FAMILY);
+        family
+    };
+    let mut candidates = of_family(false);
+    if local.is_ipv6() {
+        candidates.extend(of_family(true));
+    }
     candidates
 }
 
-fn usable(ip: IpAddr, local: SocketAddr) -> bool {
-    let same_family = ip.is_ipv4() == local.is_ipv4();
+/// Whether another machine could reach this address of ours.
+fn reachable(ip: IpAddr) -> bool {
     let link_local = match ip {
         IpAddr::V4(v4) => v4.is_link_local(),
         IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
     };
-    same_family && !ip.is_loopback() && !link_local
+    let mapped = matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some());
+    !ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast() && !link_local && !mapped
 }
 
 #[cfg(test)]
@@ -57,6 +72,29 @@ mod tests {
         assert!(candidates
             .iter()
             .all(|a| a.is_ipv4() && !a.ip().is_loopback() && a.port() == 4321));
-        assert!(candidates.len() <= MAX_HOST_CANDIDATES);
+        assert!(candidates.len() <= PER_FAMILY);
+        let dual = host_candidates("[::]:4321".parse().unwrap());
+        assert!(dual.iter().all(|a| reachable(a.ip()) && a.port() == 4321));
+        assert!(dual.len() <= MAX_HOST_CANDIDATES);
+        // The IPv4 ones come first, and are the same.
+        assert_eq!(&dual[..candidates.len()], &candidates[..]);
+    }
+
+    #[test]
+    fn unreachable_addresses_are_never_candidates() {
+        for ip in [
+            "127.0.0.1",
+            "169.254.1.1",
+            "::1",
+            "fe80::1",
+            "::",
+            "::ffff:192.0.2.1",
+            "ff02::1",
+        ] {
+            assert!(!reachable(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["192.168.1.2", "2001:db8:1::2", "fd00::5"] {
+            assert!(reachable(ip.parse().unwrap()), "{ip}");
+        }
     }
 }

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -130,7 +130,7 @@ impl Peer {
             rendezvous: None,
             meeting: None,
             identity: None,
-            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            bind: SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
             config: LinkConfig::default(),
             progress: None,
         }
@@ -172,7 +172,9 @@ impl PeerBuilder {
         self
     }
 
-    /// Local address of the one socket the peer uses (default `0.0.0.0:0`).
+    /// Local address of the one socket the peer uses (default `[::]:0`:
+    /// IPv4 and IPv6 on one dual-stack socket, or IPv4 alone where the host
+    /// has no IPv6).
     pub fn bind(mut self, addr: SocketAddr) -> Self {
         self.bind = addr;
         self
@@ -203,9 +205,9 @@ impl PeerBuilder {
         };
         let room = RoomCode::new(room).expect("rooms are derived within the size limit");
         let server_name = self.rendezvous.ok_or(Error::NoRendezvous)?;
-        let server = resolve(&server_name, self.bind).await?;
-        let socket = UdpSocket::bind(self.bind).await?;
+        let socket = bind_socket(self.bind)?;
         let local = socket.local_addr()?;
+        let server = resolve(&server_name, local).await?;
         let hosts = host_candidates(local);
         let max_message = self.config.channel.max_message_size;
         let link = Link::new(
@@ -263,26 +265,72 @@ impl PeerBuilder {
     }
 }
 
-async fn resolve(name: &str, bind: SocketAddr) -> Result<SocketAddr, Error> {
+/// Binds the peer's one socket. An IPv6 wildcard address is bound
+/// dual-stack (`IPV6_V6ONLY` off): one socket, one port and one NAT mapping
+/// serve both families, IPv4 addresses appearing as IPv4-mapped IPv6 ones
+/// (the socket layer turns them back and forth). Where the host has no IPv6
+/// at all, the IPv4 wildcard with the same port is bound instead.
+fn bind_socket(bind: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = match bind_std(bind) {
+        Ok(socket) => socket,
+        Err(error) if bind.ip() == Ipv6Addr::UNSPECIFIED => {
+            tracing::debug!(%error, "no IPv6 here; binding IPv4 only");
+            bind_std(SocketAddr::from((Ipv4Addr::UNSPECIFIED, bind.port())))?
+        }
+        Err(error) => return Err(error),
+    };
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
+fn bind_std(bind: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(bind),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if bind.is_ipv6() {
+        socket.set_only_v6(!bind.ip().is_unspecified())?;
+    }
+    socket.bind(&bind.into())?;
+    Ok(socket.into())
+}
+
+/// The rendezvous's address, of a family the socket at `local` can reach:
+/// either for a dual-stack socket, IPv4 first (its reflexive address is
+/// what a NAT'd peer needs to learn), then IPv6; an address the host has no
+/// route to is passed over, so an IPv6-only host uses the server's IPv6
+/// address even when the name has an IPv4 one too.
+async fn resolve(name: &str, local: SocketAddr) -> Result<SocketAddr, Error> {
     let resolve_error = |reason: String| Error::Resolve {
         addr: name.to_string(),
         reason,
     };
-    let addrs = tokio::net::lookup_host(name)
+    let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(name)
         .await
-        .map_err(|e| resolve_error(e.to_string()))?;
-    let mut fallback = None;
-    for addr in addrs {
-        let addr = SocketAddr::new(addr.ip().to_canonical(), addr.port());
-        if addr.is_ipv4() == bind.is_ipv4() {
-            return Ok(addr);
-        }
-        fallback.get_or_insert(addr);
-    }
-    Err(resolve_error(match fallback {
-        Some(other) => format!("only {other} found, of another address family than {bind}"),
-        None => "no addresses found".into(),
-    }))
+        .map_err(|e| resolve_error(e.to_string()))?
+        .map(|addr| SocketAddr::new(addr.ip().to_canonical(), addr.port()))
+        .collect();
+    let dual_stack = local.ip() == Ipv6Addr::UNSPECIFIED;
+    let usable = |addr: &SocketAddr| dual_stack || addr.is_ipv4() == local.is_ipv4();
+    let Some(&first) = addrs.iter().find(|a| usable(a)) else {
+        return Err(resolve_error(match addrs.first() {
+            Some(other) => format!("only {other} found, of another address family than {local}"),
+            None => "no addresses found".into(),
+        }));
+    };
+    addrs.retain(usable);
+    addrs.sort_by_key(|addr| addr.is_ipv6());
+    Ok(addrs.into_iter().find(routable).unwrap_or(first))
+}
+
+/// Whether this host has a route to `addr` (a UDP connect sends nothing).
+fn routable(addr: &SocketAddr) -> bool {
+    let unspecified: IpAddr = match addr {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    std::net::UdpSocket::bind((unspecified, 0)).is_ok_and(|probe| probe.connect(addr).is_ok())
 }
 
 async fn task_failure(task: JoinHandle<io::Result<()>>) -> Error {

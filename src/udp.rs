@@ -72,6 +72,9 @@ pub struct Socket {
     batch: Option<Batch>,
     /// Taken from the link, but not fit to join the batch before it.
     next: Option<Transmit>,
+    /// The socket is IPv6 (dual-stack): IPv4 destinations go out as
+    /// IPv4-mapped IPv6 addresses.
+    ipv6: bool,
 }
 
 /// Where the datagrams in `send_buf` go and how they are cut.
@@ -92,6 +95,7 @@ impl Socket {
         if let Err(error) = state.set_send_buffer_size((&io).into(), SOCKET_BUFFER) {
             tracing::debug!(%error, "SO_SNDBUF");
         }
+        let ipv6 = io.local_addr()?.is_ipv6();
         let slot_len = state.gro_segments() * MAX_DATAGRAM;
         let slots = (RECV_BUFFER / slot_len).clamp(1, BATCH_SIZE);
         Ok(Self {
@@ -102,6 +106,7 @@ impl Socket {
             send_buf: Vec::new(),
             batch: None,
             next: None,
+            ipv6,
         })
     }
 
@@ -240,8 +245,14 @@ impl Socket {
             } else {
                 &rest[..rest.len().min(batch.segment)]
             };
+            let destination = match batch.to {
+                SocketAddr::V4(v4) if self.ipv6 => {
+                    SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+                }
+                other => other,
+            };
             let transmit = quinn_udp::Transmit {
-                destination: batch.to,
+                destination,
                 ecn: None,
                 contents,
                 segment_size: Some(batch.segment),

@@ -232,6 +232,9 @@ enum Expect {
     /// Exit code 1 and `{"event":"error","kind":"punch_failed"}` on both
     /// sides. These cases run the rendezvous with `--relay-rate 0`.
     PunchFailed,
+    /// A direct connection to the other host's IPv6 address (a lab made
+    /// with `--ipv6`).
+    DirectIpv6,
 }
 
 impl Expect {
@@ -240,6 +243,7 @@ impl Expect {
             Expect::Direct { via: None } => "direct",
             Expect::Direct { via: Some("host") } => "direct/host",
             Expect::Direct { via: Some(_) } => "direct/via",
+            Expect::DirectIpv6 => "direct/ipv6",
             Expect::Relayed => "relayed",
             Expect::PunchFailed => "punch_failed",
         }
@@ -257,6 +261,9 @@ struct Case {
     /// Feed stdin in pieces of this many bytes, one per interval, instead of
     /// all at once (a slow stream of lines).
     pace: Option<(usize, Duration)>,
+    /// Give the peers the rendezvous's IPv6 address (a lab made with
+    /// `--ipv6`), not its IPv4 one.
+    rendezvous_ipv6: bool,
     timeout: Duration,
     punch_timeout_ms: Option<u64>,
 }
@@ -283,6 +290,7 @@ fn matrix_cases() -> Vec<Case> {
                 timeout: SMALL_CASE_TIMEOUT,
                 punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
                 pace: None,
+                rendezvous_ipv6: false,
             });
         }
     }
@@ -299,6 +307,7 @@ fn topology_cases() -> Vec<Case> {
         timeout: SMALL_CASE_TIMEOUT,
         punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
         pace: None,
+        rendezvous_ipv6: false,
     };
     vec![
         case(
@@ -356,6 +365,7 @@ fn relayed_transfer_case() -> Case {
         timeout: Duration::from_secs(60),
         punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
         pace: None,
+        rendezvous_ipv6: false,
     }
 }
 
@@ -380,6 +390,7 @@ fn loss_cases() -> Vec<Case> {
             // rendezvous exchange and the punching too, not only the transfer
             punch_timeout_ms: None,
             pace: None,
+            rendezvous_ipv6: false,
         })
         .collect()
 }
@@ -395,7 +406,10 @@ struct Rendezvous {
 impl Rendezvous {
     fn start(lab: &Lab, bins: &Binaries, t0: Instant, relay: bool) -> Result<Rendezvous, String> {
         let rv_ip = lab.ip("RV_IP");
-        let bind = format!("{rv_ip}:{RV_PORT}");
+        let bind = match lab.opt_var("RV_IP6") {
+            Some(_) => format!("[::]:{RV_PORT}"),
+            None => format!("{rv_ip}:{RV_PORT}"),
+        };
         let mut cmd = piped(lab.command("rv", &bins.rendezvous));
         cmd.args(["--bind", bind.as_str(), "--stats-secs", "0"]);
         if !relay {
@@ -635,7 +649,10 @@ fn spawn_peer(
     [send_seed, recv_seed]: [u64; 2],
     t0: Instant,
 ) -> Result<RunningPeer, String> {
-    let rendezvous = format!("{}:{RV_PORT}", lab.ip("RV_IP"));
+    let rendezvous = match case.rendezvous_ipv6 {
+        true => format!("[{}]:{RV_PORT}", lab.var("RV_IP6")),
+        false => format!("{}:{RV_PORT}", lab.ip("RV_IP")),
+    };
     let mut args: Vec<String> = vec![
         "pipe".into(),
         "--rendezvous".into(),
@@ -790,6 +807,16 @@ fn host_addrs(lab: &Lab, host: &str) -> (Ipv4Addr, Ipv4Addr) {
     }
 }
 
+/// The IPv6 address of a lab host (a lab made with `--ipv6`).
+fn host_ipv6(lab: &Lab, host: &str) -> IpAddr {
+    let key = match host {
+        "a" => "A_IP6",
+        "b" => "B_IP6",
+        other => panic!("no IPv6 address for lab host {other}"),
+    };
+    lab.var(key).parse().expect("an IPv6 address")
+}
+
 fn ip_of(addr: &Value) -> Option<IpAddr> {
     addr.as_str()?.parse::<SocketAddr>().ok().map(|a| a.ip())
 }
@@ -850,6 +877,7 @@ fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
     let outcome = if ok {
         match case.expect {
             Expect::Direct { .. } => "direct".to_string(),
+            Expect::DirectIpv6 => "direct/ipv6".to_string(),
             Expect::Relayed => "relayed".to_string(),
             Expect::PunchFailed => "punch_failed".to_string(),
         }
@@ -915,7 +943,13 @@ fn check_peer(
     }
     if let Some(reg) = p.event("registered") {
         let seen = ip_of(&reg["reflexive"]);
-        if seen != Some(IpAddr::V4(my_public)) {
+        // Over IPv6 the rendezvous sees the host itself: no NAT.
+        let ipv6 = seen.is_some_and(|ip| ip.is_ipv6());
+        let expected = match ipv6 {
+            true => host_ipv6(lab, me),
+            false => IpAddr::V4(my_public),
+        };
+        if seen != Some(expected) {
             fail(format!(
                 "registered with reflexive {} but its public address is {my_public}",
                 reg["reflexive"]
@@ -925,6 +959,21 @@ fn check_peer(
         fail("no {\"event\":\"registered\"} line".into());
     }
     match case.expect {
+        Expect::DirectIpv6 => {
+            if p.exit_code() != Some(0) {
+                fail(format!("{}, expected exit code 0", p.status_text()));
+            }
+            match p.connected() {
+                Some(c)
+                    if c["path"] == "direct"
+                        && ip_of(&c["remote"]) == Some(host_ipv6(lab, other.host)) => {}
+                other_event => fail(format!(
+                    "expected a direct connection to {}, got {other_event:?}",
+                    host_ipv6(lab, other.host)
+                )),
+            }
+            check_stdout(case, p, other, &mut fail);
+        }
         Expect::Direct { .. } | Expect::Relayed => {
             let relayed = case.expect == Expect::Relayed;
             let via = match case.expect {
@@ -980,24 +1029,7 @@ fn check_peer(
                     }
                 }
             }
-            let s = &p.stdout;
-            if let Some(e) = &s.read_error {
-                fail(format!("reading its stdout failed: {e}"));
-            }
-            if s.received != case.payload || s.first_mismatch.is_some() {
-                fail(format!(
-                    "stdout: {} bytes{}, expected exactly the {} bytes {} was fed",
-                    s.received,
-                    s.first_mismatch
-                        .map(|o| format!(", first differing byte at offset {o}"))
-                        .unwrap_or_default(),
-                    case.payload,
-                    other.host
-                ));
-            }
-            if let (Err(e), Some(0)) = (&p.stdin_result, p.exit_code()) {
-                fail(format!("writing its stdin failed: {e}"));
-            }
+            check_stdout(case, p, other, &mut fail);
         }
         Expect::PunchFailed => {
             if p.exit_code() != Some(1) {
@@ -1058,6 +1090,28 @@ fn check_peer(
                 ));
             }
         }
+    }
+}
+
+/// The peer wrote exactly what the other was fed, and took all it was fed.
+fn check_stdout(case: &Case, p: &PeerOutcome, other: &PeerOutcome, fail: &mut impl FnMut(String)) {
+    let s = &p.stdout;
+    if let Some(e) = &s.read_error {
+        fail(format!("reading its stdout failed: {e}"));
+    }
+    if s.received != case.payload || s.first_mismatch.is_some() {
+        fail(format!(
+            "stdout: {} bytes{}, expected exactly the {} bytes {} was fed",
+            s.received,
+            s.first_mismatch
+                .map(|o| format!(", first differing byte at offset {o}"))
+                .unwrap_or_default(),
+            case.payload,
+            other.host
+        ));
+    }
+    if let (Err(e), Some(0)) = (&p.stdin_result, p.exit_code()) {
+        fail(format!("writing its stdin failed: {e}"));
     }
 }
 
@@ -1537,6 +1591,7 @@ fn capture_one_session(bins: &Binaries, tcpdump: &std::path::Path, lab_args: &[&
         timeout: SMALL_CASE_TIMEOUT,
         punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
         pace: None,
+        rendezvous_ipv6: false,
     };
     let t0 = Instant::now();
     let lab = Lab::up(lab_args);
@@ -1874,6 +1929,7 @@ fn roaming_case(name: &str, nat_a: &str, nat_b: &str, rate_mbit: Option<u32>) ->
         expect: expect_for(nat_a, nat_b),
         payload: ROAMING_PAYLOAD,
         pace: None,
+        rendezvous_ipv6: false,
         timeout: Duration::from_secs(90),
         punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
     }
@@ -2094,4 +2150,57 @@ fn a_session_survives_the_host_address_changing() {
         run.describe()
     );
     assert!(moved.is_some(), "{}", run.describe());
+}
+
+// ----------------------------------------------------------------- IPv6 --
+
+/// Dual-stack hosts behind symmetric IPv4 NATs (a pair that IPv4 can only
+/// relay) and home routers' stateful IPv6 firewalls (forward what the LAN
+/// starts and its answers, drop what the internet starts): with the
+/// rendezvous given by its IPv4 address, the peers learn each other's IPv6
+/// addresses as host candidates through it, punch the firewalls, and
+/// connect directly over IPv6.
+#[test]
+fn dual_stack_peers_behind_symmetric_nats_connect_directly_over_ipv6() {
+    if !natlab_available() {
+        return;
+    }
+    let _lock = lab_lock();
+    let bins = Binaries::find();
+    let case = Case {
+        name: "dual-stack, symmetric x symmetric IPv4 NATs, stateful IPv6 firewalls".into(),
+        lab_args: ["--ipv6", "--nat-a", "symmetric", "--nat-b", "symmetric"]
+            .map(String::from)
+            .to_vec(),
+        expect: Expect::DirectIpv6,
+        ..roaming_case("", "symmetric", "symmetric", None)
+    };
+    let run = run_roaming(&bins, &case, None, Vec::new());
+    say!("natlab ipv6: {}: {}", case.name, run.describe());
+}
+
+/// An IPv6-only network: the hosts have no IPv4 address at all and are
+/// given the rendezvous's IPv6 address; the peers register, punch the
+/// stateful IPv6 firewalls and connect directly.
+#[test]
+fn an_ipv6_only_network_connects_directly() {
+    if !natlab_available() {
+        return;
+    }
+    let _lock = lab_lock();
+    let bins = Binaries::find();
+    let case = Case {
+        name: "IPv6 only, stateful IPv6 firewalls".into(),
+        lab_args: ["--ipv6"].map(String::from).to_vec(),
+        expect: Expect::DirectIpv6,
+        rendezvous_ipv6: true,
+        ..roaming_case("", "port-restricted", "port-restricted", None)
+    };
+    let drop_ipv4 = |lab: &Lab| {
+        for host in ["a", "b"] {
+            lab.exec_ok(host, "ip", ["-4", "addr", "flush", "dev", "eth0"]);
+        }
+    };
+    let run = run_roaming(&bins, &case, Some(&drop_ipv4), Vec::new());
+    say!("natlab ipv6: {}: {}", case.name, run.describe());
 }

@@ -9,7 +9,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -445,5 +445,41 @@ fn topology_extras_work() {
     assert!(
         !String::from_utf8_lossy(&left.stdout).contains(&format!("nl-{id}-")),
         "namespaces of lab {id} left behind"
+    );
+}
+
+/// The `--ipv6` lab's home routers behave as stateful IPv6 firewalls: a
+/// datagram the internet starts towards host A is dropped; once host A has
+/// sent to that address, its answer passes.
+#[test]
+fn ipv6_firewall_drops_what_the_internet_starts() {
+    if !natlab_available() {
+        return;
+    }
+    let _g = lab_lock();
+    let lab = Lab::up(&["--ipv6"]);
+    let a_ip: Ipv6Addr = lab.var("A_IP6").parse().unwrap();
+    let rv_ip: Ipv6Addr = lab.var("RV_IP6").parse().unwrap();
+    let a = lab.udp_socket("a", SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 46000));
+    let rv = lab.udp_socket("rv", SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 3478));
+    let a_addr = SocketAddr::new(a_ip.into(), 46000);
+    let rv_addr = SocketAddr::new(rv_ip.into(), 3478);
+    rv.send_to(b"unsolicited", a_addr).unwrap();
+    assert_eq!(
+        wait_for(&a, "unsolicited", Duration::from_millis(300)),
+        None,
+        "router A let in a datagram the internet started"
+    );
+    a.send_to(b"outbound", rv_addr).unwrap();
+    assert_eq!(
+        wait_for(&rv, "outbound", Duration::from_secs(2)),
+        Some(a_addr),
+        "host A's datagram did not reach the rendezvous host unchanged (no NAT on IPv6)"
+    );
+    rv.send_to(b"answer", a_addr).unwrap();
+    assert_eq!(
+        wait_for(&a, "answer", Duration::from_secs(2)),
+        Some(rv_addr),
+        "the answer to host A's datagram was dropped"
     );
 }

@@ -78,8 +78,10 @@ struct ConnectArgs {
     /// Rendezvous server, HOST:PORT.
     #[arg(long, env = "NATTER_RENDEZVOUS")]
     rendezvous: String,
-    /// Local address for the peer's one UDP socket.
-    #[arg(long, default_value = "0.0.0.0:0")]
+    /// Local address for the peer's one UDP socket. The default, [::]:0,
+    /// is one dual-stack socket for IPv4 and IPv6 (IPv4 alone on a host
+    /// without IPv6).
+    #[arg(long, default_value = "[::]:0")]
     bind: SocketAddr,
     /// Seconds to wait for the other peer to show up.
     #[arg(long, default_value_t = 300)]
