@@ -13,7 +13,7 @@ const PER_FAMILY: usize = MAX_HOST_CANDIDATES / 2;
 /// socket bound to one address advertises just that address (bind to
 /// `127.0.0.1` to advertise loopback). A wildcard IPv4 socket advertises its
 /// interfaces' IPv4 addresses; a wildcard IPv6 socket, which natter makes
-/// dual-stack, its IPv4 and IPv6 addresses, up to [`PER_FAMILY`] of each.
+/// dual-stack, its IPv4 and IPv6 addresses, up to four of each.
 /// Loopback and link-local addresses are left out: another machine cannot
 /// reach them.
 pub fn host_candidates(local: SocketAddr) -> Vec<SocketAddr> {

@@ -7,6 +7,7 @@ use natter_wire::ServerErrorKind;
 
 use crate::handshake::{HandshakeError, HANDSHAKE_TIMEOUT};
 use crate::punch::CandidateReport;
+use crate::reliable;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConnectError {
@@ -54,6 +55,63 @@ impl ConnectError {
             Self::Handshake(HandshakeError::WrongCode) => "wrong_code",
             Self::Handshake(HandshakeError::KeyChanged { .. }) => "key_changed",
             Self::Handshake(_) => "handshake_failed",
+        }
+    }
+}
+
+/// Why a session ended, or a call on it found it ended.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CloseReason {
+    #[error("closed by this side")]
+    Local,
+    #[error("closed by the other peer")]
+    Peer,
+    #[error("the other peer sent a {len}-byte message, over the {max}-byte limit")]
+    PeerMessageTooLarge { len: u64, max: u64 },
+    #[error("the other peer sent a message natter does not know")]
+    UnknownMessage,
+    #[error("the other peer went silent for {} s", after.as_secs())]
+    PeerSilent { after: Duration },
+    /// Everything was delivered, but the acknowledgement of this side's
+    /// CLOSE never came: the other peer most likely closed and left.
+    #[error("closed; the other peer left before confirming")]
+    Unconfirmed,
+    #[error("closed before a path was found")]
+    BeforeConnected,
+    #[error("the session ended before the peer confirmed")]
+    EndedBeforeConfirmed,
+    #[error("the session ended")]
+    Ended,
+    #[error(transparent)]
+    Failed(#[from] ConnectError),
+}
+
+impl CloseReason {
+    /// A short stable name for `--json` output.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Peer => "peer",
+            Self::PeerMessageTooLarge { .. } => "peer_message_too_large",
+            Self::UnknownMessage => "unknown_message",
+            Self::PeerSilent { .. } => "peer_silent",
+            Self::Unconfirmed => "unconfirmed",
+            Self::BeforeConnected => "before_connected",
+            Self::EndedBeforeConfirmed => "ended_before_confirmed",
+            Self::Ended => "ended",
+            Self::Failed(error) => error.kind(),
+        }
+    }
+}
+
+impl From<reliable::CloseReason> for CloseReason {
+    fn from(reason: reliable::CloseReason) -> Self {
+        match reason {
+            reliable::CloseReason::Local => Self::Local,
+            reliable::CloseReason::Peer => Self::Peer,
+            reliable::CloseReason::PeerMessageTooLarge { len, max } => {
+                Self::PeerMessageTooLarge { len, max }
+            }
         }
     }
 }

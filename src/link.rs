@@ -7,7 +7,7 @@
 //! Like the pieces it combines it is sans-IO: the driver passes datagrams
 //! and the time in, and sends what [`Link::poll_transmit`] returns.
 //!
-//! Its life is one [`Phase`] at a time: meeting at the rendezvous, punching,
+//! Its life is one `Phase` at a time: meeting at the rendezvous, punching,
 //! securing (the handshake on the path punching found, or on the relay),
 //! secured (the channel runs; [`Paths`] moves it between direct paths and the
 //! relay), draining (closed, still answering a repeated CLOSE), done. The
@@ -24,7 +24,7 @@ use natter_wire::{
     RelayRequest, Role, RoomCode, SealedKind, RELAY_HEADER_LEN,
 };
 
-use crate::error::{ConnectError, NoRelay};
+use crate::error::{CloseReason, ConnectError, NoRelay};
 use crate::handshake::{Handshake, HandshakeError, HandshakeEvent, SessionKeys, Trust};
 use crate::paths::{Heard, MoveReason, PathEvent, PathStats, Paths, Route};
 use crate::punch::{CandidateKind, CandidateReport, Path, PunchConfig, PunchEvent, Puncher};
@@ -102,7 +102,7 @@ pub enum LinkEvent {
     Acknowledged(MessageId),
     /// The channel closed: gracefully, or because the peer went silent.
     Closed {
-        reason: String,
+        reason: CloseReason,
     },
     Failed(ConnectError),
 }
@@ -151,7 +151,7 @@ enum Phase {
     Draining {
         secured: Box<Secured>,
         until: Instant,
-        reason: String,
+        reason: CloseReason,
     },
     /// Over; only last words are left to send.
     Done,
@@ -267,7 +267,7 @@ impl Link {
             Phase::Draining { .. } | Phase::Done => {}
             Phase::Meeting | Phase::Punching { .. } | Phase::Securing { .. } => {
                 self.finish(LinkEvent::Closed {
-                    reason: "closed before a path was found".into(),
+                    reason: CloseReason::BeforeConnected,
                 })
             }
         }
@@ -425,7 +425,7 @@ impl Link {
             Phase::Secured(secured) => {
                 if close_unconfirmed_deadline(&secured.channel).is_some_and(|at| now >= at) {
                     return self.finish(LinkEvent::Closed {
-                        reason: "closed; the other peer left before confirming".into(),
+                        reason: CloseReason::Unconfirmed,
                     });
                 }
                 secured.channel.handle_timeout(now);
@@ -433,7 +433,7 @@ impl Link {
                 secured.paths.handle_timeout(now, busy);
             }
             Phase::Draining { until, reason, .. } if now >= *until => {
-                let reason = std::mem::take(reason);
+                let reason = reason.clone();
                 return self.finish(LinkEvent::Closed { reason });
             }
             Phase::Draining { secured, .. } => secured.channel.handle_timeout(now),
@@ -594,15 +594,14 @@ impl Link {
                 self.phase = Phase::Draining {
                     secured,
                     until,
-                    reason: reason.to_string(),
+                    reason: reason.into(),
                 };
                 None
             }
             reliable::Event::TimedOut => {
-                let reason = format!(
-                    "the other peer went silent for {} s",
-                    self.config.channel.idle_timeout.as_secs()
-                );
+                let reason = CloseReason::PeerSilent {
+                    after: self.config.channel.idle_timeout,
+                };
                 self.finish(LinkEvent::Closed { reason });
                 self.events.pop_front()
             }

@@ -73,14 +73,17 @@ async fn oversized_messages_are_refused_and_closed_sessions_say_why() {
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(reason, "closed by this side");
+    assert_eq!(reason, natter::error::CloseReason::Local);
     assert_eq!(
         b.recv().await.unwrap(),
         natter::Received::Data(b"still fine".to_vec())
     );
     let closed = b.recv().await;
     assert!(
-        matches!(&closed, Err(Error::Closed(reason)) if reason.contains("other peer")),
+        matches!(
+            &closed,
+            Err(Error::Closed(natter::error::CloseReason::Peer))
+        ),
         "{closed:?}"
     );
     assert!(matches!(b.recv().await, Err(Error::Closed(_))));

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use natter::code::PairingCode;
+use natter::error::CloseReason;
 use natter::punch::CandidateKind;
 use natter::session::{PathInfo, Progress};
 use serde_json::{json, Value};
@@ -103,9 +104,9 @@ impl Reporter {
         }
     }
 
-    pub fn closed(&self, reason: &str) {
+    pub fn closed(&self, reason: &CloseReason) {
         self.emit(
-            json!({"event": "closed", "reason": reason}),
+            json!({"event": "closed", "reason": reason.to_string(), "kind": reason.kind()}),
             format!("closed: {reason}"),
         );
     }

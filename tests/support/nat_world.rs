@@ -367,7 +367,7 @@ impl World {
                         host.path_changes.push((self.now, path, reason))
                     }
                     LinkEvent::Closed { reason } => {
-                        host.closed = Some((self.now - self.start, reason))
+                        host.closed = Some((self.now - self.start, reason.to_string()))
                     }
                     _ => {}
                 }
