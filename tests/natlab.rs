@@ -1963,6 +1963,14 @@ fn a_transfer_survives_the_nat_losing_its_mappings() {
         pace: Some((100, Duration::from_millis(500))),
         ..roaming_case("", "symmetric", "full-cone", None)
     };
+    // The same transfer without the flush, for the stall it costs.
+    let baseline = run_roaming(&bins, &bulk, None, Vec::new());
+    say!(
+        "natlab roaming: {}: without the flush the transfer takes {:?} / {:?} ms",
+        bulk.name,
+        baseline.outcomes[0].transfer_ms(),
+        baseline.outcomes[1].transfer_ms()
+    );
     for (case, at) in [
         (&bulk, Duration::from_secs(1)),
         (&lines, Duration::from_secs(5)),

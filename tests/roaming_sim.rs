@@ -263,10 +263,10 @@ fn a_pair_blocked_at_first_starts_relayed_and_goes_direct() {
 
 /// The attacker sees every frame between the peers and sends a copy from
 /// its own address that overtakes the original (which then arrives as a
-/// replay). The copies are authentic and the newest, so each peer checks
-/// the attacker's address, once: the attacker cannot answer, the session
-/// stays where it is, and what the peers send the attacker stays within
-/// three times what it sent them.
+/// replay), with a forgery and a replay of an old frame. The copies are
+/// authentic and the newest, so each peer checks the attacker's address:
+/// the attacker cannot answer, the session stays where it is, and what the
+/// peers send the attacker stays within three times what it sent them.
 #[test]
 fn a_racing_attacker_never_moves_the_session() {
     let mut world = connected(NatType::FullCone, NatType::FullCone);
@@ -281,8 +281,10 @@ fn a_racing_attacker_never_moves_the_session() {
     for host in 0..2 {
         assert_eq!(moves(&world, host), [], "host {host} moved");
         let stats = world.hosts[host].link.path_stats().unwrap().clone();
-        println!("host {host}: {stats:?}");
+        let link = world.hosts[host].link.stats().clone();
+        println!("host {host}: {stats:?} {link:?}");
         assert!(stats.challenges_sent > 0, "{stats:?}");
+        assert!(link.forged > 0 && link.replayed > 0, "{link:?}");
     }
     println!(
         "attacker sent {} bytes, received {}",

@@ -141,11 +141,14 @@ pub struct World {
     pub block_direct: bool,
     /// An attacker at this address that copies every sealed frame it sees
     /// on the way between the peers and sends the copy from its own address
-    /// at once, ahead of the original, as if the peer had moved there.
+    /// at once, ahead of the original, as if the peer had moved there; with
+    /// each copy it also sends a forgery (the copy with one bit flipped) and
+    /// a replay of the first frame it saw to the same peer.
     pub racer: Option<SocketAddr>,
     /// Bytes the racer sent, and bytes sent to it.
     pub racer_sent: u64,
     pub racer_received: u64,
+    racer_first: Vec<(SocketAddr, Vec<u8>)>,
 }
 
 impl World {
@@ -229,6 +232,7 @@ impl World {
             racer: None,
             racer_sent: 0,
             racer_received: 0,
+            racer_first: Vec::new(),
         }
     }
 
@@ -254,16 +258,29 @@ impl World {
             .racer
             .filter(|_| direct && matches!(bytes.first(), Some(0xC4 | 0xC8)))
         {
-            self.racer_sent += bytes.len() as u64;
-            self.sequence += 1;
-            self.in_flight.insert(
-                (self.now + self.latency / 2, self.sequence),
-                Packet {
-                    from: racer,
-                    to,
-                    bytes: bytes.clone(),
-                },
-            );
+            if !self.racer_first.iter().any(|(peer, _)| *peer == to) {
+                self.racer_first.push((to, bytes.clone()));
+            }
+            let (_, first) = self
+                .racer_first
+                .iter()
+                .find(|(peer, _)| *peer == to)
+                .unwrap();
+            let mut forged = bytes.clone();
+            let index = self.sequence as usize % forged.len();
+            forged[index] ^= 0x10;
+            for copy in [bytes.clone(), forged, first.clone()] {
+                self.racer_sent += copy.len() as u64;
+                self.sequence += 1;
+                self.in_flight.insert(
+                    (self.now + self.latency / 2, self.sequence),
+                    Packet {
+                        from: racer,
+                        to,
+                        bytes: copy,
+                    },
+                );
+            }
         }
         if self.attacker && bytes.first() == Some(&0xC4) {
             let mut flipped = bytes.clone();
