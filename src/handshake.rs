@@ -11,9 +11,11 @@
 //!
 //! The payloads of messages 1 and 2 carry one byte of flags: whether the
 //! sender has fast AES, which picks the data frames' cipher
-//! ([`DataCipher::agree`]). Noise binds both payloads into the transcript,
-//! so nobody on the path can alter them (to force the slower cipher)
-//! without the handshake failing.
+//! ([`DataCipher::agree`]), and whether it answers path checks (a peer of
+//! an older version does not, and its session keeps the path it started
+//! on). Noise binds both payloads into the transcript, so nobody on the path
+//! can alter them (to force the slower cipher) without the handshake
+//! failing.
 //!
 //! The controlling peer initiates. Flights are retransmitted every
 //! [`RETRANSMIT`] until the next message arrives; a duplicate of the peer's
@@ -41,6 +43,9 @@ const SPAKE2_IDENTITY: &[u8] = b"natter pairing v1";
 /// Flag in the payload of messages 1 and 2: the sender has fast AES. An
 /// empty payload means no flags; unknown flags are ignored.
 const FLAG_FAST_AES: u8 = 0x01;
+/// Flag in the payload of messages 1 and 2: the sender answers path checks
+/// and may move the session to another path.
+const FLAG_PATH_CHECKS: u8 = 0x02;
 
 /// How the two peers know each other.
 #[derive(Clone)]
@@ -57,6 +62,8 @@ pub struct SessionKeys {
     pub send: [u8; 32],
     pub receive: [u8; 32],
     pub cipher: DataCipher,
+    /// The other peer answers path checks.
+    pub remote_path_checks: bool,
     /// The other peer's long-term public key, authenticated.
     pub remote_static: [u8; 32],
 }
@@ -95,7 +102,7 @@ pub struct Handshake {
     trust: Trust,
     local_secret: [u8; 32],
     local_fast_aes: bool,
-    remote_fast_aes: bool,
+    remote_flags: u8,
     phase: Phase,
     our_pake: Option<Vec<u8>>,
     /// Our latest handshake message and its step, for retransmission.
@@ -124,7 +131,7 @@ impl Handshake {
             role,
             local_secret,
             local_fast_aes,
-            remote_fast_aes: false,
+            remote_flags: 0,
             phase: Phase::Failed,
             our_pake: None,
             last_sent: None,
@@ -297,7 +304,7 @@ impl Handshake {
         let read = state.read_message(message, &mut payload);
         if let Ok(len) = read {
             if step <= 2 {
-                self.remote_fast_aes = len > 0 && payload[0] & FLAG_FAST_AES != 0;
+                self.remote_flags = if len > 0 { payload[0] } else { 0 };
             }
         }
         if let Err(error) = read {
@@ -351,11 +358,12 @@ impl Handshake {
         let Phase::Noise(state) = &mut self.phase else {
             return;
         };
-        let flags = if self.local_fast_aes {
-            FLAG_FAST_AES
-        } else {
-            0
-        };
+        let flags = FLAG_PATH_CHECKS
+            | if self.local_fast_aes {
+                FLAG_FAST_AES
+            } else {
+                0
+            };
         let payload: &[u8] = if step <= 2 { &[flags] } else { &[] };
         let mut message = vec![0u8; natter_wire::MAX_HANDSHAKE_MESSAGE];
         match state.write_message(payload, &mut message) {
@@ -395,7 +403,8 @@ impl Handshake {
         self.events.push_back(HandshakeEvent::Done(SessionKeys {
             send,
             receive,
-            cipher: DataCipher::agree(self.local_fast_aes, self.remote_fast_aes),
+            cipher: DataCipher::agree(self.local_fast_aes, self.remote_flags & FLAG_FAST_AES != 0),
+            remote_path_checks: self.remote_flags & FLAG_PATH_CHECKS != 0,
             remote_static,
         }));
     }
@@ -511,7 +520,7 @@ mod tests {
     /// Either side without fast AES makes both use ChaCha20-Poly1305, with
     /// a code and with a contact.
     #[test]
-    fn both_sides_agree_on_the_cipher() {
+    fn both_sides_agree_on_the_cipher_and_tell_they_answer_path_checks() {
         let ((a, a_pub), (b, b_pub)) = (keypair(), keypair());
         let code = Trust::Code(b"7-crossword-lantern".to_vec());
         for (a_aes, b_aes) in [(true, true), (true, false), (false, true), (false, false)] {
@@ -529,6 +538,8 @@ mod tests {
                     (expected, expected),
                     "{a_aes} {b_aes}"
                 );
+                // Both answer path checks, whatever their ciphers.
+                assert!(ka.remote_path_checks && kb.remote_path_checks);
             }
         }
     }

@@ -796,6 +796,9 @@ impl Link {
         channel.max_payload = max_payload(&self.config, route);
         let mut paths = Paths::new(now, self.role, route, path.kind, path.rtt, self.seed);
         paths.track_candidates(puncher.candidates());
+        if !keys.remote_path_checks {
+            paths.pin();
+        }
         self.phase = Phase::Secured(Box::new(Secured {
             handshake,
             channel: Connection::new(channel, now),

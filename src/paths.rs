@@ -267,6 +267,9 @@ pub struct Paths {
     fallbacks: u32,
     /// When the application last sent or received a message.
     last_used: Instant,
+    /// The other peer does not answer path checks (an older version): the
+    /// session stays on the path it started on, as it did then.
+    pinned: bool,
     /// Since when a direct path carries the session.
     direct_since: Option<Instant>,
     /// Challenge tokens and when they were last counted.
@@ -303,6 +306,7 @@ impl Paths {
             probe_interval: PROBE_INTERVAL,
             fallbacks: 0,
             last_used: now,
+            pinned: false,
             direct_since: Some(now).filter(|_| route.is_direct()),
             tokens: CHALLENGE_BURST,
             tokens_at: now,
@@ -335,6 +339,11 @@ impl Paths {
     /// introduced at a rendezvous that relays).
     pub fn set_relay_available(&mut self, available: bool) {
         self.relay_available = available;
+    }
+
+    /// The other peer does not answer path checks: send none, and stay.
+    pub fn pin(&mut self) {
+        self.pinned = true;
     }
 
     /// The application sent or received a message: the session is in use,
@@ -481,6 +490,9 @@ impl Paths {
     }
 
     pub fn poll_timeout(&self, busy: bool) -> Option<Instant> {
+        if self.pinned {
+            return None;
+        }
         [self.heartbeat_due(busy), self.next_probe]
             .into_iter()
             .flatten()
@@ -512,7 +524,7 @@ impl Paths {
     }
 
     fn check_active(&mut self, now: Instant, busy: bool) {
-        if self.heartbeat_due(busy).is_none_or(|at| now < at) {
+        if self.pinned || self.heartbeat_due(busy).is_none_or(|at| now < at) {
             return;
         }
         let active = self.active();
@@ -659,6 +671,9 @@ impl Paths {
     /// Sends a fresh challenge on the path at `index`, within the rate and
     /// the amplification bound.
     fn challenge(&mut self, now: Instant, index: usize) {
+        if self.pinned {
+            return;
+        }
         let elapsed = now.saturating_duration_since(self.tokens_at).as_secs_f64();
         self.tokens = (self.tokens + elapsed * CHALLENGES_PER_SECOND).min(CHALLENGE_BURST);
         self.tokens_at = now;
@@ -839,6 +854,22 @@ mod tests {
                 migration: Migration::PortOnly,
             }]
         );
+    }
+
+    #[test]
+    fn a_peer_without_path_checks_keeps_the_session_where_it_started() {
+        let start = Instant::now();
+        let mut paths = direct(start);
+        paths.pin();
+        assert_eq!(paths.poll_timeout(true), None);
+        let moved = Route::Direct(addr("203.0.113.12:5000"));
+        for second in 1..100 {
+            let now = start + Duration::from_secs(second);
+            paths.handle_timeout(now, true);
+            paths.handle_frame(now, moved, 100, Heard::Data { newest: true });
+        }
+        assert!(paths.poll_transmit().is_none());
+        assert!(moves(&mut paths).is_empty());
     }
 
     #[test]
