@@ -28,7 +28,7 @@ use crate::error::{CloseReason, ConnectError, NoRelay};
 use crate::handshake::{Handshake, HandshakeError, HandshakeEvent, SessionKeys, Trust};
 use crate::paths::{Heard, MoveReason, PathEvent, PathStats, Paths, Route};
 use crate::punch::{CandidateKind, CandidateReport, Path, PunchConfig, PunchEvent, Puncher};
-use crate::reliable::{self, Connection, MessageId, SendError};
+use crate::reliable::{self, Connection, MessageId, Migration, SendError};
 use crate::rendezvous_client::{RelayRoute, RendezvousClient, RendezvousConfig, RendezvousEvent};
 use crate::seal::{self, DataCipher, OpenError, Opener, Sealer};
 
@@ -721,9 +721,15 @@ impl Link {
             Phase::Meeting | Phase::Punching { .. } => {}
             // Introduced again: an address changed (or the server
             // restarted). The session stays; its paths check the new
-            // candidates.
+            // candidates. On the relay, the new relay session is a way
+            // through again: what waited for it goes now rather than at the
+            // channel's backed-off probe timer.
             Phase::Secured(secured) | Phase::Draining { secured, .. } => {
                 secured.paths.add_candidates(now, candidates);
+                if secured.paths.active().route == Route::Relay {
+                    let payload = max_payload(&self.config, Route::Relay);
+                    secured.channel.migrate(Migration::PortOnly, payload);
+                }
                 return;
             }
             Phase::Securing { .. } | Phase::Done => return,
