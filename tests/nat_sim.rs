@@ -12,7 +12,7 @@ use natter::identity::Identity;
 use natter::link::{Link, LinkConfig};
 use natter::punch::CandidateKind;
 use natter::seal::DataCipher;
-use natter::wire::{RoomCode, ServerErrorKind, ServerMessage};
+use natter::wire::{RoomCode, ServerErrorKind, ServerMessage, RELAY_HEADER_LEN};
 use natter_rendezvous::{Config, Server};
 use support::nat_world::{NatType, World, ALL};
 
@@ -247,6 +247,39 @@ fn a_peer_that_declines_the_relay_fails_both_sides_clearly() {
             other.contains("did not answer through the rendezvous's relay"),
             "{other}"
         );
+    }
+}
+
+/// One peer learns of the introduction 3 s after the other (the server's
+/// answers to it are lost), the other has moved to the relay by then, and
+/// the late peer's first relay hello is lost too: the hello is repeated, so
+/// the early peer's relayed handshake reaches the late one before it gives
+/// up, and both connect through the relay. (Seen in the NAT lab at 20 %
+/// loss, when the hello went out once.)
+#[test]
+fn a_lost_relay_hello_is_repeated() {
+    let mut world = World::new(Some(NatType::Symmetric), Some(NatType::Symmetric));
+    let server = world.server_addr;
+    let late = "203.0.113.12".parse::<IpAddr>().unwrap();
+    let mut hellos_dropped = 0;
+    world.drop_if = Some(Box::new(move |elapsed, from, to, bytes| {
+        if from == server && to.ip() == late {
+            return elapsed < Duration::from_secs(3);
+        }
+        // A relay request with no inner frame: a hello.
+        let hello = to == server && from.ip() == late && bytes.len() == RELAY_HEADER_LEN;
+        if hello && bytes[0] == 0xC6 && hellos_dropped == 0 {
+            hellos_dropped += 1;
+            return true;
+        }
+        false
+    }));
+    world.run_until(Duration::from_secs(30), settled);
+    for host in &world.hosts {
+        let (_, kind, _) = host
+            .connected
+            .unwrap_or_else(|| panic!("{:?}", host.failed));
+        assert_eq!(kind, CandidateKind::Relayed);
     }
 }
 

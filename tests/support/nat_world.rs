@@ -131,6 +131,9 @@ pub struct World {
     pub latency: Duration,
     /// Drop everything: the path died.
     pub blackhole: bool,
+    /// Drops each datagram (from, to, bytes) for which it returns true.
+    #[allow(clippy::type_complexity)]
+    pub drop_if: Option<Box<dyn FnMut(Duration, SocketAddr, SocketAddr, &[u8]) -> bool>>,
     /// An attacker on the path replays every data frame, injects a
     /// bit-flipped copy of it, and replays the first one it saw again and
     /// again, long after.
@@ -226,6 +229,7 @@ impl World {
             sequence: 0,
             latency: Duration::from_millis(15),
             blackhole: false,
+            drop_if: None,
             attacker: false,
             first_data_frame: None,
             block_direct: false,
@@ -245,6 +249,12 @@ impl World {
         );
         if self.blackhole {
             return;
+        }
+        let elapsed = self.now - self.start;
+        if let Some(drop_if) = &mut self.drop_if {
+            if drop_if(elapsed, from, to, &bytes) {
+                return;
+            }
         }
         if Some(to) == self.racer {
             self.racer_received += bytes.len() as u64;
