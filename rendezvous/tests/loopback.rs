@@ -166,3 +166,31 @@ fn which(program: &str) -> Result<std::path::PathBuf, ()> {
         .find(|candidate| candidate.is_file())
         .ok_or(())
 }
+
+/// A log written to a pipe or a file (not a terminal) carries no colour
+/// codes: log collectors show them as garbage.
+#[test]
+fn a_log_that_is_not_a_terminal_has_no_colour_codes() {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_natter-rendezvous"))
+        .args(["--bind", "127.0.0.1:0", "--stats-secs", "0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).split(b'\n') {
+            let _ = lines.send(line);
+        }
+    });
+    let line = received
+        .recv_timeout(WAIT)
+        .expect("a log line within 5 s")
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&line);
+    assert!(text.contains("listening"), "{text}");
+    assert!(!line.contains(&0x1b), "colour codes in {text:?}");
+}

@@ -264,13 +264,15 @@ fn error_kind(error: &Error) -> &'static str {
     }
 }
 
-/// Logs go to stderr only: stdout carries user data in pipe mode.
+/// Logs go to stderr only: stdout carries user data in pipe mode. Colour
+/// codes only when stderr is a terminal.
 fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }
