@@ -42,10 +42,15 @@ impl Reporter {
                         "relayed",
                         format!("relaying through the rendezvous: {reason}"),
                     ),
-                    via => (
-                        "direct",
-                        format!("now direct to {} ({} candidate): {reason}", path.remote, via.as_str()),
-                    ),
+                    via => {
+                        let family = if path.remote.is_ipv6() { "IPv6" } else { "IPv4" };
+                        let remote = path.remote;
+                        let via = via.as_str();
+                        let human = format!(
+                            "now direct over {family} to {remote} ({via} candidate): {reason}"
+                        );
+                        ("direct", human)
+                    }
                 };
                 self.emit(
                     json!({
