@@ -119,9 +119,18 @@ struct Candidate {
 /// Probes in flight are remembered to pair acknowledgements with them and
 /// measure round trips; older ones are forgotten.
 const MAX_OUTSTANDING_PROBES: usize = 256;
-/// How much lower an IPv6 candidate's round trip counts when nominating
-/// (iroh's bias).
+/// How much lower an IPv6 path's round trip counts when paths are compared
+/// (iroh's bias): IPv6 wins a near tie, having no NAT on the way to lose a
+/// mapping.
 const IPV6_BIAS: Duration = Duration::from_millis(3);
+
+/// `rtt` of a path to `addr`, as compared with other paths.
+pub(crate) fn biased_rtt(rtt: Duration, addr: SocketAddr) -> Duration {
+    match addr {
+        SocketAddr::V6(_) => rtt.saturating_sub(IPV6_BIAS),
+        SocketAddr::V4(_) => rtt,
+    }
+}
 /// Most candidates tracked, so a flood of probes from random addresses
 /// cannot grow the state.
 const MAX_CANDIDATES: usize = 32;
@@ -380,15 +389,7 @@ impl Puncher {
             .candidates
             .iter()
             .enumerate()
-            .filter_map(|(i, c)| {
-                // IPv6 wins a near tie: no NAT on the way to lose a mapping.
-                let rtt = c.rtt?;
-                let biased = match c.report.addr {
-                    SocketAddr::V6(_) => rtt.saturating_sub(IPV6_BIAS),
-                    SocketAddr::V4(_) => rtt,
-                };
-                Some((c.report.kind, biased, i))
-            })
+            .filter_map(|(i, c)| Some((c.report.kind, biased_rtt(c.rtt?, c.report.addr), i)))
             .min();
         if let Some((_, _, candidate)) = best {
             let nonce = self.take_nonce();
