@@ -52,11 +52,8 @@ fn source(i: u32) -> SocketAddr {
 fn unlimited() -> Config {
     Config {
         max_peers: PEERS as usize,
-        rate_limit: RateLimit {
-            per_second: 1e9,
-            burst: 1e9,
-            max_sources: 65_536,
-        },
+        rate_limit: RateLimit::unlimited(65_536),
+        address_rate_limit: RateLimit::unlimited(65_536),
         ..Config::default()
     }
 }

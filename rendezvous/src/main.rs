@@ -27,11 +27,20 @@ struct Cli {
     /// Most peers registered at once.
     #[arg(long, default_value_t = 100_000)]
     max_peers: usize,
-    /// Sustained datagrams per second accepted from one source IP (IPv6: /64).
+    /// Sustained datagrams per second accepted from one source address and
+    /// port (one peer).
     #[arg(long, default_value_t = 20.0)]
-    rate_per_ip: f32,
-    /// Burst of datagrams accepted from one source IP.
+    rate_per_source: f32,
+    /// Burst of datagrams accepted from one source address and port.
     #[arg(long, default_value_t = 40.0)]
+    burst_per_source: f32,
+    /// Sustained datagrams per second accepted from one IP address (IPv6:
+    /// /64), all its ports together: many peers may share one address
+    /// behind a carrier-grade NAT.
+    #[arg(long, default_value_t = 2_000.0)]
+    rate_per_ip: f32,
+    /// Burst of datagrams accepted from one IP address, all ports together.
+    #[arg(long, default_value_t = 4_000.0)]
     burst_per_ip: f32,
     /// Bytes per second relayed for one pair of peers that could not punch
     /// a direct path (0: do not relay; such pairs then fail to connect).
@@ -59,6 +68,11 @@ async fn main() -> Result<()> {
         missed_refreshes: cli.missed_refreshes.max(1),
         max_peers: cli.max_peers,
         rate_limit: RateLimit {
+            per_second: cli.rate_per_source,
+            burst: cli.burst_per_source.max(1.0),
+            max_sources: 65_536,
+        },
+        address_rate_limit: RateLimit {
             per_second: cli.rate_per_ip,
             burst: cli.burst_per_ip.max(1.0),
             max_sources: 65_536,

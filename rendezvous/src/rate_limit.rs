@@ -1,13 +1,20 @@
-//! Per-source token buckets, so one address cannot monopolise the server.
+//! Token buckets per key, so one source cannot monopolise the server.
 //!
-//! IPv6 sources are keyed by their /64, since one host usually owns a whole
-//! /64 and could otherwise rotate through it. The table is capped: when it is
-//! full, sources without a bucket share one overflow bucket, so a flood of
-//! spoofed addresses costs bounded memory and only throttles other new
-//! sources while it lasts. Idle buckets are reclaimed by `sweep`.
+//! The server keeps two tables. One is keyed by the source address *and
+//! port* ([`source_key`]): behind a carrier-grade NAT, a campus or an office
+//! thousands of users share one public address, each with its own port, and
+//! a limit per address would turn them away together. The other is keyed by
+//! the address alone ([`address_key`]; IPv6 by its /64, since one host
+//! usually owns a whole /64 and could otherwise rotate through it), with a
+//! ceiling a hundred times higher: it bounds one host that rotates its ports.
+//! Each table is capped: when it is full, keys without a bucket share one
+//! overflow bucket, so a flood of spoofed sources costs bounded memory and
+//! only throttles other new sources while it lasts. Idle buckets are
+//! reclaimed by `sweep`.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::hash::Hash;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 #[derive(Debug, Clone, Copy)]
@@ -18,6 +25,18 @@ pub struct RateLimit {
     pub burst: f32,
     /// Most sources tracked at once.
     pub max_sources: usize,
+}
+
+impl RateLimit {
+    /// No limit worth the name: for benchmarks and floods that must reach
+    /// the parsers.
+    pub const fn unlimited(max_sources: usize) -> Self {
+        Self {
+            per_second: 1e9,
+            burst: 1e9,
+            max_sources,
+        }
+    }
 }
 
 /// A token bucket: `per_second` tokens flow in, up to `burst`. Datagrams of
@@ -55,13 +74,13 @@ impl Bucket {
 }
 
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K> {
     limit: RateLimit,
-    buckets: HashMap<IpAddr, Bucket>,
+    buckets: HashMap<K, Bucket>,
     overflow: Option<Bucket>,
 }
 
-impl RateLimiter {
+impl<K: Hash + Eq> RateLimiter<K> {
     pub fn new(limit: RateLimit) -> Self {
         Self {
             limit,
@@ -70,9 +89,8 @@ impl RateLimiter {
         }
     }
 
-    /// Takes one token for `source`; false means drop the datagram.
-    pub fn allow(&mut self, now: Instant, source: IpAddr) -> bool {
-        let key = bucket_key(source);
+    /// Takes one token for `key`; false means drop the datagram.
+    pub fn allow(&mut self, now: Instant, key: K) -> bool {
         let RateLimit {
             per_second, burst, ..
         } = self.limit;
@@ -109,7 +127,15 @@ impl RateLimiter {
     }
 }
 
-fn bucket_key(source: IpAddr) -> IpAddr {
+/// The key of a source's own bucket: its address (IPv4-mapped made plain)
+/// and port.
+pub fn source_key(source: SocketAddr) -> SocketAddr {
+    SocketAddr::new(source.ip().to_canonical(), source.port())
+}
+
+/// The key of the bucket everything behind one address shares: the IPv4
+/// address, or the IPv6 /64.
+pub fn address_key(source: IpAddr) -> IpAddr {
     match source.to_canonical() {
         IpAddr::V6(v6) => {
             let prefix = u128::from(v6) & !((1u128 << 64) - 1);
@@ -134,7 +160,7 @@ mod tests {
     fn burst_then_refill() {
         let mut limiter = RateLimiter::new(LIMIT);
         let t0 = Instant::now();
-        let ip: IpAddr = "198.51.100.1".parse().unwrap();
+        let ip = address_key("198.51.100.1".parse().unwrap());
         assert!((0..5).all(|_| limiter.allow(t0, ip)));
         assert!(!limiter.allow(t0, ip));
         // 10 per second: one token after 100 ms.
@@ -148,11 +174,24 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..5u16 {
             let ip = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, i));
-            assert!(limiter.allow(t0, ip));
+            assert!(limiter.allow(t0, address_key(ip)));
         }
-        let sibling = "2001:db8:0:1::ffff".parse().unwrap();
+        let sibling = address_key("2001:db8:0:1::ffff".parse().unwrap());
         assert!(!limiter.allow(t0, sibling));
         assert_eq!(limiter.tracked_sources(), 1);
+    }
+
+    #[test]
+    fn ports_of_one_address_are_sources_of_their_own() {
+        let mut limiter = RateLimiter::new(LIMIT);
+        let t0 = Instant::now();
+        let a = source_key("198.51.100.1:40000".parse().unwrap());
+        let b = source_key("198.51.100.1:40001".parse().unwrap());
+        assert!((0..5).all(|_| limiter.allow(t0, a)));
+        assert!(!limiter.allow(t0, a));
+        assert!(limiter.allow(t0, b), "another port has its own bucket");
+        let mapped = source_key("[::ffff:198.51.100.1]:40000".parse().unwrap());
+        assert_eq!(mapped, a);
     }
 
     #[test]

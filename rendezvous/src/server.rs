@@ -12,7 +12,7 @@
 //! cannot take the whole server.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use natter_wire::{
@@ -22,7 +22,7 @@ use natter_wire::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::rate_limit::{Bucket, RateLimit, RateLimiter};
+use crate::rate_limit::{address_key, source_key, Bucket, RateLimit, RateLimiter};
 use crate::stats::{DropReason, Stats};
 
 #[derive(Debug, Clone)]
@@ -33,7 +33,10 @@ pub struct Config {
     pub missed_refreshes: u32,
     /// Most peers registered at once, over all rooms.
     pub max_peers: usize,
+    /// Datagrams from one source address and port.
     pub rate_limit: RateLimit,
+    /// Datagrams from one address (IPv6: /64), all its ports together.
+    pub address_rate_limit: RateLimit,
     /// Bytes per second the server relays for one session (0: no relay).
     pub relay_rate: u32,
 }
@@ -47,6 +50,16 @@ impl Default for Config {
             rate_limit: RateLimit {
                 per_second: 20.0,
                 burst: 40.0,
+                max_sources: 65_536,
+            },
+            // A peer sends a datagram or two a second while it registers and
+            // one every refresh interval after: 2 000/s lets about a
+            // thousand peers behind one carrier-grade NAT register at the
+            // same moment, and holds one host rotating its ports to a small
+            // share of what one core answers (over a million a second).
+            address_rate_limit: RateLimit {
+                per_second: 2_000.0,
+                burst: 4_000.0,
                 max_sources: 65_536,
             },
             relay_rate: 1 << 20,
@@ -105,7 +118,8 @@ pub struct Server {
     /// The room of each session in progress, for relay requests.
     sessions: HashMap<u64, RoomCode>,
     peers: usize,
-    limiter: RateLimiter,
+    limiter: RateLimiter<SocketAddr>,
+    address_limiter: RateLimiter<IpAddr>,
     transmits: VecDeque<Transmit>,
     next_sweep: Option<Instant>,
     stats: Stats,
@@ -125,6 +139,7 @@ impl Server {
     fn with_rng(config: Config, rng: StdRng) -> Self {
         Self {
             limiter: RateLimiter::new(config.rate_limit),
+            address_limiter: RateLimiter::new(config.address_rate_limit),
             config,
             rooms: HashMap::new(),
             sessions: HashMap::new(),
@@ -160,8 +175,11 @@ impl Server {
         if bytes.first() == Some(&(FrameKind::Relay as u8)) {
             return self.handle_relay(now, from, bytes);
         }
-        if !self.limiter.allow(now, from.ip()) {
+        if !self.limiter.allow(now, source_key(from)) {
             return self.stats.drop(DropReason::RateLimited);
+        }
+        if !self.address_limiter.allow(now, address_key(from.ip())) {
+            return self.stats.drop(DropReason::AddressRateLimited);
         }
         match classify(bytes) {
             Class::Stun => self.handle_stun(via, from, bytes),
@@ -192,6 +210,7 @@ impl Server {
         self.peers -= expired;
         self.stats.expired += expired as u64;
         self.limiter.sweep(now);
+        self.address_limiter.sweep(now);
         self.next_sweep = Some(now + self.config.refresh_interval);
     }
 
@@ -779,6 +798,33 @@ mod tests {
         assert!(!h.send_raw_stun(B, &request));
         h.now += Duration::from_millis(100);
         assert!(!h.send_raw_stun(A, &request));
+    }
+
+    /// Many peers behind one carrier-grade NAT (one address, a port each)
+    /// are limited one by one, not together; one host rotating its ports
+    /// meets the address's ceiling.
+    #[test]
+    fn peers_sharing_an_address_are_limited_apart_up_to_the_address_ceiling() {
+        let mut h = Harness::new();
+        let request = stun::binding_request(stun::TransactionId::new([2; 12]));
+        let peer = |port: u32| format!("198.51.100.7:{}", 10_000 + port);
+        // 500 peers, 3 datagrams each at the same instant: all answered.
+        let answered = (0..500)
+            .flat_map(|port| [port; 3])
+            .filter(|&port| !h.send_raw_stun(&peer(port), &request))
+            .count();
+        assert_eq!(answered, 1500);
+        assert_eq!(h.server.stats().dropped(DropReason::RateLimited), 0);
+        // One host sending from ever new ports: the address's burst (4 000,
+        // of which 1 500 are spent) is the ceiling.
+        let rotated = (500..10_500)
+            .filter(|&port| !h.send_raw_stun(&peer(port), &request))
+            .count();
+        assert_eq!(rotated, 2_500);
+        let stats = h.server.stats();
+        assert_eq!(stats.dropped(DropReason::AddressRateLimited), 7_500);
+        // Another address is unaffected.
+        assert!(!h.send_raw_stun(B, &request));
     }
 
     impl Harness {

@@ -6,7 +6,10 @@ use std::fmt;
 /// Why a datagram was dropped without a reply (or with only a version notice).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
+    /// Over the rate of its source address and port.
     RateLimited,
+    /// Over the rate of its address (IPv6: /64), all ports together.
+    AddressRateLimited,
     UnknownProtocol,
     StunMalformed,
     StunNotBindingRequest,
@@ -27,8 +30,9 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         Self::RateLimited,
+        Self::AddressRateLimited,
         Self::UnknownProtocol,
         Self::StunMalformed,
         Self::StunNotBindingRequest,
@@ -46,6 +50,7 @@ impl DropReason {
     pub fn name(self) -> &'static str {
         match self {
             Self::RateLimited => "rate_limited",
+            Self::AddressRateLimited => "address_rate_limited",
             Self::UnknownProtocol => "unknown_protocol",
             Self::StunMalformed => "stun_malformed",
             Self::StunNotBindingRequest => "stun_not_binding_request",

@@ -105,11 +105,8 @@ async fn survives_a_flood_of_hostile_datagrams() {
         max_peers,
         // The flood comes from one address; lift the per-source limit so
         // every datagram reaches the parsers (rate limiting has unit tests).
-        rate_limit: RateLimit {
-            per_second: 1e9,
-            burst: 1e9,
-            max_sources: 16,
-        },
+        rate_limit: RateLimit::unlimited(16),
+        address_rate_limit: RateLimit::unlimited(16),
         ..Config::default()
     };
     let server = driver::start(&["127.0.0.1:0".parse().unwrap()], config).unwrap();
