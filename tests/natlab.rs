@@ -14,7 +14,8 @@
 //!   fail with `punch_failed`, list their candidates and say why there is no
 //!   relay).
 //! * `lossy_transfers`: 20 MiB each way between two port-restricted NATs with
-//!   5 % and 20 % random loss on the public segment.
+//!   5 % and 20 % random loss on the public segment; the session must end up
+//!   direct (it may start on the relay when loss delays one introduction).
 //! * `relayed_transfer`: 4 MiB each way between two symmetric NATs, through
 //!   the rendezvous's relay at its default rate.
 //! * `a_relayed_transfer_survives_a_rendezvous_restart`: the same with the
@@ -235,6 +236,10 @@ enum Expect {
     /// A direct connection to the other host's IPv6 address (a lab made
     /// with `--ipv6`).
     DirectIpv6,
+    /// Direct, or first through the relay and then moved to a direct path:
+    /// under heavy loss one peer may learn of the introduction seconds
+    /// after the other, which has gone to the relay by then.
+    DirectEventually,
 }
 
 impl Expect {
@@ -244,6 +249,7 @@ impl Expect {
             Expect::Direct { via: Some("host") } => "direct/host",
             Expect::Direct { via: Some(_) } => "direct/via",
             Expect::DirectIpv6 => "direct/ipv6",
+            Expect::DirectEventually => "direct*",
             Expect::Relayed => "relayed",
             Expect::PunchFailed => "punch_failed",
         }
@@ -383,7 +389,7 @@ fn loss_cases() -> Vec<Case> {
                 loss.to_string(),
             ],
             hosts: ["a", "b"],
-            expect: Expect::Direct { via: None },
+            expect: Expect::DirectEventually,
             payload: LOSS_PAYLOAD,
             timeout: Duration::from_secs(if loss >= 20 { 180 } else { 120 }),
             // natter's default punch timeout on purpose: the loss hits the
@@ -878,6 +884,7 @@ fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
         match case.expect {
             Expect::Direct { .. } => "direct".to_string(),
             Expect::DirectIpv6 => "direct/ipv6".to_string(),
+            Expect::DirectEventually => "direct".to_string(),
             Expect::Relayed => "relayed".to_string(),
             Expect::PunchFailed => "punch_failed".to_string(),
         }
@@ -974,10 +981,11 @@ fn check_peer(
             }
             check_stdout(case, p, other, &mut fail);
         }
-        Expect::Direct { .. } | Expect::Relayed => {
+        Expect::Direct { .. } | Expect::DirectEventually | Expect::Relayed => {
             let relayed = case.expect == Expect::Relayed;
             let via = match case.expect {
                 Expect::Direct { via } => via,
+                Expect::DirectEventually => None,
                 _ => Some("relayed"),
             };
             if relayed {
@@ -998,7 +1006,14 @@ fn check_peer(
                 None => fail("no {\"event\":\"connected\"} line".into()),
                 Some(c) => {
                     let want_path = if relayed { "relayed" } else { "direct" };
-                    if c["path"] != want_path {
+                    let moved_direct_later = p
+                        .events
+                        .iter()
+                        .any(|(_, e)| e["event"] == "path_changed" && e["path"] == "direct");
+                    let relay_first = case.expect == Expect::DirectEventually
+                        && c["path"] == "relayed"
+                        && moved_direct_later;
+                    if c["path"] != want_path && !relay_first {
                         fail(format!(
                             "connected with path {}, expected {want_path:?}",
                             c["path"]
