@@ -437,7 +437,7 @@ impl Link {
                     });
                 }
                 secured.channel.handle_timeout(now);
-                let busy = secured.channel.stats().bytes_in_flight > 0;
+                let busy = secured.channel.has_in_flight();
                 secured.paths.handle_timeout(now, busy);
             }
             Phase::Draining { until, reason, .. } if now >= *until => {
@@ -464,7 +464,7 @@ impl Link {
                 .flatten()
                 .min(),
             Phase::Secured(secured) => {
-                let busy = secured.channel.stats().bytes_in_flight > 0;
+                let busy = secured.channel.has_in_flight();
                 [
                     secured.channel.poll_timeout(),
                     secured.paths.poll_timeout(busy),

@@ -365,6 +365,11 @@ impl Connection {
             && !self.ping
     }
 
+    /// Whether packets await acknowledgement: the peer owes an answer.
+    pub fn has_in_flight(&self) -> bool {
+        self.recovery.has_in_flight()
+    }
+
     /// Whether the connection has closed, gracefully or not.
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Draining { .. } | State::Finished)
