@@ -29,6 +29,7 @@ const INCOMING_QUEUE: usize = 64;
 /// address changed (a new network, an interface down and up) tells the
 /// rendezvous within this, and through it the other peer.
 const REGATHER_INTERVAL: Duration = Duration::from_secs(3);
+
 /// What a handle asks of the driver.
 pub(super) enum Command {
     Send {
@@ -87,12 +88,6 @@ struct Driver {
     state: DriverState,
 }
 
-/// How a link ended.
-enum Ending {
-    Closed(CloseReason),
-    Failed(ConnectError),
-}
-
 /// The path, the time it took, the other peer's proven key and the data
 /// cipher; or why not.
 pub(super) type ConnectOutcome = Result<(Path, Duration, [u8; 32], DataCipher), ConnectError>;
@@ -137,14 +132,14 @@ impl Driver {
             // Events before sending: taking messages frees flow-control
             // credit, which the send then advertises.
             if undelivered.is_none() {
-                if let Some(ending) = state.handle_events(&incoming, &mut undelivered) {
+                if let Some(reason) = state.handle_events(&incoming, &mut undelivered) {
                     // Last words (a Leave, a Reject) go out before the
                     // application hears of the end: a process that exits at
                     // once must not swallow them.
                     socket
                         .send_all(|| state.link.poll_transmit(Instant::now().into_std()))
                         .await;
-                    let reason = state.report_ending(ending);
+                    state.report_failure(&reason);
                     let _ = incoming.send(Delivery::Closed(reason)).await;
                     return Ok(());
                 }
@@ -210,7 +205,7 @@ impl DriverState {
         &mut self,
         incoming: &mpsc::Sender<Delivery>,
         undelivered: &mut Option<Vec<u8>>,
-    ) -> Option<Ending> {
+    ) -> Option<CloseReason> {
         while let Some(event) = self.link.poll_event() {
             match event {
                 LinkEvent::Registered { reflexive } => {
@@ -247,23 +242,18 @@ impl DriverState {
                         let _ = acked.send(());
                     }
                 }
-                LinkEvent::Closed { reason } => return Some(Ending::Closed(reason)),
-                LinkEvent::Failed(error) => return Some(Ending::Failed(error)),
+                LinkEvent::Closed { reason } => return Some(reason),
+                LinkEvent::Failed(error) => return Some(CloseReason::Failed(error)),
             }
         }
         None
     }
 
-    /// Tells a caller still waiting in `connect` why it failed; returns the
-    /// reason for the receiving half.
-    fn report_ending(&mut self, ending: Ending) -> CloseReason {
-        match ending {
-            Ending::Closed(reason) => reason,
-            Ending::Failed(error) => {
-                if let Some(connected) = self.connected.take() {
-                    let _ = connected.send(Err(error.clone()));
-                }
-                CloseReason::Failed(error)
+    /// Tells a caller still waiting in `connect` why it failed.
+    fn report_failure(&mut self, reason: &CloseReason) {
+        if let CloseReason::Failed(error) = reason {
+            if let Some(connected) = self.connected.take() {
+                let _ = connected.send(Err(error.clone()));
             }
         }
     }
