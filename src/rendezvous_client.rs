@@ -334,6 +334,7 @@ impl RendezvousClient {
             // it, registering again (a restarted server) must find the room
             // that the other peer may already have re-entered.
             claim: self.config.claim && self.introduced.is_none(),
+            cookie: None,
         });
         self.transmits.push_back(
             register

@@ -54,6 +54,7 @@ fn unlimited() -> Config {
         max_peers: PEERS as usize,
         rate_limit: RateLimit::unlimited(65_536),
         address_rate_limit: RateLimit::unlimited(65_536),
+        load_threshold: f32::MAX,
         ..Config::default()
     }
 }
@@ -65,6 +66,7 @@ fn register(i: u32) -> Vec<u8> {
         client_nonce: u64::from(i),
         peer_token: None,
         claim: false,
+        cookie: None,
     })
     .encode()
     .unwrap()

@@ -5,6 +5,7 @@
 //! requests on the same socket. [`server`] is the sans-IO state machine;
 //! [`driver`] runs it on tokio sockets.
 
+pub mod cookie;
 pub mod driver;
 pub mod rate_limit;
 pub mod server;

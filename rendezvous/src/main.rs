@@ -46,6 +46,11 @@ struct Cli {
     /// a direct path (0: do not relay; such pairs then fail to connect).
     #[arg(long, default_value_t = 1 << 20)]
     relay_rate: u32,
+    /// Datagrams per second, all sources together, above which the server
+    /// is under load and serves only peers that prove their address with a
+    /// cookie (one extra round trip for them, no state for spoofed floods).
+    #[arg(long, default_value_t = 50_000.0)]
+    load_threshold: f32,
     /// Seconds between stats lines in the log (0: none).
     #[arg(long, default_value_t = 60)]
     stats_secs: u64,
@@ -78,6 +83,7 @@ async fn main() -> Result<()> {
             max_sources: 65_536,
         },
         relay_rate: cli.relay_rate,
+        load_threshold: cli.load_threshold.max(1.0),
     };
     let sockets = driver::bind(&cli.bind).context("cannot start the rendezvous")?;
     for socket in &sockets {

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
 pub struct RateLimit {
@@ -71,6 +71,17 @@ impl Bucket {
             false
         }
     }
+
+    /// Takes one token, or says how long until there is one.
+    fn take_one(&mut self, now: Instant, per_second: f32, burst: f32) -> Result<(), Duration> {
+        if self.take(now, per_second, burst, 1.0) {
+            return Ok(());
+        }
+        let missing = 1.0 - self.tokens;
+        Err(Duration::from_secs_f32(
+            (missing / per_second.max(f32::MIN_POSITIVE)).min(3600.0),
+        ))
+    }
 }
 
 #[derive(Debug)]
@@ -89,25 +100,26 @@ impl<K: Hash + Eq> RateLimiter<K> {
         }
     }
 
-    /// Takes one token for `key`; false means drop the datagram.
-    pub fn allow(&mut self, now: Instant, key: K) -> bool {
+    /// Takes one token for `key`, or says how long until `key` has one
+    /// (the datagram is then dropped).
+    pub fn allow(&mut self, now: Instant, key: K) -> Result<(), Duration> {
         let RateLimit {
             per_second, burst, ..
         } = self.limit;
         let fresh = Bucket::full(now, burst);
         if let Some(bucket) = self.buckets.get_mut(&key) {
-            return bucket.take(now, per_second, burst, 1.0);
+            return bucket.take_one(now, per_second, burst);
         }
         if self.buckets.len() < self.limit.max_sources {
             return self
                 .buckets
                 .entry(key)
                 .or_insert(fresh)
-                .take(now, per_second, burst, 1.0);
+                .take_one(now, per_second, burst);
         }
         self.overflow
             .get_or_insert(fresh)
-            .take(now, per_second, burst, 1.0)
+            .take_one(now, per_second, burst)
     }
 
     /// Forgets sources whose bucket has refilled: they are idle.
@@ -148,7 +160,6 @@ pub fn address_key(source: IpAddr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     const LIMIT: RateLimit = RateLimit {
         per_second: 10.0,
@@ -161,11 +172,12 @@ mod tests {
         let mut limiter = RateLimiter::new(LIMIT);
         let t0 = Instant::now();
         let ip = address_key("198.51.100.1".parse().unwrap());
-        assert!((0..5).all(|_| limiter.allow(t0, ip)));
-        assert!(!limiter.allow(t0, ip));
+        assert!((0..5).all(|_| limiter.allow(t0, ip).is_ok()));
         // 10 per second: one token after 100 ms.
-        assert!(limiter.allow(t0 + Duration::from_millis(100), ip));
-        assert!(!limiter.allow(t0 + Duration::from_millis(100), ip));
+        let wait = limiter.allow(t0, ip).unwrap_err();
+        assert!(wait.abs_diff(Duration::from_millis(100)) < Duration::from_millis(1));
+        assert!(limiter.allow(t0 + Duration::from_millis(100), ip).is_ok());
+        assert!(limiter.allow(t0 + Duration::from_millis(100), ip).is_err());
     }
 
     #[test]
@@ -174,10 +186,10 @@ mod tests {
         let t0 = Instant::now();
         for i in 0..5u16 {
             let ip = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, i));
-            assert!(limiter.allow(t0, address_key(ip)));
+            assert!(limiter.allow(t0, address_key(ip)).is_ok());
         }
         let sibling = address_key("2001:db8:0:1::ffff".parse().unwrap());
-        assert!(!limiter.allow(t0, sibling));
+        assert!(limiter.allow(t0, sibling).is_err());
         assert_eq!(limiter.tracked_sources(), 1);
     }
 
@@ -187,9 +199,12 @@ mod tests {
         let t0 = Instant::now();
         let a = source_key("198.51.100.1:40000".parse().unwrap());
         let b = source_key("198.51.100.1:40001".parse().unwrap());
-        assert!((0..5).all(|_| limiter.allow(t0, a)));
-        assert!(!limiter.allow(t0, a));
-        assert!(limiter.allow(t0, b), "another port has its own bucket");
+        assert!((0..5).all(|_| limiter.allow(t0, a).is_ok()));
+        assert!(limiter.allow(t0, a).is_err());
+        assert!(
+            limiter.allow(t0, b).is_ok(),
+            "another port has its own bucket"
+        );
         let mapped = source_key("[::ffff:198.51.100.1]:40000".parse().unwrap());
         assert_eq!(mapped, a);
     }
@@ -199,7 +214,7 @@ mod tests {
         let mut limiter = RateLimiter::new(LIMIT);
         let t0 = Instant::now();
         for i in 0..100u32 {
-            limiter.allow(t0, IpAddr::V4(i.into()));
+            let _ = limiter.allow(t0, IpAddr::V4(i.into()));
         }
         assert_eq!(limiter.tracked_sources(), LIMIT.max_sources);
         limiter.sweep(t0 + Duration::from_secs(1));

@@ -16,12 +16,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use natter_wire::{
-    classify, split_header, stun, Class, ClientMessage, FrameKind, Register, RelayRequest, Role,
-    RoomCode, ServerErrorKind, ServerMessage, WireError, REGISTER_PADDED_LEN,
+    classify, split_header, stun, BusyReason, Class, ClientMessage, FrameKind, Register,
+    RelayRequest, Role, RoomCode, ServerErrorKind, ServerMessage, WireError, REGISTER_PADDED_LEN,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::cookie::CookieJar;
 use crate::rate_limit::{address_key, source_key, Bucket, RateLimit, RateLimiter};
 use crate::stats::{DropReason, Stats};
 
@@ -39,6 +40,10 @@ pub struct Config {
     pub address_rate_limit: RateLimit,
     /// Bytes per second the server relays for one session (0: no relay).
     pub relay_rate: u32,
+    /// Datagrams per second, from all sources together, above which the
+    /// server is under load: it then serves only sources that echo an
+    /// address cookie, and keeps no state for the others.
+    pub load_threshold: f32,
 }
 
 impl Default for Config {
@@ -63,8 +68,27 @@ impl Default for Config {
                 max_sources: 65_536,
             },
             relay_rate: 1 << 20,
+            // Well below what one core handles (the `rendezvous` bench), so
+            // the server asks for cookies before it falls behind.
+            load_threshold: 50_000.0,
         }
     }
+}
+
+/// `Busy` replies per second, all sources together: a flood is answered
+/// only this much, however large it is.
+const BUSY_REPLIES_PER_SECOND: f32 = 10_000.0;
+
+/// How long a peer told the server is under load waits before it asks
+/// again with its cookie: long enough to spread a crowd's retries out.
+const UNDER_LOAD_RETRY: Duration = Duration::from_millis(100);
+
+/// Why a datagram was set aside before it was handled, and what its sender
+/// is told.
+struct Shed {
+    drop: DropReason,
+    reason: BusyReason,
+    retry_after: Duration,
 }
 
 /// A datagram the driver should send, from the socket numbered `via`.
@@ -120,6 +144,10 @@ pub struct Server {
     peers: usize,
     limiter: RateLimiter<SocketAddr>,
     address_limiter: RateLimiter<IpAddr>,
+    /// All datagrams but relayed ones: empty means under load.
+    load: Option<Bucket>,
+    busy_replies: Option<Bucket>,
+    cookies: CookieJar,
     transmits: VecDeque<Transmit>,
     next_sweep: Option<Instant>,
     stats: Stats,
@@ -136,8 +164,11 @@ impl Server {
         Self::with_rng(config, StdRng::seed_from_u64(seed))
     }
 
-    fn with_rng(config: Config, rng: StdRng) -> Self {
+    fn with_rng(config: Config, mut rng: StdRng) -> Self {
         Self {
+            load: None,
+            busy_replies: None,
+            cookies: CookieJar::new(&mut rng),
             limiter: RateLimiter::new(config.rate_limit),
             address_limiter: RateLimiter::new(config.address_rate_limit),
             config,
@@ -175,11 +206,36 @@ impl Server {
         if bytes.first() == Some(&(FrameKind::Relay as u8)) {
             return self.handle_relay(now, from, bytes);
         }
-        if !self.limiter.allow(now, source_key(from)) {
-            return self.stats.drop(DropReason::RateLimited);
+        let threshold = self.config.load_threshold;
+        let under_load = !self
+            .load
+            .get_or_insert_with(|| Bucket::full(now, threshold))
+            .take(now, threshold, threshold, 1.0);
+        if under_load && !self.proves_address(now, from, bytes) {
+            let shed = Shed {
+                drop: DropReason::UnderLoad,
+                reason: BusyReason::UnderLoad,
+                retry_after: UNDER_LOAD_RETRY,
+            };
+            return self.shed(now, via, from, bytes, shed, under_load);
         }
-        if !self.address_limiter.allow(now, address_key(from.ip())) {
-            return self.stats.drop(DropReason::AddressRateLimited);
+        // The address's aggregate first: one host rotating its ports must
+        // not fill the per-port table.
+        if let Err(retry_after) = self.address_limiter.allow(now, address_key(from.ip())) {
+            let shed = Shed {
+                drop: DropReason::AddressRateLimited,
+                reason: BusyReason::RateLimited,
+                retry_after,
+            };
+            return self.shed(now, via, from, bytes, shed, under_load);
+        }
+        if let Err(retry_after) = self.limiter.allow(now, source_key(from)) {
+            let shed = Shed {
+                drop: DropReason::RateLimited,
+                reason: BusyReason::RateLimited,
+                retry_after,
+            };
+            return self.shed(now, via, from, bytes, shed, under_load);
         }
         match classify(bytes) {
             Class::Stun => self.handle_stun(via, from, bytes),
@@ -223,6 +279,55 @@ impl Server {
         self.stats.datagrams_out += 1;
         self.stats.bytes_out += transmit.bytes.len() as u64;
         Some(transmit)
+    }
+
+    /// Whether the datagram is a Register carrying `from`'s cookie.
+    fn proves_address(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) -> bool {
+        match padded_register(bytes) {
+            Some(Register {
+                cookie: Some(cookie),
+                ..
+            }) => self.cookies.accepts(now, &mut self.rng, from, &cookie),
+            _ => false,
+        }
+    }
+
+    /// Drops a datagram that was not let in, and tells a registering peer
+    /// why, when the reply budget allows: only a Register is answered,
+    /// since its padding makes it larger than any `Busy`, and it carries the
+    /// nonce its sender matches answers by.
+    fn shed(
+        &mut self,
+        now: Instant,
+        via: usize,
+        from: SocketAddr,
+        bytes: &[u8],
+        shed: Shed,
+        under_load: bool,
+    ) {
+        self.stats.drop(shed.drop);
+        let Some(register) = padded_register(bytes) else {
+            return;
+        };
+        let budget = self
+            .busy_replies
+            .get_or_insert_with(|| Bucket::full(now, BUSY_REPLIES_PER_SECOND));
+        if !budget.take(now, BUSY_REPLIES_PER_SECOND, BUSY_REPLIES_PER_SECOND, 1.0) {
+            return;
+        }
+        let busy = ServerMessage::Busy {
+            client_nonce: register.client_nonce,
+            reason: shed.reason,
+            retry_after_ms: shed.retry_after.as_millis().try_into().unwrap_or(u32::MAX),
+            cookie: under_load.then(|| self.cookies.issue(now, &mut self.rng, from)),
+        };
+        let reply = busy.encode().expect("Busy is built within the wire limits");
+        // Never more bytes to a source than it sent: the server is no
+        // amplifier, least of all for sources that proved nothing.
+        if reply.len() <= bytes.len() {
+            self.stats.busy_replies += 1;
+            self.send(via, from, reply);
+        }
     }
 
     fn handle_stun(&mut self, via: usize, from: SocketAddr, bytes: &[u8]) {
@@ -316,6 +421,7 @@ impl Server {
             client_nonce,
             peer_token,
             claim,
+            cookie: _,
         } = register;
         let members = self
             .rooms
@@ -467,11 +573,22 @@ impl Server {
     }
 }
 
+/// A Register padded as the protocol requires, or nothing.
+fn padded_register(bytes: &[u8]) -> Option<Register> {
+    if bytes.len() < REGISTER_PADDED_LEN {
+        return None;
+    }
+    match ClientMessage::decode(bytes) {
+        Ok(ClientMessage::Register(register)) => Some(register),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::DropReason;
-    use natter_wire::{MAX_HOST_CANDIDATES, VERSION};
+    use natter_wire::{AddressCookie, MAX_HOST_CANDIDATES, VERSION};
 
     const A: &str = "198.51.100.1:40000";
     const B: &str = "203.0.113.2:50000";
@@ -530,6 +647,7 @@ mod tests {
             client_nonce: 5,
             peer_token,
             claim: false,
+            cookie: None,
         })
     }
 
@@ -827,6 +945,112 @@ mod tests {
         assert!(!h.send_raw_stun(B, &request));
     }
 
+    fn busy(replies: &[(SocketAddr, ServerMessage)]) -> (BusyReason, u32, Option<AddressCookie>) {
+        match replies {
+            [(
+                _,
+                ServerMessage::Busy {
+                    client_nonce: 5,
+                    reason,
+                    retry_after_ms,
+                    cookie,
+                },
+            )] => (*reason, *retry_after_ms, *cookie),
+            other => panic!("expected one Busy, got {other:?}"),
+        }
+    }
+
+    /// A rate-limited peer hears why and for how long, in fewer bytes than
+    /// it sent; garbage over the limit hears nothing.
+    #[test]
+    fn a_rate_limited_register_is_told_to_retry_later() {
+        let mut h = Harness::new();
+        for _ in 0..40 {
+            h.register(A, None);
+        }
+        let bytes = register("room", None).encode().unwrap();
+        h.server.handle_datagram(h.now, 0, addr(A), &bytes);
+        let reply = h.server.poll_transmit().unwrap();
+        assert!(reply.bytes.len() < bytes.len());
+        let (reason, retry_after_ms, cookie) =
+            busy(&[(reply.to, ServerMessage::decode(&reply.bytes).unwrap())]);
+        // 20 per second: one token after 50 ms.
+        assert_eq!(
+            (reason, retry_after_ms, cookie),
+            (BusyReason::RateLimited, 50, None)
+        );
+        assert!(h.send_raw(A, b"\xc1\x01 garbage").is_empty());
+        assert_eq!(h.server.stats().dropped(DropReason::RateLimited), 2);
+        assert_eq!(h.server.stats().busy_replies, 1);
+    }
+
+    /// Under load only a peer that echoes its address's cookie is served,
+    /// and the others leave no state behind.
+    #[test]
+    fn under_load_a_peer_proves_its_address_with_a_cookie() {
+        let mut h = Harness::with_config(Config {
+            load_threshold: 10.0,
+            ..Config::default()
+        });
+        let request = stun::binding_request(stun::TransactionId::new([3; 12]));
+        for i in 0..10 {
+            assert!(!h.send_raw_stun(&format!("192.0.2.9:{}", 1000 + i), &request));
+        }
+        assert!(h.send_raw_stun(C, &request), "STUN is dropped under load");
+        let (reason, _, cookie) = busy(&h.register(A, None));
+        assert_eq!(reason, BusyReason::UnderLoad);
+        let cookie = cookie.expect("a cookie under load");
+        assert_eq!((h.server.peers(), h.server.rooms()), (0, 0));
+
+        let with_cookie = |cookie| {
+            let mut message = register("room", None);
+            if let ClientMessage::Register(register) = &mut message {
+                register.cookie = Some(cookie);
+            }
+            message
+        };
+        // Another source cannot use A's cookie.
+        busy(&h.send(B, with_cookie(cookie)));
+        let replies = h.send(A, with_cookie(cookie));
+        assert!(
+            matches!(replies.as_slice(), [(_, ServerMessage::Registered { .. })]),
+            "{replies:?}"
+        );
+        assert_eq!(h.server.peers(), 1);
+        assert_eq!(h.server.stats().dropped(DropReason::UnderLoad), 3);
+        let stats = h.server.stats();
+        assert_eq!(
+            stats.accepted + stats.refused + stats.dropped_total(),
+            stats.datagrams_in
+        );
+
+        // The load passes: no cookie needed.
+        h.now += Duration::from_secs(1);
+        assert!(matches!(
+            h.register(B, None).first(),
+            Some((_, ServerMessage::Registered { .. }))
+        ));
+    }
+
+    /// However large the flood of Registers, the server answers at most its
+    /// budget of `Busy` replies per second.
+    #[test]
+    fn busy_replies_are_bounded() {
+        let mut h = Harness::with_config(Config {
+            load_threshold: 1.0,
+            ..Config::default()
+        });
+        let bytes = register("room", None).encode().unwrap();
+        let mut replies = 0;
+        for i in 0..30_000u32 {
+            let from = SocketAddr::from((u32::from(i).to_be_bytes(), 4000));
+            h.server.handle_datagram(h.now, 0, from, &bytes);
+            replies += std::iter::from_fn(|| h.server.poll_transmit()).count();
+        }
+        assert_eq!(replies, BUSY_REPLIES_PER_SECOND as usize + 1);
+        assert_eq!(h.server.peers(), 1);
+    }
+
     impl Harness {
         /// Sends a STUN request; true when nothing came back.
         fn send_raw_stun(&mut self, from: &str, bytes: &[u8]) -> bool {
@@ -849,7 +1073,7 @@ mod tests {
         while bytes.last() == Some(&0) {
             bytes.pop();
         }
-        bytes.extend([0, 0]); // `peer_token: None` and `claim: false`
+        bytes.extend([0, 0, 0]); // `peer_token`, `claim` and `cookie`
         assert!(h.send_raw(A, &bytes).is_empty());
         assert_eq!(h.server.stats().dropped(DropReason::Unpadded), 1);
     }
@@ -875,6 +1099,7 @@ mod tests {
                 client_nonce: u64::MAX,
                 peer_token,
                 claim: false,
+                cookie: None,
             })
         };
         let a = "[2001:db8:1::1]:65535";

@@ -3,13 +3,16 @@
 
 use std::fmt;
 
-/// Why a datagram was dropped without a reply (or with only a version notice).
+/// Why a datagram was dropped without being served (it may still get a
+/// version notice or a `Busy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DropReason {
     /// Over the rate of its source address and port.
     RateLimited,
     /// Over the rate of its address (IPv6: /64), all ports together.
     AddressRateLimited,
+    /// Came while the server was under load, without a valid cookie.
+    UnderLoad,
     UnknownProtocol,
     StunMalformed,
     StunNotBindingRequest,
@@ -30,9 +33,10 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         Self::RateLimited,
         Self::AddressRateLimited,
+        Self::UnderLoad,
         Self::UnknownProtocol,
         Self::StunMalformed,
         Self::StunNotBindingRequest,
@@ -51,6 +55,7 @@ impl DropReason {
         match self {
             Self::RateLimited => "rate_limited",
             Self::AddressRateLimited => "address_rate_limited",
+            Self::UnderLoad => "under_load",
             Self::UnknownProtocol => "unknown_protocol",
             Self::StunMalformed => "stun_malformed",
             Self::StunNotBindingRequest => "stun_not_binding_request",
@@ -85,6 +90,8 @@ pub struct Stats {
     /// Frames relayed between peers, and their bytes as received.
     pub relayed: u64,
     pub relayed_bytes: u64,
+    /// `Busy` answers to dropped Registers (rate limited or under load).
+    pub busy_replies: u64,
 }
 
 impl Stats {
@@ -105,7 +112,7 @@ impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "in={} out={} bytes_in={} bytes_out={} accepted={} refused={} registrations={} introductions={} stun={} expired={} relayed={} relayed_bytes={} dropped={}",
+            "in={} out={} bytes_in={} bytes_out={} accepted={} refused={} registrations={} introductions={} stun={} expired={} relayed={} relayed_bytes={} busy={} dropped={}",
             self.datagrams_in,
             self.datagrams_out,
             self.bytes_in,
@@ -118,6 +125,7 @@ impl fmt::Display for Stats {
             self.expired,
             self.relayed,
             self.relayed_bytes,
+            self.busy_replies,
             self.dropped_total(),
         )?;
         for reason in DropReason::ALL {

@@ -65,6 +65,7 @@ fn valid_register(rng: &mut StdRng) -> Vec<u8> {
         client_nonce: rng.gen(),
         peer_token: rng.gen_bool(0.5).then(|| rng.gen()),
         claim: false,
+        cookie: None,
     })
     .encode()
     .unwrap()
@@ -107,6 +108,7 @@ async fn survives_a_flood_of_hostile_datagrams() {
         // every datagram reaches the parsers (rate limiting has unit tests).
         rate_limit: RateLimit::unlimited(16),
         address_rate_limit: RateLimit::unlimited(16),
+        load_threshold: f32::MAX,
         ..Config::default()
     };
     let server = driver::start(&["127.0.0.1:0".parse().unwrap()], config).unwrap();
@@ -141,6 +143,7 @@ async fn survives_a_flood_of_hostile_datagrams() {
         client_nonce: 7,
         peer_token: None,
         claim: false,
+        cookie: None,
     });
     peer.send_to(&register.encode().unwrap(), target)
         .await

@@ -27,6 +27,7 @@ fn register(room: &str) -> Vec<u8> {
         client_nonce: 1,
         peer_token: None,
         claim: false,
+        cookie: None,
     })
     .encode()
     .unwrap()

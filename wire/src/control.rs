@@ -59,7 +59,17 @@ pub struct Register {
     /// someone else is in it, refuse with `RoomTaken` rather than introduce
     /// two strangers (a nameplate collision).
     pub claim: bool,
+    /// The cookie from the server's last `Busy`, proving this peer receives
+    /// at the address it sends from. Last, so that a Register from a build
+    /// without it (zero padding where the field would be) decodes as `None`.
+    pub cookie: Option<AddressCookie>,
 }
+
+/// A MAC of a peer's address under a secret of the server's, which rotates.
+/// A server under load serves only peers that echo one, so it keeps no state
+/// for a source until that source has shown it receives at its address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddressCookie(pub [u8; 16]);
 
 /// Datagrams a peer sends to the rendezvous.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +109,25 @@ impl std::fmt::Display for ServerErrorKind {
     }
 }
 
+/// Why the rendezvous set a request aside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BusyReason {
+    /// The request's source address or port sent more than its share.
+    RateLimited,
+    /// The server is under load and serves only sources that proved their
+    /// address with a cookie.
+    UnderLoad,
+}
+
+impl std::fmt::Display for BusyReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::RateLimited => "rate limited",
+            Self::UnderLoad => "under load",
+        })
+    }
+}
+
 /// Datagrams the rendezvous sends to a peer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerMessage {
@@ -124,6 +153,15 @@ pub enum ServerMessage {
     Error {
         client_nonce: u64,
         kind: ServerErrorKind,
+    },
+    /// The request was not served: try again after `retry_after_ms`, with
+    /// `cookie` if one is given. Always smaller than the Register it
+    /// answers, so it amplifies nothing.
+    Busy {
+        client_nonce: u64,
+        reason: BusyReason,
+        retry_after_ms: u32,
+        cookie: Option<AddressCookie>,
     },
 }
 
@@ -274,6 +312,7 @@ mod tests {
             client_nonce: 42,
             peer_token: Some(u64::MAX),
             claim: false,
+            cookie: Some(AddressCookie([0xff; 16])),
         })
     }
 
@@ -283,6 +322,15 @@ mod tests {
             your_role: Role::Controlled,
             other_reflexive: v6(0xffff),
             other_host_candidates: (0..MAX_HOST_CANDIDATES as u16).map(v6).collect(),
+        }
+    }
+
+    fn largest_busy() -> ServerMessage {
+        ServerMessage::Busy {
+            client_nonce: u64::MAX,
+            reason: BusyReason::UnderLoad,
+            retry_after_ms: u32::MAX,
+            cookie: Some(AddressCookie([0xff; 16])),
         }
     }
 
@@ -313,6 +361,7 @@ mod tests {
                 client_nonce: 3,
                 kind: ServerErrorKind::RoomFull,
             },
+            largest_busy(),
         ];
         for message in messages {
             let bytes = message.encode().unwrap();
@@ -330,6 +379,33 @@ mod tests {
             "largest Introduce is {} bytes",
             introduce.len()
         );
+        let busy = largest_busy().encode().unwrap();
+        assert!(busy.len() <= 64, "largest Busy is {} bytes", busy.len());
+    }
+
+    #[test]
+    fn a_register_without_the_cookie_field_reads_as_no_cookie() {
+        // What a build from before cookies sends: the fields up to `claim`,
+        // then zero padding.
+        let Register {
+            room,
+            host_candidates,
+            client_nonce,
+            peer_token,
+            claim,
+            ..
+        } = match register() {
+            ClientMessage::Register(register) => register,
+            _ => unreachable!(),
+        };
+        let old = (room, host_candidates, client_nonce, peer_token, claim);
+        let mut bytes = vec![FrameKind::ToServer as u8, crate::VERSION, 0];
+        bincode::serde::encode_into_std_write(&old, &mut bytes, codec()).unwrap();
+        bytes.resize(REGISTER_PADDED_LEN, 0);
+        match ClientMessage::decode(&bytes).unwrap() {
+            ClientMessage::Register(register) => assert_eq!(register.cookie, None),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -344,6 +420,7 @@ mod tests {
             client_nonce: 0,
             peer_token: None,
             claim: false,
+            cookie: None,
         });
         assert!(matches!(
             too_many.encode(),
