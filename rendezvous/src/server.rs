@@ -1043,7 +1043,7 @@ mod tests {
         let bytes = register("room", None).encode().unwrap();
         let mut replies = 0;
         for i in 0..30_000u32 {
-            let from = SocketAddr::from((u32::from(i).to_be_bytes(), 4000));
+            let from = SocketAddr::from((i.to_be_bytes(), 4000));
             h.server.handle_datagram(h.now, 0, from, &bytes);
             replies += std::iter::from_fn(|| h.server.poll_transmit()).count();
         }
