@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use natter_wire::ServerErrorKind;
+use natter_wire::{BusyReason, ServerErrorKind};
 
 use crate::handshake::{HandshakeError, HANDSHAKE_TIMEOUT};
 use crate::punch::CandidateReport;
@@ -15,6 +15,12 @@ pub enum ConnectError {
     RendezvousUnreachable {
         server: SocketAddr,
         waited: Duration,
+    },
+    #[error("rendezvous {server} is busy ({reason}); retried for {} s", retried_for.as_secs())]
+    RendezvousBusy {
+        server: SocketAddr,
+        reason: BusyReason,
+        retried_for: Duration,
     },
     #[error("rendezvous {server} stopped answering ({} s of silence)", silent_for.as_secs())]
     RendezvousLost {
@@ -44,6 +50,7 @@ impl ConnectError {
         match self {
             Self::RendezvousUnreachable { .. } => "rendezvous_unreachable",
             Self::RendezvousLost { .. } => "rendezvous_lost",
+            Self::RendezvousBusy { .. } => "rendezvous_busy",
             Self::Refused(ServerErrorKind::RoomFull) => "room_full",
             Self::Refused(ServerErrorKind::ServerFull) => "server_full",
             Self::Refused(ServerErrorKind::BadToken) => "bad_token",

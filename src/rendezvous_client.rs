@@ -3,6 +3,10 @@
 //!
 //! Register is retransmitted with exponential backoff until the server
 //! answers; a server that never answers is reported with the time waited.
+//! A server that answers `Busy` is asked again when it says, with jitter and
+//! with the cookie it handed out, for as long as the user is willing to wait
+//! for the other peer; if it never lets this peer in, the error says it was
+//! busy, not that it did not answer.
 //! After `Registered`, refreshes keep both the registration and the NAT
 //! mapping towards the server alive until `Introduce` arrives.
 
@@ -11,14 +15,24 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use natter_wire::{
-    split_header, ClientMessage, FrameKind, Register, Role, RoomCode, ServerErrorKind,
-    ServerMessage, WireError,
+    split_header, AddressCookie, BusyReason, ClientMessage, FrameKind, Register, Role, RoomCode,
+    ServerErrorKind, ServerMessage, WireError,
 };
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use crate::error::ConnectError;
 
 /// Refresh period while no other peer has been introduced.
 const WAITING_REFRESH: Duration = Duration::from_secs(1);
+
+/// Bounds on a server's "retry after": a retry is never sooner (a
+/// retry-after of zero must not become a busy loop) nor later than these.
+const BUSY_RETRY_MIN: Duration = Duration::from_millis(20);
+const BUSY_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// A shedding server that then falls silent this long is given up on.
+const SHED_SILENCE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct RendezvousConfig {
@@ -72,6 +86,11 @@ pub struct RelayRoute {
 enum State {
     /// Sending Register until the first answer.
     Registering,
+    /// The server answered only `Busy` so far: asking again as it says.
+    Shed {
+        since: Instant,
+        reason: BusyReason,
+    },
     Registered,
     /// Left the room or failed: nothing more to send.
     Done,
@@ -84,6 +103,11 @@ pub struct RendezvousClient {
     host_candidates: Vec<SocketAddr>,
     nonce: u64,
     token: Option<u64>,
+    /// From the server's last `Busy`: sent with every Register after it.
+    cookie: Option<AddressCookie>,
+    /// Jitter for retries a busy server asked for, so a crowd it turned
+    /// away does not come back in one wave.
+    jitter: StdRng,
     state: State,
     started: Instant,
     registered_at: Option<Instant>,
@@ -115,6 +139,8 @@ impl RendezvousClient {
             host_candidates,
             nonce,
             token: None,
+            cookie: None,
+            jitter: StdRng::seed_from_u64(nonce),
             state: State::Registering,
             started: now,
             registered_at: None,
@@ -160,7 +186,8 @@ impl RendezvousClient {
                 // an answer to our first Register can be one; later, it is
                 // somebody else's forgery (it would end a relayed session).
                 if let Err(WireError::UnsupportedVersion { got }) = split_header(bytes) {
-                    if bytes[0] == FrameKind::FromServer as u8 && self.state == State::Registering {
+                    let registering = matches!(self.state, State::Registering | State::Shed { .. });
+                    if bytes[0] == FrameKind::FromServer as u8 && registering {
                         self.fail(ConnectError::VersionMismatch {
                             ours: natter_wire::VERSION,
                             theirs: got,
@@ -183,7 +210,7 @@ impl RendezvousClient {
                 self.relay_offered = relay;
                 self.refresh_interval =
                     Duration::from_millis(refresh_interval_ms.into()).max(Duration::from_secs(1));
-                if self.state == State::Registering {
+                if self.state != State::Registered {
                     self.state = State::Registered;
                     self.registered_at = Some(now);
                     self.events
@@ -204,6 +231,26 @@ impl RendezvousClient {
                     reflexive: other_reflexive,
                     host_candidates: other_host_candidates,
                 });
+            }
+            ServerMessage::Busy {
+                client_nonce,
+                reason,
+                retry_after_ms,
+                cookie,
+            } if client_nonce == self.nonce => {
+                if cookie.is_some() {
+                    self.cookie = cookie;
+                }
+                self.state = match self.state {
+                    State::Registering => State::Shed { since: now, reason },
+                    State::Shed { since, .. } => State::Shed { since, reason },
+                    other => other,
+                };
+                // It answered: a later loss starts the backoff over.
+                self.retransmit = self.config.initial_retransmit;
+                let asked = Duration::from_millis(retry_after_ms.into())
+                    .clamp(BUSY_RETRY_MIN, BUSY_RETRY_MAX);
+                self.next_send = now + asked.mul_f64(self.jitter.gen_range(1.0..1.5));
             }
             ServerMessage::Error { client_nonce, kind } if client_nonce == self.nonce => match kind
             {
@@ -229,6 +276,13 @@ impl RendezvousClient {
                     waited: self.config.register_timeout,
                 });
             }
+            State::Shed { reason, .. } if now >= self.shed_deadline() => {
+                return self.fail(ConnectError::RendezvousBusy {
+                    server: self.server,
+                    reason,
+                    retried_for: now - self.started,
+                });
+            }
             State::Registered => {
                 let registered_at = self.registered_at.expect("set when registered");
                 if self.introduced.is_none() && now >= registered_at + self.config.wait_timeout {
@@ -247,12 +301,12 @@ impl RendezvousClient {
                     });
                 }
             }
-            State::Registering => {}
+            State::Registering | State::Shed { .. } => {}
         }
         if now >= self.next_send {
             self.send_register();
             self.next_send = match self.state {
-                State::Registering => {
+                State::Registering | State::Shed { .. } => {
                     let next = now + self.retransmit;
                     self.retransmit = (self.retransmit * 2).min(self.config.max_retransmit);
                     next
@@ -269,8 +323,16 @@ impl RendezvousClient {
                 self.next_send
                     .min(self.started + self.config.register_timeout),
             ),
+            State::Shed { .. } => Some(self.next_send.min(self.shed_deadline())),
             State::Registered => Some(self.next_send),
         }
+    }
+
+    /// A shedding server is asked as long as the user waits for the other
+    /// peer, unless it falls silent.
+    fn shed_deadline(&self) -> Instant {
+        let last_heard = self.last_heard.unwrap_or(self.started);
+        (self.started + self.config.wait_timeout).min(last_heard + SHED_SILENCE)
     }
 
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
@@ -334,7 +396,7 @@ impl RendezvousClient {
             // it, registering again (a restarted server) must find the room
             // that the other peer may already have re-entered.
             claim: self.config.claim && self.introduced.is_none(),
-            cookie: None,
+            cookie: self.cookie,
         });
         self.transmits.push_back(
             register
@@ -398,6 +460,54 @@ mod tests {
                 ConnectError::RendezvousUnreachable { .. }
             ))
         ));
+    }
+
+    /// A server that keeps answering `Busy` is asked again as it says, with
+    /// its cookie, until the wait runs out; the error names the shedding.
+    #[test]
+    fn a_busy_server_is_retried_with_its_cookie_and_named_in_the_error() {
+        let start = Instant::now();
+        let mut c = client(start);
+        c.config.wait_timeout = Duration::from_secs(60);
+        let cookie = AddressCookie([9; 16]);
+        let busy = ServerMessage::Busy {
+            client_nonce: 42,
+            reason: BusyReason::RateLimited,
+            retry_after_ms: 400,
+            cookie: Some(cookie),
+        }
+        .encode()
+        .unwrap();
+        let mut now = start;
+        let mut registers = 0;
+        while let Some(next) = c.poll_timeout() {
+            now = next;
+            c.handle_timeout(now);
+            while let Some(bytes) = c.poll_transmit() {
+                let ClientMessage::Register(register) = ClientMessage::decode(&bytes).unwrap()
+                else {
+                    panic!("expected a Register");
+                };
+                assert_eq!(register.cookie, (registers > 0).then_some(cookie));
+                registers += 1;
+                // Every other Register is answered, the rest lost.
+                if registers % 2 == 1 {
+                    c.handle_datagram(now, &busy);
+                }
+            }
+        }
+        assert_eq!(now - start, Duration::from_secs(60));
+        // A retry 400-600 ms after each Busy, 250 ms after each loss: two
+        // Registers every 0.65-0.85 s.
+        assert!((140..=185).contains(&registers), "{registers} Registers");
+        let Some(RendezvousEvent::Failed(error)) = c.poll_event() else {
+            panic!("expected a failure");
+        };
+        assert!(matches!(error, ConnectError::RendezvousBusy { .. }));
+        assert_eq!(
+            error.to_string(),
+            "rendezvous 203.0.113.1:7777 is busy (rate limited); retried for 60 s"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use natter_rendezvous::rate_limit::RateLimit;
 use natter_rendezvous::{driver, Config};
 use serde_json::Value;
 
@@ -47,6 +48,19 @@ impl PipePeer {
         len: u64,
         release: Option<mpsc::Receiver<()>>,
     ) -> Self {
+        Self::start_with(rendezvous, code, home, seed, len, release, &[])
+    }
+
+    /// [`PipePeer::start`] with more command-line arguments.
+    fn start_with(
+        rendezvous: &str,
+        code: &str,
+        home: &Home,
+        seed: u64,
+        len: u64,
+        release: Option<mpsc::Receiver<()>>,
+        extra: &[&str],
+    ) -> Self {
         // `code` is a pairing code, or `--to NAME` for a saved contact.
         let meet: Vec<&str> = match code.strip_prefix("--to ") {
             Some(name) => vec!["--to", name],
@@ -57,6 +71,7 @@ impl PipePeer {
             .args(["pipe", "--rendezvous", rendezvous, "--json"])
             .args(meet)
             .args(["--bind", "127.0.0.1:0"])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -317,20 +332,8 @@ fn unreachable_rendezvous_fails_within_six_seconds_with_the_reason() {
     let started = Instant::now();
     let home = Home::new("unreachable");
     let peer = PipePeer::start(&format!("127.0.0.1:{port}"), &code(), &home, 5, 0, None);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let error = loop {
-        match peer
-            .events
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        {
-            Ok(event) if event["event"] == "error" => break event,
-            Ok(_) => continue,
-            Err(_) => panic!("no error event within 10 s; stderr: {}", peer.stderr()),
-        }
-    };
-    let (exit, _, _) = peer.finish(Duration::from_secs(5));
+    let error = expect_failure(peer, Duration::from_secs(10));
     let elapsed = started.elapsed();
-    assert_eq!(exit, 1);
     assert_eq!(error["kind"], "rendezvous_unreachable", "{error}");
     assert!(
         error["message"]
@@ -340,6 +343,54 @@ fn unreachable_rendezvous_fails_within_six_seconds_with_the_reason() {
         "{error}"
     );
     assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
+}
+
+/// A rendezvous that sheds this peer's every datagram: the peer keeps
+/// asking for as long as it was told to wait, and its error says the server
+/// was busy, not that it did not answer.
+#[test]
+fn a_shedding_rendezvous_is_named_busy_after_the_wait() {
+    let runtime = runtime();
+    let config = Config {
+        // One datagram from 127.0.0.1, then one a day.
+        address_rate_limit: RateLimit {
+            per_second: 1.0 / 86_400.0,
+            burst: 1.0,
+            max_sources: 16,
+        },
+        ..Config::default()
+    };
+    let server = runtime
+        .block_on(async { driver::start(&["127.0.0.1:0".parse().unwrap()], config) })
+        .unwrap();
+    let rendezvous = server.local_addrs[0];
+    // Someone else on this address spends its one datagram.
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .send_to(b"spent", rendezvous)
+        .unwrap();
+    let started = Instant::now();
+    let home = Home::new("shed");
+    let peer = PipePeer::start_with(
+        &rendezvous.to_string(),
+        &code(),
+        &home,
+        5,
+        0,
+        None,
+        &["--wait-secs", "8"],
+    );
+    let error = expect_failure(peer, Duration::from_secs(15));
+    let elapsed = started.elapsed();
+    let stats = runtime.block_on(server.shutdown()).unwrap();
+    assert_eq!(error["kind"], "rendezvous_busy", "{error}");
+    assert_eq!(
+        error["message"],
+        format!("rendezvous {rendezvous} is busy (rate limited); retried for 8 s"),
+    );
+    assert!(elapsed >= Duration::from_secs(8), "took {elapsed:?}");
+    // The server asked for a day; the peer asks again after 5-7.5 s.
+    assert!(stats.busy_replies >= 2, "{stats}");
 }
 
 #[test]
