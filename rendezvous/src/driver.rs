@@ -17,13 +17,17 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::{Config, Server, Stats};
+use crate::{prometheus, Config, Server, Stats};
 
 /// Receive buffer: larger than any valid datagram, so oversized ones are seen
 /// whole and counted as such rather than silently truncated.
 const RECV_BUFFER: usize = MAX_DATAGRAM + 300;
 
+/// How often the metrics endpoint's figures are brought up to date.
+const METRICS_EVERY: Duration = Duration::from_secs(1);
+
 struct Received {
+    at: Instant,
     via: usize,
     from: SocketAddr,
     bytes: Vec<u8>,
@@ -101,21 +105,29 @@ pub async fn run(
     drop(tx);
     let mut stats_tick =
         stats_every.map(|every| tokio::time::interval_at(Instant::now() + every, every));
+    let mut metrics_tick = tokio::time::interval(METRICS_EVERY);
     tokio::pin!(shutdown);
 
     let result = loop {
         let timeout = server.poll_timeout().map(Instant::from_std);
+        let mut introducing = None;
         tokio::select! {
             received = rx.recv() => {
-                let Some(Received { via, from, bytes }) = received else {
+                let Some(Received { at, via, from, bytes }) = received else {
                     break Err(io::Error::other("all receive sockets failed"));
                 };
+                let introductions = server.stats().introductions;
                 server.handle_datagram(Instant::now().into_std(), via, from, &bytes);
+                if server.stats().introductions > introductions {
+                    introducing = Some(at);
+                }
             }
             _ = sleep_until(timeout) => server.handle_timeout(Instant::now().into_std()),
             _ = tick(&mut stats_tick) => {
+                prometheus::publish(&server);
                 tracing::info!(peers = server.peers(), rooms = server.rooms(), "stats {}", server.stats());
             }
+            _ = metrics_tick.tick() => prometheus::publish(&server),
             _ = &mut shutdown => break Ok(()),
         }
         while let Some(transmit) = server.poll_transmit() {
@@ -124,6 +136,9 @@ pub async fn run(
             if let Err(error) = socket.send_to(&transmit.bytes, to).await {
                 tracing::debug!(%to, %error, "send failed");
             }
+        }
+        if let Some(arrived) = introducing {
+            prometheus::observe_introduction(arrived.elapsed());
         }
     };
     for receiver in receivers {
@@ -145,6 +160,7 @@ async fn receive(via: usize, socket: Arc<UdpSocket>, tx: mpsc::Sender<Received>)
             Ok((len, from)) => {
                 let from = SocketAddr::new(from.ip().to_canonical(), from.port());
                 let received = Received {
+                    at: Instant::now(),
                     via,
                     from,
                     bytes: buf[..len].to_vec(),

@@ -7,6 +7,7 @@
 
 pub mod cookie;
 pub mod driver;
+pub mod prometheus;
 pub mod rate_limit;
 pub mod server;
 pub mod stats;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use natter_rendezvous::rate_limit::RateLimit;
-use natter_rendezvous::{driver, Config, Server};
+use natter_rendezvous::{driver, prometheus, Config, Server};
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +51,10 @@ struct Cli {
     /// cookie (one extra round trip for them, no state for spoofed floods).
     #[arg(long, default_value_t = 50_000.0)]
     load_threshold: f32,
+    /// Serve Prometheus metrics over HTTP on this address (e.g.
+    /// 127.0.0.1:9477); off when not given.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
     /// Seconds between stats lines in the log (0: none).
     #[arg(long, default_value_t = 60)]
     stats_secs: u64,
@@ -88,6 +92,10 @@ async fn main() -> Result<()> {
     let sockets = driver::bind(&cli.bind).context("cannot start the rendezvous")?;
     for socket in &sockets {
         tracing::info!(addr = %socket.local_addr()?, "listening");
+    }
+    if let Some(addr) = cli.metrics {
+        prometheus::install(addr)?;
+        tracing::info!(%addr, "serving metrics");
     }
     let stats_every = (cli.stats_secs > 0).then(|| Duration::from_secs(cli.stats_secs));
     driver::run(sockets, Server::new(config), stats_every, shutdown_signal()).await?;

@@ -194,6 +194,15 @@ impl Server {
         self.rooms.len()
     }
 
+    /// Entries in the rate-limit tables: per source (address and port), and
+    /// per address.
+    pub fn tracked_sources(&self) -> (usize, usize) {
+        (
+            self.limiter.tracked_sources(),
+            self.address_limiter.tracked_sources(),
+        )
+    }
+
     /// One datagram received on socket `via` from `from` (as `recv_from`
     /// reported it, with IPv4-mapped IPv6 addresses made canonical).
     pub fn handle_datagram(&mut self, now: Instant, via: usize, from: SocketAddr, bytes: &[u8]) {
