@@ -6,3 +6,4 @@
 
 pub mod nat_world;
 pub mod netns;
+pub mod pipe_peer;
