@@ -51,7 +51,8 @@ impl PipePeer {
         Self::start_with(rendezvous, code, home, seed, len, release, &[])
     }
 
-    /// [`PipePeer::start`] with more command-line arguments.
+    /// [`PipePeer::start`] with more command-line arguments (a `--bind`
+    /// among them replaces the default loopback one).
     pub fn start_with(
         rendezvous: &str,
         code: &str,
@@ -70,7 +71,11 @@ impl PipePeer {
             .env("NATTER_HOME", &home.0)
             .args(["pipe", "--rendezvous", rendezvous, "--json"])
             .args(meet)
-            .args(["--bind", "127.0.0.1:0"])
+            .args(if extra.contains(&"--bind") {
+                &[][..]
+            } else {
+                &["--bind", "127.0.0.1:0"]
+            })
             .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
