@@ -48,6 +48,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use support::binaries::Binaries;
 use support::netns::{natlab_available, Lab, NsChild};
 
 const NAT_TYPES: [&str; 4] = [
@@ -86,37 +87,6 @@ macro_rules! say {
     ($($arg:tt)*) => {{
         let _ = writeln!(io::stderr().lock(), $($arg)*);
     }};
-}
-
-// ------------------------------------------------------------- binaries --
-
-struct Binaries {
-    natter: PathBuf,
-    rendezvous: PathBuf,
-}
-
-impl Binaries {
-    fn find() -> Binaries {
-        let natter = PathBuf::from(env!("CARGO_BIN_EXE_natter"));
-        let rendezvous = natter.with_file_name("natter-rendezvous");
-        assert!(
-            rendezvous.is_file(),
-            "{} is missing: it belongs to another package of the workspace; run \
-             `cargo build --workspace{}` before these tests (or `cargo test --workspace{}`)",
-            rendezvous.display(),
-            if cfg!(debug_assertions) {
-                ""
-            } else {
-                " --release"
-            },
-            if cfg!(debug_assertions) {
-                ""
-            } else {
-                " --release"
-            },
-        );
-        Binaries { natter, rendezvous }
-    }
 }
 
 fn runs_from_env() -> usize {

@@ -4,6 +4,7 @@
 //! helper, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod binaries;
 pub mod nat_world;
 pub mod netns;
 pub mod pipe_peer;
