@@ -98,6 +98,26 @@ fn a_crowd_behind_one_address_on_each_side_all_connect() {
     if !natlab_available() {
         return;
     }
+    let stats = run_crowd(&[]);
+    assert!(stats.contains(" busy=0 "), "{stats}");
+}
+
+/// The same crowd against a server whose per-address ceiling is far too
+/// low for it (20 datagrams a second, burst 40, for 150 peers): the peers
+/// are told to come back later rather than dropped, and all still connect.
+#[test]
+fn a_crowd_over_its_address_ceiling_is_told_to_wait_and_all_connect() {
+    if !natlab_available() {
+        return;
+    }
+    let stats = run_crowd(&["--rate-per-ip", "20", "--burst-per-ip", "40"]);
+    assert!(!stats.contains(" busy=0 "), "{stats}");
+}
+
+/// Runs the crowd against a rendezvous started with `rendezvous_args`;
+/// fails unless every pair connected and exchanged its line in time.
+/// Returns the rendezvous's final stats.
+fn run_crowd(rendezvous_args: &[&str]) -> String {
     let bins = Binaries::find();
     let lab = Lab::up(&["--nat-a", "port-restricted", "--nat-b", "port-restricted"]);
     let root = std::env::temp_dir().join(format!("natter-crowd-{}", lab.id()));
@@ -109,6 +129,7 @@ fn a_crowd_behind_one_address_on_each_side_all_connect() {
     let mut rendezvous = NsChild::from_command(
         lab.command("rv", &bins.rendezvous)
             .args(["--bind", &bind, "--stats-secs", "0"])
+            .args(rendezvous_args)
             .stdin(Stdio::null())
             .stderr(File::create(&rendezvous_log).unwrap()),
     )
@@ -174,7 +195,7 @@ fn a_crowd_behind_one_address_on_each_side_all_connect() {
     connect_ms.sort_unstable();
     let percentile = |p: usize| connect_ms.get(connect_ms.len() * p / 100).copied();
     eprintln!(
-        "crowd: {PAIRS} pairs behind one address each side, spawned in {:.1} s, all exited after {:.1} s; \
+        "crowd (rendezvous {rendezvous_args:?}): {PAIRS} pairs behind one address each side, spawned in {:.1} s, all exited after {:.1} s; \
          {} of {} peers connected and exchanged their line: connect p50 {:?} ms, p90 {:?} ms, max {:?} ms\n\
          rendezvous: {stats}",
         spawned.as_secs_f64(),
@@ -193,6 +214,7 @@ fn a_crowd_behind_one_address_on_each_side_all_connect() {
     );
     drop(pairs);
     lab.down().unwrap();
+    stats
 }
 
 /// Removes a directory when dropped, also while unwinding.
