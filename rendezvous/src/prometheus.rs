@@ -3,7 +3,7 @@
 //! Prometheus text format by `metrics-exporter-prometheus` on its own TCP
 //! port.
 //!
-//! [`Stats`] stays the one place datagrams are counted; [`publish`] copies
+//! [`Stats`](crate::Stats) stays the one place datagrams are counted; [`publish`] copies
 //! it into the exporter (the driver calls it every second and just before
 //! each stats line, so a scrape and the log agree). Without an installed
 //! exporter the `metrics` calls do nothing.
