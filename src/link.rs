@@ -244,6 +244,11 @@ impl Link {
         &self.stats
     }
 
+    /// The reliable channel's counters, once the session is secured.
+    pub fn channel_stats(&self) -> Option<reliable::Stats> {
+        self.secured().map(|s| s.channel.stats())
+    }
+
     /// The paths' counters, once the session is secured.
     pub fn path_stats(&self) -> Option<&PathStats> {
         self.secured().map(|s| s.paths.stats())

@@ -31,7 +31,9 @@ pub async fn run(session: Session, reporter: Reporter) -> Result<()> {
         anyhow::Ok(received)
     };
     let (sent, received) = tokio::try_join!(send, receive)?;
-    reporter.transferred(sent, received, started.elapsed());
+    let elapsed = started.elapsed();
+    let channel = sender.stats().await;
+    reporter.transferred(sent, received, elapsed, channel.as_ref());
     sender.close().await;
     let reason = receiver.closed().await?;
     reporter.closed(&reason);

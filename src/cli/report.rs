@@ -7,6 +7,7 @@ use std::time::Duration;
 use natter::code::PairingCode;
 use natter::error::CloseReason;
 use natter::punch::CandidateKind;
+use natter::reliable::Stats as ChannelStats;
 use natter::session::{PathInfo, Progress};
 use serde_json::{json, Value};
 
@@ -123,9 +124,34 @@ impl Reporter {
         );
     }
 
-    pub fn transferred(&self, sent: u64, received: u64, elapsed: Duration) {
+    /// `channel`: the reliable channel's counters at the end, in JSON only
+    /// (for measurements).
+    pub fn transferred(
+        &self,
+        sent: u64,
+        received: u64,
+        elapsed: Duration,
+        channel: Option<&ChannelStats>,
+    ) {
+        let channel = channel.map(|c| {
+            json!({
+                "packets_sent": c.packets_sent,
+                "packets_received": c.packets_received,
+                "packets_retransmitted": c.packets_retransmitted,
+                "packets_lost": c.packets_lost,
+                "lost_by_reordering": c.losses.by_reordering,
+                "lost_by_time": c.losses.by_time,
+                "spurious_losses": c.losses.spurious,
+                "probe_timeouts": c.probe_timeouts,
+                "congestion_events": c.congestion_events,
+                "duplicate_packets": c.duplicate_packets,
+                "cwnd": c.cwnd,
+                "smoothed_rtt_us": c.smoothed_rtt.as_micros() as u64,
+                "min_rtt_us": c.min_rtt.as_micros() as u64,
+            })
+        });
         self.emit(
-            json!({"event": "transferred", "sent_bytes": sent, "received_bytes": received, "elapsed_ms": elapsed.as_millis() as u64}),
+            json!({"event": "transferred", "sent_bytes": sent, "received_bytes": received, "elapsed_ms": elapsed.as_millis() as u64, "channel": channel}),
             format!("sent {sent} bytes, received {received} bytes in {:.2} s", elapsed.as_secs_f64()),
         );
     }

@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 use ack::{AckTracker, Arrival};
 use congestion::Westwood;
 use packet::{Frame, Packet};
+pub use recovery::LossCounts;
 use recovery::{PacketContent, Recovery, SentPacket, Timeout, Verdict};
 use recv::{RecvStream, Refusal, INITIAL_CREDIT};
 use send::SendStream;
@@ -188,8 +189,14 @@ pub struct Stats {
     pub packets_received: u64,
     /// Packets that repeated stream data or a CLOSE frame.
     pub packets_retransmitted: u64,
-    /// Packets declared lost.
+    /// Packets declared lost, and by which rule; how many were not.
     pub packets_lost: u64,
+    pub losses: LossCounts,
+    /// Probe timeouts that fired (each sends one or two probes).
+    pub probe_timeouts: u64,
+    /// Losses that reduced the congestion window (once per recovery
+    /// period at most).
+    pub congestion_events: u64,
     /// Packets received twice and ignored.
     pub duplicate_packets: u64,
     /// Packets below the acknowledgement floor, ignored.
@@ -207,6 +214,7 @@ pub struct Stats {
     /// Bytes of ack-eliciting packets in flight.
     pub bytes_in_flight: u64,
     pub smoothed_rtt: Duration,
+    pub min_rtt: Duration,
     /// Bytes of messages held until acknowledged.
     pub send_buffered: u64,
     /// Bytes received and held for the application.
@@ -380,6 +388,8 @@ impl Connection {
             cwnd: self.congestion.window(),
             bytes_in_flight: self.recovery.bytes_in_flight(),
             smoothed_rtt: self.recovery.rtt().smoothed(),
+            min_rtt: self.recovery.rtt().min(),
+            losses: self.recovery.losses(),
             send_buffered: self.send.buffered(),
             receive_buffered: self.recv.buffered(),
             stream_sent: self.send.unsent(),
@@ -546,7 +556,9 @@ impl Connection {
         }
         if let Some(latest) = verdict.lost.iter().map(|p| p.time_sent).max() {
             let min_rtt = self.recovery.rtt().min();
-            self.congestion.on_congestion_event(now, latest, min_rtt);
+            if self.congestion.on_congestion_event(now, latest, min_rtt) {
+                self.stats.congestion_events += 1;
+            }
         }
         if verdict.persistent_congestion {
             self.congestion.on_persistent_congestion();
@@ -614,7 +626,10 @@ impl Connection {
         if self.recovery.timer().is_some_and(|t| t <= now) {
             match self.recovery.on_timeout(now) {
                 Some(Timeout::Lost(verdict)) => self.on_lost(now, &verdict),
-                Some(Timeout::Probe) => self.arm_probes(),
+                Some(Timeout::Probe) => {
+                    self.stats.probe_timeouts += 1;
+                    self.arm_probes();
+                }
                 None => {}
             }
         }

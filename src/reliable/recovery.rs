@@ -10,7 +10,7 @@
 //! reused, so every acknowledgement is unambiguous and every ack-eliciting
 //! packet yields a clean RTT sample (no Karn's algorithm needed).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,21 @@ const MAX_PTO_BACKOFF: Duration = Duration::from_secs(2);
 
 /// ACK-only packets remembered for their ACK-of-ACK information.
 const MAX_ACK_ONLY_TRACKED: usize = 64;
+
+/// Packets declared lost remembered, to count the ones acknowledged later
+/// (declared lost too early: spurious).
+const MAX_LOST_TRACKED: usize = 4096;
+
+/// How the losses declared so far were found, and how many were not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LossCounts {
+    /// A packet sent [`PACKET_THRESHOLD`] later was acknowledged first.
+    pub by_reordering: u64,
+    /// Older than the loss delay when something later was acknowledged.
+    pub by_time: u64,
+    /// Declared lost, then acknowledged after all.
+    pub spurious: u64,
+}
 
 /// RFC 6298 / RFC 9002 §5 round-trip estimator.
 #[derive(Debug, Clone)]
@@ -156,6 +171,9 @@ pub(crate) struct Recovery {
     initial_rtt: Duration,
     max_ack_delay: Duration,
     min_pto: Duration,
+    /// Numbers of the latest packets declared lost.
+    recently_lost: BTreeSet<u64>,
+    losses: LossCounts,
 }
 
 impl Recovery {
@@ -173,7 +191,13 @@ impl Recovery {
             initial_rtt,
             max_ack_delay,
             min_pto,
+            recently_lost: BTreeSet::new(),
+            losses: LossCounts::default(),
         }
+    }
+
+    pub fn losses(&self) -> LossCounts {
+        self.losses
     }
 
     pub fn rtt(&self) -> &RttEstimator {
@@ -265,6 +289,7 @@ impl Recovery {
                 }
             }
         }
+        self.count_spurious(ack);
         let mut largest_sent_at = None;
         self.ack_only.retain(|&(number, time_sent, ack_largest)| {
             let acked = ack.ranges.iter().any(|r| r.contains(&number));
@@ -327,7 +352,11 @@ impl Recovery {
         let mut lost_numbers = Vec::new();
         for (&number, packet) in self.in_flight.range(..largest) {
             let deadline = packet.time_sent + loss_delay;
-            if deadline <= now || number + PACKET_THRESHOLD <= largest {
+            if number + PACKET_THRESHOLD <= largest {
+                self.losses.by_reordering += 1;
+                lost_numbers.push(number);
+            } else if deadline <= now {
+                self.losses.by_time += 1;
                 lost_numbers.push(number);
             } else {
                 self.loss_time = Some(self.loss_time.map_or(deadline, |t| t.min(deadline)));
@@ -339,9 +368,25 @@ impl Recovery {
             .collect();
         for packet in &lost {
             self.bytes_in_flight -= packet.size;
+            if self.recently_lost.len() == MAX_LOST_TRACKED {
+                self.recently_lost.pop_first();
+            }
+            self.recently_lost.insert(packet.number);
         }
         let persistent = self.is_persistent_congestion(&lost);
         (lost, persistent)
+    }
+
+    /// Counts the packets `ack` covers that were declared lost, and forgets
+    /// them (an ACK range is repeated until acknowledged itself).
+    fn count_spurious(&mut self, ack: &AckFrame) {
+        for range in &ack.ranges {
+            let acked: Vec<u64> = self.recently_lost.range(range.clone()).copied().collect();
+            for number in acked {
+                self.recently_lost.remove(&number);
+                self.losses.spurious += 1;
+            }
+        }
     }
 
     /// RFC 9002 §7.6: two lost packets, sent after the first RTT sample, with

@@ -17,7 +17,7 @@ use crate::candidates::host_candidates;
 use crate::error::{CloseReason, ConnectError};
 use crate::link::{Link, LinkEvent};
 use crate::punch::Path;
-use crate::reliable::{MessageId, SendError};
+use crate::reliable::{MessageId, SendError, Stats as ChannelStats};
 use crate::seal::DataCipher;
 use crate::udp::{Sent, Socket};
 
@@ -37,6 +37,8 @@ pub(super) enum Command {
         acked: Option<oneshot::Sender<()>>,
     },
     Close,
+    /// The reliable channel's counters, once the session is secured.
+    Stats(oneshot::Sender<Option<ChannelStats>>),
 }
 
 /// What the driver hands the receiving half.
@@ -161,6 +163,9 @@ impl Driver {
                 command = commands.recv(), if unsent.is_none() && commands_open => match command {
                     Some(Command::Send { message, acked }) => unsent = state.try_send(message, acked),
                     Some(Command::Close) => state.link.close(),
+                    Some(Command::Stats(reply)) => {
+                        let _ = reply.send(state.link.channel_stats());
+                    }
                     None => {
                         // Every handle was dropped: close gracefully.
                         commands_open = false;

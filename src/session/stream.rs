@@ -23,6 +23,7 @@ use tokio_util::sync::PollSender;
 use super::driver::{Command, Delivery};
 use super::{Error, Received};
 use crate::error::CloseReason;
+use crate::reliable::Stats as ChannelStats;
 
 const TAG_DATA: u8 = 0;
 const TAG_END: u8 = 1;
@@ -83,6 +84,14 @@ impl SessionSender {
         .await?;
         done.await
             .map_err(|_| Error::Closed(CloseReason::EndedBeforeConfirmed))
+    }
+
+    /// The reliable channel's counters (losses, probes, window, RTT): for
+    /// measurements and diagnosis. `None` once the session has ended.
+    pub async fn stats(&self) -> Option<ChannelStats> {
+        let (reply, stats) = oneshot::channel();
+        self.command(Command::Stats(reply)).await.ok()?;
+        stats.await.ok().flatten()
     }
 
     /// Asks for a graceful close; the receiving half reports when it is done.
