@@ -266,7 +266,7 @@ fn main() {
          (header ceiling {:.1} % of link):",
         ceiling * 100.0
     );
-    println!("  loss   goodput  of link  wire/byte  lost pkts  retx pkts  final cwnd  srtt");
+    println!("  loss   goodput  of link  wire/byte  lost pkts (reorder/time/spurious)  retx pkts  PTOs  cuts  final cwnd  srtt");
     for loss in [0.0, 0.01, 0.05, 0.10] {
         let t = bulk(
             net(realistic(loss), realistic(loss)),
@@ -276,13 +276,18 @@ fn main() {
         );
         let goodput = t.delivered as f64 / t.virtual_time.as_secs_f64();
         println!(
-            "  {:>4.0}%  {:>6.2} MB/s  {:>5.1} %  {:>9.4}  {:>9}  {:>9}  {:>10}  {:?}",
+            "  {:>4.0}%  {:>6.2} MB/s  {:>5.1} %  {:>9.4}  {:>9} ({}/{}/{})  {:>9}  {:>4}  {:>4}  {:>10}  {:?}",
             loss * 100.0,
             goodput / 1e6,
             goodput / link_rate * 100.0,
             t.datagram_per_byte(),
             t.a.packets_lost,
+            t.a.losses.by_reordering,
+            t.a.losses.by_time,
+            t.a.losses.spurious,
             t.a.packets_retransmitted,
+            t.a.probe_timeouts,
+            t.a.congestion_events,
             t.a.cwnd,
             t.a.smoothed_rtt,
         );
