@@ -555,8 +555,11 @@ impl Connection {
             self.requeue(&packet.content);
         }
         if let Some(latest) = verdict.lost.iter().map(|p| p.time_sent).max() {
-            let min_rtt = self.recovery.rtt().min();
-            if self.congestion.on_congestion_event(now, latest, min_rtt) {
+            let rtt = self.recovery.rtt();
+            if self
+                .congestion
+                .on_congestion_event(now, latest, rtt.min(), rtt.recent_min())
+            {
                 self.stats.congestion_events += 1;
             }
         }

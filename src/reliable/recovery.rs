@@ -58,6 +58,11 @@ pub(crate) struct RttEstimator {
     variance: Duration,
     min: Duration,
     has_sample: bool,
+    /// The smallest sample of the round trip under way (since `round_start`)
+    /// and of the one before.
+    round_min: Duration,
+    previous_round_min: Duration,
+    round_start: Option<Instant>,
 }
 
 impl RttEstimator {
@@ -68,13 +73,30 @@ impl RttEstimator {
             variance: initial / 2,
             min: initial,
             has_sample: false,
+            round_min: initial,
+            previous_round_min: initial,
+            round_start: None,
         }
     }
 
-    /// Folds in one sample; `ack_delay` is the peer's reported hold time,
-    /// already capped at its max_ack_delay.
-    pub fn update(&mut self, sample: Duration, ack_delay: Duration) {
+    /// Folds in one sample taken at `now`; `ack_delay` is the peer's
+    /// reported hold time, already capped at its max_ack_delay.
+    pub fn update(&mut self, now: Instant, sample: Duration, ack_delay: Duration) {
         self.latest = sample;
+        match self.round_start {
+            Some(start) if now.saturating_duration_since(start) < self.smoothed => {
+                self.round_min = self.round_min.min(sample);
+            }
+            _ => {
+                self.previous_round_min = if self.round_start.is_some() {
+                    self.round_min
+                } else {
+                    sample
+                };
+                self.round_min = sample;
+                self.round_start = Some(now);
+            }
+        }
         if !self.has_sample {
             self.has_sample = true;
             self.min = sample;
@@ -102,6 +124,14 @@ impl RttEstimator {
     /// The smallest round trip seen: the path without queueing.
     pub fn min(&self) -> Duration {
         self.min
+    }
+
+    /// The smallest round trip of the last one or two: above [`min`](Self::min)
+    /// only while a queue stands the whole time. A burst that queues and
+    /// drains within a round trip does not raise it, as it raises the
+    /// smoothed RTT.
+    pub fn recent_min(&self) -> Duration {
+        self.round_min.min(self.previous_round_min)
     }
 
     /// RFC 6298's RTO without its floor: SRTT + max(G, 4 RTTVAR).
@@ -314,7 +344,7 @@ impl Recovery {
         if let Some(time_sent) = largest_sent_at {
             let sample = now.saturating_duration_since(time_sent);
             let ack_delay = Duration::from_micros(ack.delay_micros).min(self.max_ack_delay);
-            self.rtt.update(sample, ack_delay);
+            self.rtt.update(now, sample, ack_delay);
             self.first_rtt_sample.get_or_insert(now);
         }
         let (lost, persistent_congestion) = self.detect_lost(now);
@@ -446,22 +476,23 @@ mod tests {
     #[test]
     fn rtt_follows_rfc6298() {
         let mut rtt = RttEstimator::new(Duration::from_millis(333));
-        rtt.update(100 * MS, Duration::ZERO);
+        let t0 = Instant::now();
+        rtt.update(t0, 100 * MS, Duration::ZERO);
         assert_eq!((rtt.smoothed, rtt.variance), (100 * MS, 50 * MS));
-        rtt.update(200 * MS, Duration::ZERO);
+        rtt.update(t0, 200 * MS, Duration::ZERO);
         // variance = 3/4 * 50 + 1/4 * 100; smoothed = 7/8 * 100 + 1/8 * 200
         assert_eq!(rtt.variance, Duration::from_micros(62_500));
         assert_eq!(rtt.smoothed, Duration::from_micros(112_500));
         assert_eq!(rtt.rto(), Duration::from_micros(362_500));
         // ACK delay is subtracted, but never below min_rtt.
-        rtt.update(130 * MS, 20 * MS);
+        rtt.update(t0, 130 * MS, 20 * MS);
         assert_eq!(rtt.latest, 130 * MS);
         assert_eq!(
             rtt.smoothed,
             (Duration::from_micros(112_500) * 7 + 110 * MS) / 8
         );
         let before = rtt.smoothed;
-        rtt.update(101 * MS, 20 * MS);
+        rtt.update(t0, 101 * MS, 20 * MS);
         assert!(rtt.smoothed < before && rtt.min == 100 * MS);
     }
 
