@@ -42,7 +42,7 @@ const MAX_LOST_TRACKED: usize = 4096;
 /// How the losses declared so far were found, and how many were not.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LossCounts {
-    /// A packet sent [`PACKET_THRESHOLD`] later was acknowledged first.
+    /// A packet sent three or more later was acknowledged first.
     pub by_reordering: u64,
     /// Older than the loss delay when something later was acknowledged.
     pub by_time: u64,
