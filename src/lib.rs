@@ -29,6 +29,7 @@ pub mod handshake;
 pub mod identity;
 pub mod link;
 pub mod paths;
+pub mod pmtu;
 pub mod punch;
 pub mod reliable;
 pub mod rendezvous_client;

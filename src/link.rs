@@ -21,12 +21,14 @@ use std::time::{Duration, Instant};
 
 use natter_wire::{
     parse_relayed, split_header, DataHeader, FrameKind, HandshakeMessage, PathCheck, PunchMessage,
-    RelayRequest, Role, RoomCode, SealedKind, RELAY_HEADER_LEN,
+    RelayRequest, Role, RoomCode, SealedKind, DATA_HEADER_LEN, MAX_DATAGRAM, MAX_PATH_DATAGRAM,
+    RELAY_HEADER_LEN,
 };
 
 use crate::error::{CloseReason, ConnectError, NoRelay};
 use crate::handshake::{Handshake, HandshakeError, HandshakeEvent, SessionKeys, Trust};
 use crate::paths::{Heard, MoveReason, PathEvent, PathStats, Paths, Route};
+use crate::pmtu::{Pmtu, BASE_DATAGRAM};
 use crate::punch::{CandidateKind, CandidateReport, Path, PunchConfig, PunchEvent, Puncher};
 use crate::reliable::{self, Connection, MessageId, Migration, SendError};
 use crate::rendezvous_client::{RelayRoute, RendezvousClient, RendezvousConfig, RendezvousEvent};
@@ -46,6 +48,9 @@ const RELAY_HELLO_REPEAT: Duration = Duration::from_secs(1);
 pub struct LinkConfig {
     pub rendezvous: RendezvousConfig,
     pub punch: PunchConfig,
+    /// The channel's settings; its `max_payload` is a ceiling, below which
+    /// each route sets the payload (1200-byte datagrams until a direct
+    /// path's MTU discovery finds more, always on the relay).
     pub channel: reliable::Config,
     /// Whether to offer AES-256-GCM for data frames; by default, when this
     /// CPU has AES instructions.
@@ -65,7 +70,10 @@ impl Default for LinkConfig {
         Self {
             rendezvous: RendezvousConfig::default(),
             punch: PunchConfig::default(),
-            channel: reliable::Config::default(),
+            channel: reliable::Config {
+                max_payload: DataHeader::max_payload(MAX_PATH_DATAGRAM) - seal::TAG_LEN,
+                ..reliable::Config::default()
+            },
             fast_aes: seal::has_fast_aes(),
             relay: true,
             relay_after: Duration::from_millis(1500),
@@ -170,7 +178,14 @@ struct Secured {
     sealer: Sealer,
     opener: Opener,
     paths: Paths,
+    /// MTU discovery on the active path, when it is direct and the other
+    /// peer answers path checks.
+    pmtu: Option<Pmtu>,
 }
+
+/// Probe timeouts in a row, with datagrams above the base size, that mean
+/// the path stopped carrying them (a black hole): back to the base size.
+const BLACK_HOLE_PTOS: u32 = 2;
 
 pub struct Link {
     config: LinkConfig,
@@ -408,6 +423,13 @@ impl Link {
                 Err(_) => return self.stats.malformed += 1,
             },
         };
+        if let (Heard::Check(PathCheck::Response(token)), Some(pmtu)) = (heard, &mut secured.pmtu) {
+            if pmtu.on_response(now, &token) {
+                let active = secured.paths.active().route;
+                let payload = max_payload(&self.config, active, pmtu.datagram());
+                secured.channel.set_max_payload(payload);
+            }
+        }
         secured.paths.handle_frame(now, route, frame.len(), heard);
         if opened.kind == SealedKind::Data {
             secured.channel.handle_datagram(now, &opened.payload);
@@ -444,6 +466,16 @@ impl Link {
                 secured.channel.handle_timeout(now);
                 let busy = secured.channel.has_in_flight();
                 secured.paths.handle_timeout(now, busy);
+                if let Some(pmtu) = &mut secured.pmtu {
+                    pmtu.handle_timeout(now);
+                    let stuck = secured.channel.probe_timeouts_in_a_row() >= BLACK_HOLE_PTOS;
+                    if stuck && pmtu.datagram() > BASE_DATAGRAM {
+                        pmtu.black_hole(now);
+                        let route = secured.paths.active().route;
+                        let payload = max_payload(&self.config, route, BASE_DATAGRAM);
+                        secured.channel.set_max_payload(payload);
+                    }
+                }
             }
             Phase::Draining { until, reason, .. } if now >= *until => {
                 let reason = reason.clone();
@@ -474,6 +506,7 @@ impl Link {
                     secured.channel.poll_timeout(),
                     secured.paths.poll_timeout(busy),
                     close_unconfirmed_deadline(&secured.channel),
+                    secured.pmtu.as_ref().and_then(Pmtu::poll_timeout),
                 ]
                 .into_iter()
                 .flatten()
@@ -555,6 +588,15 @@ impl Link {
                         .sealer
                         .seal(now, SealedKind::PathCheck, &check.encode());
                     return Some((route, frame));
+                }
+                if let Some(pmtu) = &mut secured.pmtu {
+                    pmtu.set_rtt(secured.channel.smoothed_rtt());
+                    if let Some(probe) = pmtu.poll_probe(now) {
+                        let plaintext = probe.size - DATA_HEADER_LEN - seal::TAG_LEN;
+                        let challenge = PathCheck::padded_challenge(probe.token, plaintext);
+                        let frame = secured.sealer.seal(now, SealedKind::PathCheck, &challenge);
+                        return Some((active, frame));
+                    }
                 }
                 let payload = secured.channel.poll_transmit(now)?;
                 Some((active, secured.sealer.seal(now, SealedKind::Data, &payload)))
@@ -713,9 +755,10 @@ impl Link {
                     reason,
                     migration,
                 } => {
+                    secured.pmtu = pmtu_for(route, &secured.paths, self.seed);
                     secured
                         .channel
-                        .migrate(migration, max_payload(&self.config, route));
+                        .migrate(migration, max_payload(&self.config, route, BASE_DATAGRAM));
                     let path = Path {
                         remote: match route {
                             Route::Direct(addr) => addr,
@@ -756,7 +799,7 @@ impl Link {
             Phase::Secured(secured) | Phase::Draining { secured, .. } => {
                 secured.paths.add_candidates(now, candidates);
                 if secured.paths.active().route == Route::Relay {
-                    let payload = max_payload(&self.config, Route::Relay);
+                    let payload = max_payload(&self.config, Route::Relay, BASE_DATAGRAM);
                     secured.channel.migrate(Migration::PortOnly, payload);
                 }
                 return;
@@ -828,18 +871,20 @@ impl Link {
         let puncher = self.puncher.as_ref().expect("securing follows punching");
         let session_id = puncher.session_id();
         let mut channel = self.config.channel.clone();
-        channel.max_payload = max_payload(&self.config, route);
+        channel.max_payload = max_payload(&self.config, route, BASE_DATAGRAM);
         let mut paths = Paths::new(now, self.role, route, path.kind, path.rtt, self.seed);
         paths.track_candidates(puncher.candidates());
         if !keys.remote_path_checks {
             paths.pin();
         }
+        let pmtu = pmtu_for(route, &paths, self.seed);
         self.phase = Phase::Secured(Box::new(Secured {
             handshake,
             channel: Connection::new(channel, now),
             sealer: Sealer::new(now, session_id, keys.cipher, keys.send),
             opener: Opener::new(keys.cipher, keys.receive),
             paths,
+            pmtu,
         }));
         self.events.push_back(LinkEvent::Connected {
             path,
@@ -885,17 +930,24 @@ fn close_unconfirmed_deadline(channel: &Connection) -> Option<Instant> {
     channel.close_unconfirmed_since()?.checked_add(grace)
 }
 
-/// The channel's largest payload on `route`: a sealed frame must fit one
-/// datagram, with the relay header too on the relay.
-fn max_payload(config: &LinkConfig, route: Route) -> usize {
-    let relay_header = match route {
-        Route::Direct(_) => 0,
-        Route::Relay => RELAY_HEADER_LEN,
+/// The channel's largest payload on `route`, whose datagrams may be
+/// `datagram` bytes (direct) or [`MAX_DATAGRAM`] with the relay header
+/// (relay): a sealed frame must fit one.
+fn max_payload(config: &LinkConfig, route: Route, datagram: usize) -> usize {
+    let datagram = match route {
+        Route::Direct(_) => datagram,
+        Route::Relay => MAX_DATAGRAM - RELAY_HEADER_LEN,
     };
     config
         .channel
         .max_payload
-        .min(DataHeader::MAX_PAYLOAD - seal::TAG_LEN - relay_header)
+        .min(DataHeader::max_payload(datagram) - seal::TAG_LEN)
+}
+
+/// MTU discovery for `route` if it is direct and the other peer answers
+/// path checks (an older peer would neither answer nor take larger frames).
+fn pmtu_for(route: Route, paths: &Paths, seed: u64) -> Option<Pmtu> {
+    (route.is_direct() && !paths.pinned()).then(|| Pmtu::new(seed))
 }
 
 /// A frame inside a relay request along `route`.

@@ -356,6 +356,11 @@ impl Paths {
         self.relay_available = available;
     }
 
+    /// Whether [`pin`](Self::pin) held the session to its first path.
+    pub fn pinned(&self) -> bool {
+        self.pinned
+    }
+
     /// The other peer does not answer path checks: send none, and stay.
     pub fn pin(&mut self) {
         self.pinned = true;

@@ -456,3 +456,52 @@ fn an_impostor_in_a_contacts_room_is_refused() {
     assert_eq!(error, expected.to_string());
     assert!(world.hosts[1].connected.is_none());
 }
+
+/// The datagram size each host's channel uses now.
+fn datagrams(world: &World) -> Vec<usize> {
+    world
+        .hosts
+        .iter()
+        .map(|h| {
+            let stats = h.link.channel_stats().expect("secured");
+            stats.max_payload + natter::wire::DATA_HEADER_LEN + natter::seal::TAG_LEN
+        })
+        .collect()
+}
+
+/// Path MTU discovery: a path that carries 1452-byte datagrams gets them,
+/// one that drops everything over 1400 bytes settles just under that; when
+/// the path then shrinks to 1200 bytes mid-transfer (a black hole: large
+/// datagrams vanish without a word), the session falls back to 1200 and the
+/// transfer completes.
+#[test]
+fn the_path_mtu_is_found_and_a_black_hole_falls_back() {
+    for mtu in [1500, 1400] {
+        let limit = std::rc::Rc::new(std::cell::Cell::new(mtu));
+        let mut world = World::new(Some(NatType::FullCone), Some(NatType::PortRestricted));
+        world.drop_if = Some(Box::new({
+            let limit = limit.clone();
+            move |_, _, _, bytes| bytes.len() > limit.get()
+        }));
+        world.run_until(Duration::from_secs(20), settled);
+        assert!(world.hosts.iter().all(|h| h.connected.is_some()));
+        let searched = world.now + Duration::from_secs(5);
+        world.run_until(Duration::from_secs(40), |w| w.now >= searched);
+        for datagram in datagrams(&world) {
+            match mtu {
+                1500 => assert_eq!(datagram, natter::wire::MAX_PATH_DATAGRAM),
+                _ => assert!((1384..=1400).contains(&datagram), "{datagram}"),
+            }
+        }
+
+        limit.set(1200);
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+        world.hosts[0].link.send(big.clone()).unwrap();
+        world.run_until(Duration::from_secs(120), |w| {
+            !w.hosts[1].received.is_empty()
+        });
+        assert_eq!(world.hosts[1].received, vec![big], "MTU {mtu}");
+        assert_eq!(datagrams(&world)[0], natter::wire::MAX_DATAGRAM);
+        assert!(world.hosts.iter().all(|h| h.closed.is_none()));
+    }
+}

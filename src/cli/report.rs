@@ -146,6 +146,7 @@ impl Reporter {
                 "congestion_events": c.congestion_events,
                 "duplicate_packets": c.duplicate_packets,
                 "cwnd": c.cwnd,
+                "max_payload": c.max_payload,
                 "smoothed_rtt_us": c.smoothed_rtt.as_micros() as u64,
                 "min_rtt_us": c.min_rtt.as_micros() as u64,
             })

@@ -98,7 +98,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             // Room for the AEAD tag that sealing appends.
-            max_payload: natter_wire::DataHeader::MAX_PAYLOAD - crate::seal::TAG_LEN,
+            max_payload: natter_wire::DataHeader::max_payload(natter_wire::MAX_DATAGRAM)
+                - crate::seal::TAG_LEN,
             max_message_size: 16 * 1024 * 1024,
             send_buffer: 4 * 1024 * 1024,
             receive_window: 16 * 1024 * 1024 + 8,
@@ -211,6 +212,9 @@ pub struct Stats {
     pub bytes_received: u64,
     /// Congestion window, bytes.
     pub cwnd: u64,
+    /// Largest payload a packet may carry now (the route's datagram size
+    /// less natter's header and seal).
+    pub max_payload: usize,
     /// Bytes of ack-eliciting packets in flight.
     pub bytes_in_flight: u64,
     pub smoothed_rtt: Duration,
@@ -325,6 +329,24 @@ impl Connection {
         }
     }
 
+    /// The route's datagrams can now carry `max_payload` (its MTU was
+    /// found, or it fell back): new packets use it, packets in flight keep
+    /// their size.
+    pub fn set_max_payload(&mut self, max_payload: usize) {
+        self.config.max_payload = max_payload.max(MIN_PAYLOAD);
+    }
+
+    /// The smoothed round trip.
+    pub fn smoothed_rtt(&self) -> Duration {
+        self.recovery.rtt().smoothed()
+    }
+
+    /// Probe timeouts since the last acknowledgement: more than one means
+    /// nothing gets through.
+    pub fn probe_timeouts_in_a_row(&self) -> u32 {
+        self.recovery.pto_count()
+    }
+
     /// The configuration in force (after the adjustments [`Config`] notes).
     pub fn config(&self) -> &Config {
         &self.config
@@ -386,6 +408,7 @@ impl Connection {
     pub fn stats(&self) -> Stats {
         Stats {
             cwnd: self.congestion.window(),
+            max_payload: self.config.max_payload,
             bytes_in_flight: self.recovery.bytes_in_flight(),
             smoothed_rtt: self.recovery.rtt().smoothed(),
             min_rtt: self.recovery.rtt().min(),

@@ -226,6 +226,11 @@ impl Recovery {
         }
     }
 
+    /// Probe timeouts since the last acknowledgement.
+    pub fn pto_count(&self) -> u32 {
+        self.pto_count
+    }
+
     pub fn losses(&self) -> LossCounts {
         self.losses
     }

@@ -15,7 +15,7 @@
 //! one per frame sent; it is the AEAD nonce and the whole header is the
 //! associated data, so nothing in it can be altered.
 
-use super::{push_header, split_header, FrameKind, WireError, HEADER_LEN, MAX_DATAGRAM};
+use super::{push_header, split_header, FrameKind, WireError, HEADER_LEN};
 
 /// Bytes from the start of a sealed frame to its payload.
 pub const DATA_HEADER_LEN: usize = HEADER_LEN + 16;
@@ -46,8 +46,11 @@ pub struct DataHeader {
 }
 
 impl DataHeader {
-    /// Largest payload that fits one datagram behind this header.
-    pub const MAX_PAYLOAD: usize = MAX_DATAGRAM - DATA_HEADER_LEN;
+    /// Largest payload that fits a datagram of `datagram` bytes behind
+    /// this header.
+    pub const fn max_payload(datagram: usize) -> usize {
+        datagram - DATA_HEADER_LEN
+    }
 
     /// Appends the header to `out`; the caller appends the payload.
     pub fn write(&self, out: &mut Vec<u8>) {
@@ -112,10 +115,25 @@ impl PathCheck {
         out
     }
 
-    /// Decodes the plaintext of a path check frame.
+    /// A challenge padded with zeros to `len` bytes of plaintext (at least
+    /// [`PATH_CHECK_LEN`]): a probe of whether the path carries a datagram
+    /// that large (RFC 8899's probe packet).
+    pub fn padded_challenge(data: [u8; 16], len: usize) -> Vec<u8> {
+        let mut out = Self::Challenge(data).encode().to_vec();
+        out.resize(len.max(PATH_CHECK_LEN), 0);
+        out
+    }
+
+    /// Decodes the plaintext of a path check frame; a challenge may carry
+    /// zero padding.
     pub fn decode(plaintext: &[u8]) -> Result<Self, WireError> {
         let Some((&kind, data)) = plaintext.split_first() else {
             return Err(WireError::Truncated);
+        };
+        let data = match (kind, data.split_at_checked(16)) {
+            (CHALLENGE, Some((data, padding))) if padding.iter().all(|&b| b == 0) => data,
+            (CHALLENGE, Some(_)) => return Err(WireError::TrailingGarbage),
+            _ => data,
         };
         let data: [u8; 16] = data.try_into().map_err(|_| {
             WireError::Malformed(format!("a path check of {} bytes", plaintext.len()))
@@ -146,6 +164,25 @@ mod tests {
             bytes.extend_from_slice(b"payload");
             assert_eq!(DataHeader::parse(&bytes), Ok((header, &b"payload"[..])));
         }
+    }
+
+    #[test]
+    fn a_challenge_may_be_padded_with_zeros_and_nothing_else() {
+        let padded = PathCheck::padded_challenge([7; 16], 1400);
+        assert_eq!(padded.len(), 1400);
+        assert_eq!(
+            PathCheck::decode(&padded),
+            Ok(PathCheck::Challenge([7; 16]))
+        );
+        let mut dirty = padded.clone();
+        dirty[900] = 1;
+        assert_eq!(PathCheck::decode(&dirty), Err(WireError::TrailingGarbage));
+        let mut response = PathCheck::Response([7; 16]).encode().to_vec();
+        response.push(0);
+        assert!(
+            PathCheck::decode(&response).is_err(),
+            "responses are never padded"
+        );
     }
 
     #[test]

@@ -46,9 +46,16 @@ pub use relay::{parse_relayed, RelayRequest, RELAYED_HEADER_LEN, RELAY_HEADER_LE
 /// The protocol version this build speaks.
 pub const VERSION: u8 = 1;
 
-/// Largest datagram natter sends, header included. 1200 bytes fits any real
-/// path's MTU without IP fragmentation (the figure QUIC uses).
+/// Largest datagram natter sends before it knows the path, header
+/// included, and the largest of the rendezvous protocol, the handshake and
+/// the relay always: 1200 bytes fits any real path's MTU without IP
+/// fragmentation (the figure QUIC uses).
 pub const MAX_DATAGRAM: usize = 1200;
+
+/// Largest sealed frame (data or path check) on a direct path whose MTU
+/// discovery found room for it: a 1500-byte Ethernet MTU less an IPv6 and a
+/// UDP header (the ceiling quinn probes up to as well).
+pub const MAX_PATH_DATAGRAM: usize = 1452;
 
 /// Bytes before a frame's body: the kind byte and the version byte.
 pub const HEADER_LEN: usize = 2;
@@ -130,7 +137,7 @@ pub enum WireError {
     UnknownKind(u8),
     #[error("expected a {expected:?} frame, got {got:?}")]
     WrongKind { expected: FrameKind, got: FrameKind },
-    #[error("datagram of {0} bytes exceeds the {MAX_DATAGRAM}-byte limit")]
+    #[error("datagram of {0} bytes exceeds the {MAX_PATH_DATAGRAM}-byte limit")]
     TooLarge(usize),
     #[error("{field} holds {len}, more than the limit of {max}")]
     LimitExceeded {
@@ -163,7 +170,7 @@ impl WireError {
 
 /// Checks the two-byte header and returns the frame kind and the body.
 pub fn split_header(bytes: &[u8]) -> Result<(FrameKind, &[u8]), WireError> {
-    if bytes.len() > MAX_DATAGRAM {
+    if bytes.len() > MAX_PATH_DATAGRAM {
         return Err(WireError::TooLarge(bytes.len()));
     }
     let [kind, version, body @ ..] = bytes else {
@@ -218,8 +225,8 @@ mod tests {
             Err(WireError::UnknownKind(0xCE))
         );
         assert_eq!(
-            split_header(&vec![0xC4; MAX_DATAGRAM + 1]),
-            Err(WireError::TooLarge(MAX_DATAGRAM + 1))
+            split_header(&vec![0xC4; MAX_PATH_DATAGRAM + 1]),
+            Err(WireError::TooLarge(MAX_PATH_DATAGRAM + 1))
         );
     }
 

@@ -45,6 +45,11 @@ impl<'a> RelayRequest<'a> {
     }
 
     pub fn parse(bytes: &'a [u8]) -> Result<Self, WireError> {
+        // The relay carries frames sized for any path, whatever the two
+        // peers' own paths allow.
+        if bytes.len() > MAX_DATAGRAM {
+            return Err(WireError::TooLarge(bytes.len()));
+        }
         let body = expect_kind(bytes, FrameKind::Relay)?;
         let (session_id, rest) = body.split_first_chunk::<8>().ok_or(WireError::Truncated)?;
         let (peer_token, inner) = rest.split_first_chunk::<8>().ok_or(WireError::Truncated)?;
