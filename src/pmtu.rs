@@ -6,7 +6,7 @@
 //! search tries [`MAX_PATH_DATAGRAM`] first, since most paths carry a
 //! 1500-byte MTU, then halves the gap between what got through and what did
 //! not. A size counts as lost after [`MAX_PROBES`] unanswered probes. The
-//! search ends when the gap is under [`SEARCH_GRANULARITY`], and runs again
+//! search ends when the gap is under 16 bytes, and runs again
 //! after [`RAISE_INTERVAL`] (the path may have grown). If data stops getting
 //! through at the found size (a black hole: the route changed, or a
 //! middlebox drops large datagrams without a word), the link calls
