@@ -1900,6 +1900,95 @@ fn unblock_direct(lab: &Lab) {
     lab.exec_ok("inet", "nft", ["delete", "table", "bridge", "natter_block"]);
 }
 
+/// Sets the MTU between both NAT routers and the internet to `mtu` bytes:
+/// larger packets are dropped there. natter ignores the ICMP errors the
+/// routers send back (its sockets probe for themselves), so for it this is
+/// a black hole for larger datagrams. (An nftables length rule would not
+/// do: segmentation offload carries a batch of datagrams through the lab's
+/// bridge as one large packet.)
+fn limit_packet_size(lab: &Lab, mtu: usize) {
+    let mtu = mtu.to_string();
+    for (router, port) in [("ra", "p-ra"), ("rb", "p-rb")] {
+        lab.exec_ok(router, "ip", ["link", "set", "dev", "wan0", "mtu", &mtu]);
+        lab.exec_ok("inet", "ip", ["link", "set", "dev", port, "mtu", &mtu]);
+    }
+}
+
+/// The largest payload each peer's channel used at the end of the run.
+fn final_payloads(run: &RoamingRun) -> Vec<u64> {
+    run.outcomes
+        .iter()
+        .map(|p| {
+            p.event("transferred").expect("transferred")["channel"]["max_payload"]
+                .as_u64()
+                .expect("max_payload")
+        })
+        .collect()
+}
+
+/// Path MTU discovery across real NATs: with a 1400-byte MTU between the
+/// routers and the internet, each peer settles within 16 bytes under the
+/// 1372-byte UDP payload that fits; with a 1500-byte MTU at first and 1228
+/// (a 1200-byte datagram) from 2 s on, the peers fall back to 1200 and the
+/// transfer completes.
+#[test]
+fn the_path_mtu_is_found_and_a_black_hole_falls_back() {
+    if !natlab_available() {
+        return;
+    }
+    let _lock = lab_lock();
+    let bins = Binaries::find();
+    // A channel payload is a datagram less the 18-byte header and 16-byte tag.
+    let overhead = 34;
+    let case = roaming_case(
+        "port-restricted x port-restricted, 1400-byte MTU",
+        "port-restricted",
+        "port-restricted",
+        Some(8),
+    );
+    let run = run_roaming(
+        &bins,
+        &case,
+        Some(&|lab: &Lab| limit_packet_size(lab, 1400)),
+        vec![],
+    );
+    let payloads = final_payloads(&run);
+    say!("natlab pmtu: {}: channel payloads {payloads:?}", case.name);
+    for payload in payloads {
+        assert!(
+            (1356 - overhead..=1372 - overhead).contains(&payload),
+            "{payload}"
+        );
+    }
+
+    let case = roaming_case(
+        "port-restricted x port-restricted, MTU 1500, then 1228 from 2 s",
+        "port-restricted",
+        "port-restricted",
+        Some(8),
+    );
+    let run = run_roaming(
+        &bins,
+        &case,
+        None,
+        vec![LabStep {
+            name: "shrink",
+            at: Duration::from_secs(2),
+            action: Box::new(|lab: &Lab| limit_packet_size(lab, 1228)),
+        }],
+    );
+    let payloads = final_payloads(&run);
+    say!(
+        "natlab pmtu: {}: channel payloads {payloads:?}; {}",
+        case.name,
+        run.describe()
+    );
+    assert!(
+        payloads.iter().all(|&p| p == 1200 - overhead),
+        "{payloads:?}"
+    );
+}
+
 fn roaming_case(name: &str, nat_a: &str, nat_b: &str, rate_mbit: Option<u32>) -> Case {
     let mut lab_args: Vec<String> = ["--nat-a", nat_a, "--nat-b", nat_b]
         .map(String::from)
