@@ -185,7 +185,7 @@ struct Secured {
 
 /// Probe timeouts in a row, with datagrams above the base size, that mean
 /// the path stopped carrying them (a black hole): back to the base size.
-const BLACK_HOLE_PTOS: u32 = 2;
+const BLACK_HOLE_PTOS: u32 = 3;
 
 pub struct Link {
     config: LinkConfig,
