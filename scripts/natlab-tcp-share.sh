@@ -11,7 +11,8 @@
 # Usage: scripts/natlab-tcp-share.sh [RATE_MBIT] [SECONDS] [WARMUP_SECONDS]
 # TCP_CC picks the TCP flow's congestion control (one of
 # /proc/sys/net/ipv4/tcp_available_congestion_control; default: the
-# kernel's). NATTER_BIN / NATTER_RENDEZVOUS_BIN override the binaries
+# kernel's). COMPETITOR=natter runs a second natter pipe (a to b, started
+# the same way) instead of the TCP flow. NATTER_BIN / NATTER_RENDEZVOUS_BIN override the binaries
 # (default: target/release/ of this checkout, built if missing).
 set -euo pipefail
 
@@ -88,7 +89,15 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 grep -q '"connected"' "$work/a.err" || { cat "$work/a.err" "$work/b.err" >&2; exit 1; }
-in_ns a python3 -c "$tcp_source" "$RV_IP" 5001 "$SHARE_SECS" &
+if [[ ${COMPETITOR:-tcp} == natter ]]; then
+    code2="$((RANDOM % 900 + 100))-share2-$RANDOM"
+    in_ns b "$NATTER_BIN" pipe --code "$code2" --rendezvous "$RV_IP:7777" --json \
+        2>"$work/b2.err" | python3 -c "$counter" >"$work/tcp.log" &
+    in_ns a bash -c "head -c $((SHARE_SECS * 1024 * 1024 * 1024)) /dev/zero | timeout $SHARE_SECS \
+        '$NATTER_BIN' pipe --code '$code2' --rendezvous '$RV_IP:7777' --json" 2>"$work/a2.err" >/dev/null &
+else
+    in_ns a python3 -c "$tcp_source" "$RV_IP" 5001 "$SHARE_SECS" &
+fi
 sleep "$SHARE_SECS"
 sleep 1
 
@@ -106,8 +115,10 @@ EOF
 natter_mbit=$(rate_of "$work/natter.log")
 tcp_mbit=$(rate_of "$work/tcp.log")
 cc=$(in_ns a cat /proc/sys/net/ipv4/tcp_congestion_control)
+if [[ ${COMPETITOR:-tcp} == natter ]]; then cc="a second natter flow"; else cc="TCP ($cc)"; fi
+
 echo "bottleneck $SHARE_RATE Mbit/s (tc tbf on router A's WAN), $SHARE_SECS s, measured after ${SHARE_WARMUP} s"
 echo "  natter     $natter_mbit Mbit/s"
-echo "  TCP ($cc) $tcp_mbit Mbit/s"
+echo "  other: $cc $tcp_mbit Mbit/s"
 python3 -c "import sys; n, t = map(float, sys.argv[1:]); print(f'  natter share {n / (n + t):.2f}, together {n + t:.2f} Mbit/s')" \
     "$natter_mbit" "$tcp_mbit"
