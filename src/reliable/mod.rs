@@ -653,6 +653,16 @@ impl Connection {
             match self.recovery.on_timeout(now) {
                 Some(Timeout::Lost(verdict)) => self.on_lost(now, &verdict),
                 Some(Timeout::Probe) => {
+                    // What a stall looks like, for `RUST_LOG=natter=debug`.
+                    tracing::debug!(
+                        in_flight = self.recovery.bytes_in_flight(),
+                        cwnd = self.congestion.window(),
+                        since_sent = ?now.saturating_duration_since(self.last_sent),
+                        since_received = ?now.saturating_duration_since(self.last_received),
+                        send_buffered = self.send.buffered(),
+                        peer_limit = self.peer_limit,
+                        "probe timeout"
+                    );
                     self.stats.probe_timeouts += 1;
                     self.arm_probes();
                 }
