@@ -69,6 +69,8 @@ Options:
   --same-nat        add host "a2" at 192.168.1.3 behind router A
   --double-nat      put router A behind a CGNAT router "cgn" (100.64.0.0/24)
   --loss PCT        drop PCT % (0-100) of the IPv4 frames crossing the public bridge
+                    (hosts then segment UDP batches before sending, so it is
+                    per datagram)
   --rate MBIT       cap each router's WAN egress to MBIT Mbit/s (tc tbf)
   --ipv6            dual-stack lab: IPv6 everywhere besides IPv4, routers with
                     a stateful IPv6 firewall (not with --double-nat/--same-nat/
@@ -84,6 +86,7 @@ check_prereqs() {
     [[ $EUID -eq 0 ]] || die "must run as root (network namespaces and nftables need CAP_NET_ADMIN/CAP_SYS_ADMIN)"
     command -v ip >/dev/null 2>&1 || die "'ip' (iproute2) not found in PATH"
     command -v nft >/dev/null 2>&1 || die "'nft' (nftables) not found in PATH"
+    command -v ethtool >/dev/null 2>&1 || die "'ethtool' not found in PATH"
     if [[ $need_tc -eq 1 ]]; then
         command -v tc >/dev/null 2>&1 || die "'tc' (iproute2) not found in PATH but --rate was given"
     fi
@@ -363,6 +366,17 @@ EOF
         ip -n "$RV" -6 route add "$NET6:2::/64" via "$NET6::12"
         add_ipv6_home "$RA" "$A" 11 "$NET6:1" "$NET6:2" 12
         add_ipv6_home "$RB" "$B" 12 "$NET6:2" "$NET6:1" 11
+    fi
+
+    if [[ $LOSS -gt 0 ]]; then
+        # Loss is per datagram, as on a real wire: a batch sent with UDP
+        # segmentation offload would otherwise cross the lab's veths and
+        # bridge as one frame, and the loss rule would drop it whole (dozens
+        # of datagrams at once). Hosts segment before sending instead.
+        local h
+        for h in "$A" "$B" ${PUB:+"$PUB"} ${A2:+"$A2"}; do
+            nsx "$h" ethtool -K eth0 tx-udp-segmentation off >/dev/null
+        done
     fi
 
     if [[ -n $RATE ]]; then

@@ -74,7 +74,7 @@ pub fn natlab_unavailable_reason() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("natlab tests need root (network namespaces, nftables)".into());
     }
-    for prog in ["ip", "nft", "bash"] {
+    for prog in ["ip", "nft", "ethtool", "bash"] {
         if find_program(prog).is_none() {
             return Some(format!(
                 "natlab tests need '{prog}' in PATH (or /usr/sbin, /sbin)"
