@@ -15,7 +15,7 @@ use natter_rendezvous::{driver, Config, DropReason};
 use natter_wire::{ClientMessage, FrameKind, Register, RoomCode, VERSION};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use support::pipe_peer::{code, runtime, Home, PipePeer, Stream};
+use support::pipe_peer::{runtime, Home, PipePeer, Stream};
 
 const PAIRS: u8 = 20;
 const FLOOD_PER_SECOND: u64 = 50_000;
@@ -161,7 +161,9 @@ fn honest_pairs_connect_through_a_flood_from_one_address_with_many_ports() {
         .iter()
         .enumerate()
         .map(|(i, (home_a, home_b))| {
-            let code = code();
+            // A nameplate of its own per pair: random ones collide (20 of
+            // 999: one run in six), and two pairs would meet in one room.
+            let code = format!("{}-flood-{:x}", i + 1, rand::random::<u64>());
             let seed = 2 * i as u64;
             let peer = |home, seed, side| {
                 let bind = format!("127.0.{side}.{}:0", i + 1);
