@@ -100,6 +100,8 @@ struct Shed {
     drop: DropReason,
     reason: BusyReason,
     retry_after: Duration,
+    /// The server is under load: the answer carries a cookie.
+    under_load: bool,
 }
 
 /// A datagram the driver should send, from the socket numbered `via`.
@@ -237,13 +239,18 @@ impl Server {
             self.under_load_until = Some(now + LOAD_HOLD);
         }
         let under_load = self.under_load_until.is_some_and(|until| now < until);
-        if under_load && !self.proves_address(now, from, bytes) {
-            let shed = Shed {
-                drop: DropReason::UnderLoad,
-                reason: BusyReason::UnderLoad,
-                retry_after: UNDER_LOAD_RETRY,
-            };
-            return self.shed(now, via, from, bytes, shed, under_load);
+        if under_load {
+            // Decoded once here, for the cookie and for the answer.
+            let register = padded_register(bytes);
+            if !self.proves_address(now, from, register.as_ref()) {
+                let shed = Shed {
+                    drop: DropReason::UnderLoad,
+                    reason: BusyReason::UnderLoad,
+                    retry_after: UNDER_LOAD_RETRY,
+                    under_load,
+                };
+                return self.shed(now, via, from, bytes.len(), register, shed);
+            }
         }
         // The address's aggregate first: one host rotating its ports must
         // not fill the per-port table.
@@ -252,16 +259,18 @@ impl Server {
                 drop: DropReason::AddressRateLimited,
                 reason: BusyReason::RateLimited,
                 retry_after,
+                under_load,
             };
-            return self.shed(now, via, from, bytes, shed, under_load);
+            return self.shed(now, via, from, bytes.len(), padded_register(bytes), shed);
         }
         if let Err(retry_after) = self.limiter.allow(now, source_key(from)) {
             let shed = Shed {
                 drop: DropReason::RateLimited,
                 reason: BusyReason::RateLimited,
                 retry_after,
+                under_load,
             };
-            return self.shed(now, via, from, bytes, shed, under_load);
+            return self.shed(now, via, from, bytes.len(), padded_register(bytes), shed);
         }
         match classify(bytes) {
             Class::Stun => self.handle_stun(via, from, bytes),
@@ -307,32 +316,35 @@ impl Server {
         Some(transmit)
     }
 
-    /// Whether the datagram is a Register carrying `from`'s cookie.
-    fn proves_address(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) -> bool {
-        match padded_register(bytes) {
-            Some(Register {
-                cookie: Some(cookie),
-                ..
-            }) => self.cookies.accepts(now, &mut self.rng, from, &cookie),
-            _ => false,
+    /// Whether `register` carries `from`'s cookie.
+    fn proves_address(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        register: Option<&Register>,
+    ) -> bool {
+        match register.and_then(|r| r.cookie) {
+            Some(cookie) => self.cookies.accepts(now, &mut self.rng, from, &cookie),
+            None => false,
         }
     }
 
-    /// Drops a datagram that was not let in, and tells a registering peer
-    /// why, when the reply budget allows: only a Register is answered,
-    /// since its padding makes it larger than any `Busy`, and it carries the
-    /// nonce its sender matches answers by.
+    /// Drops a datagram of `request_len` bytes that was not let in, and
+    /// tells a registering peer why, when the reply budget allows: only a
+    /// (padded) `register` is answered, since its padding makes it larger
+    /// than any `Busy`, and it carries the nonce its sender matches answers
+    /// by.
     fn shed(
         &mut self,
         now: Instant,
         via: usize,
         from: SocketAddr,
-        bytes: &[u8],
+        request_len: usize,
+        register: Option<Register>,
         shed: Shed,
-        under_load: bool,
     ) {
         self.stats.drop(shed.drop);
-        let Some(register) = padded_register(bytes) else {
+        let Some(register) = register else {
             return;
         };
         let budget = self
@@ -345,12 +357,14 @@ impl Server {
             client_nonce: register.client_nonce,
             reason: shed.reason,
             retry_after_ms: shed.retry_after.as_millis().try_into().unwrap_or(u32::MAX),
-            cookie: under_load.then(|| self.cookies.issue(now, &mut self.rng, from)),
+            cookie: shed
+                .under_load
+                .then(|| self.cookies.issue(now, &mut self.rng, from)),
         };
         let reply = busy.encode().expect("Busy is built within the wire limits");
         // Never more bytes to a source than it sent: the server is no
         // amplifier, least of all for sources that proved nothing.
-        if reply.len() <= bytes.len() {
+        if reply.len() <= request_len {
             self.stats.busy_replies += 1;
             self.send(via, from, reply);
         }

@@ -1,11 +1,14 @@
 //! The rendezvous on real loopback sockets: two peers meet, and independent
 //! STUN clients learn their mapped address from it.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::register;
 use natter_rendezvous::{driver, Config};
-use natter_wire::{ClientMessage, Register, Role, RoomCode, ServerMessage};
+use natter_wire::{Role, ServerMessage};
 use tokio::net::UdpSocket;
 use tokio::time::timeout;
 
@@ -18,19 +21,6 @@ async fn recv_message(socket: &UdpSocket) -> ServerMessage {
         .expect("no reply from the rendezvous within 5 s")
         .unwrap();
     ServerMessage::decode(&buf[..len]).unwrap()
-}
-
-fn register(room: &str) -> Vec<u8> {
-    ClientMessage::Register(Register {
-        room: RoomCode::new(room.as_bytes()).unwrap(),
-        host_candidates: vec![],
-        client_nonce: 1,
-        peer_token: None,
-        claim: false,
-        cookie: None,
-    })
-    .encode()
-    .unwrap()
 }
 
 #[tokio::test]

@@ -1,6 +1,8 @@
 //! `--metrics ADDR`: `curl` gets the counters in the Prometheus text format,
 //! and they are the stats line's figures.
 
+mod common;
+
 use std::collections::HashMap;
 use std::io::BufRead;
 use std::net::{SocketAddr, UdpSocket};
@@ -8,7 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use natter_wire::{stun, ClientMessage, Register, RoomCode, ServerMessage};
+use common::register;
+use natter_wire::{stun, ServerMessage};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -65,19 +68,6 @@ fn free_tcp_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn register(room: &str) -> Vec<u8> {
-    ClientMessage::Register(Register {
-        room: RoomCode::new(room.as_bytes()).unwrap(),
-        host_candidates: vec![],
-        client_nonce: 1,
-        peer_token: None,
-        claim: false,
-        cookie: None,
-    })
-    .encode()
-    .unwrap()
 }
 
 fn receive(socket: &UdpSocket) -> Vec<u8> {
