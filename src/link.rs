@@ -178,9 +178,9 @@ struct Secured {
     sealer: Sealer,
     opener: Opener,
     paths: Paths,
-    /// MTU discovery on the active path, when it is direct and the other
-    /// peer answers path checks.
-    pmtu: Option<Pmtu>,
+    /// MTU discovery on the active path (idle when it is the relay, or the
+    /// other peer does not answer path checks).
+    pmtu: Pmtu,
 }
 
 /// Probe timeouts in a row, with datagrams above the base size, that mean
@@ -423,10 +423,10 @@ impl Link {
                 Err(_) => return self.stats.malformed += 1,
             },
         };
-        if let (Heard::Check(PathCheck::Response(token)), Some(pmtu)) = (heard, &mut secured.pmtu) {
-            if pmtu.on_response(now, &token) {
+        if let Heard::Check(PathCheck::Response(token)) = heard {
+            if secured.pmtu.on_response(now, &token) {
                 let active = secured.paths.active().route;
-                let payload = max_payload(&self.config, active, pmtu.datagram());
+                let payload = max_payload(&self.config, active, secured.pmtu.datagram());
                 secured.channel.set_max_payload(payload);
             }
         }
@@ -466,15 +466,13 @@ impl Link {
                 secured.channel.handle_timeout(now);
                 let busy = secured.channel.has_in_flight();
                 secured.paths.handle_timeout(now, busy);
-                if let Some(pmtu) = &mut secured.pmtu {
-                    pmtu.handle_timeout(now);
-                    let stuck = secured.channel.probe_timeouts_in_a_row() >= BLACK_HOLE_PTOS;
-                    if stuck && pmtu.datagram() > BASE_DATAGRAM {
-                        pmtu.black_hole(now);
-                        let route = secured.paths.active().route;
-                        let payload = max_payload(&self.config, route, BASE_DATAGRAM);
-                        secured.channel.set_max_payload(payload);
-                    }
+                secured.pmtu.handle_timeout(now);
+                let stuck = secured.channel.probe_timeouts_in_a_row() >= BLACK_HOLE_PTOS;
+                if stuck && secured.pmtu.datagram() > BASE_DATAGRAM {
+                    secured.pmtu.black_hole(now);
+                    let route = secured.paths.active().route;
+                    let payload = max_payload(&self.config, route, BASE_DATAGRAM);
+                    secured.channel.set_max_payload(payload);
                 }
             }
             Phase::Draining { until, reason, .. } if now >= *until => {
@@ -506,7 +504,7 @@ impl Link {
                     secured.channel.poll_timeout(),
                     secured.paths.poll_timeout(busy),
                     close_unconfirmed_deadline(&secured.channel),
-                    secured.pmtu.as_ref().and_then(Pmtu::poll_timeout),
+                    secured.pmtu.poll_timeout(),
                 ]
                 .into_iter()
                 .flatten()
@@ -589,14 +587,12 @@ impl Link {
                         .seal(now, SealedKind::PathCheck, &check.encode());
                     return Some((route, frame));
                 }
-                if let Some(pmtu) = &mut secured.pmtu {
-                    pmtu.set_rtt(secured.channel.smoothed_rtt());
-                    if let Some(probe) = pmtu.poll_probe(now) {
-                        let plaintext = probe.size - DATA_HEADER_LEN - seal::TAG_LEN;
-                        let challenge = PathCheck::padded_challenge(probe.token, plaintext);
-                        let frame = secured.sealer.seal(now, SealedKind::PathCheck, &challenge);
-                        return Some((active, frame));
-                    }
+                secured.pmtu.set_rtt(secured.channel.smoothed_rtt());
+                if let Some(probe) = secured.pmtu.poll_probe(now) {
+                    let plaintext = probe.size - DATA_HEADER_LEN - seal::TAG_LEN;
+                    let challenge = PathCheck::padded_challenge(probe.token, plaintext);
+                    let frame = secured.sealer.seal(now, SealedKind::PathCheck, &challenge);
+                    return Some((active, frame));
                 }
                 let payload = secured.channel.poll_transmit(now)?;
                 Some((active, secured.sealer.seal(now, SealedKind::Data, &payload)))
@@ -755,7 +751,9 @@ impl Link {
                     reason,
                     migration,
                 } => {
-                    secured.pmtu = pmtu_for(route, &secured.paths, self.seed);
+                    secured
+                        .pmtu
+                        .on_path_change(searches_mtu(route, &secured.paths));
                     secured
                         .channel
                         .migrate(migration, max_payload(&self.config, route, BASE_DATAGRAM));
@@ -877,7 +875,8 @@ impl Link {
         if !keys.remote_path_checks {
             paths.pin();
         }
-        let pmtu = pmtu_for(route, &paths, self.seed);
+        let mut pmtu = Pmtu::new(self.seed);
+        pmtu.on_path_change(searches_mtu(route, &paths));
         self.phase = Phase::Secured(Box::new(Secured {
             handshake,
             channel: Connection::new(channel, now),
@@ -944,10 +943,11 @@ fn max_payload(config: &LinkConfig, route: Route, datagram: usize) -> usize {
         .min(DataHeader::max_payload(datagram) - seal::TAG_LEN)
 }
 
-/// MTU discovery for `route` if it is direct and the other peer answers
-/// path checks (an older peer would neither answer nor take larger frames).
-fn pmtu_for(route: Route, paths: &Paths, seed: u64) -> Option<Pmtu> {
-    (route.is_direct() && !paths.pinned()).then(|| Pmtu::new(seed))
+/// Whether to search for the MTU of `route`: only a direct one, and only
+/// if the other peer answers path checks (an older peer would neither
+/// answer nor take larger frames).
+fn searches_mtu(route: Route, paths: &Paths) -> bool {
+    route.is_direct() && !paths.pinned()
 }
 
 /// A frame inside a relay request along `route`.

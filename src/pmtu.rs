@@ -57,6 +57,9 @@ struct Probe {
 
 #[derive(Debug, Clone, Copy)]
 enum State {
+    /// No search: the active path is the relay, or the other peer does not
+    /// answer path checks. Datagrams stay at the base size.
+    Idle,
     /// Looking for the largest size between `confirmed` and `too_large`.
     Searching { probe: Option<Probe> },
     /// Done until `next_search`.
@@ -87,14 +90,27 @@ impl Pmtu {
     /// `seed` may be the one the path checks use: the probe tokens come
     /// from a stream of their own (a probe token equal to a path
     /// challenge's would validate that challenge's path).
+    /// Idle until [`on_path_change`](Self::on_path_change) says to search.
     pub fn new(seed: u64) -> Self {
         Self {
             confirmed: BASE_DATAGRAM,
             too_large: MAX_PATH_DATAGRAM + 1,
-            state: State::Searching { probe: None },
+            state: State::Idle,
             probe_timeout: PROBE_TIMEOUT_MIN,
             rng: StdRng::seed_from_u64(seed ^ PROBE_TOKEN_STREAM),
         }
+    }
+
+    /// The session moved to another path (or started on one): it starts at
+    /// the base size, and searches if `search`. The token stream goes on,
+    /// so a late answer to a probe on the old path confirms nothing here.
+    pub fn on_path_change(&mut self, search: bool) {
+        self.confirmed = BASE_DATAGRAM;
+        self.too_large = MAX_PATH_DATAGRAM + 1;
+        self.state = match search {
+            true => State::Searching { probe: None },
+            false => State::Idle,
+        };
     }
 
     /// The largest datagram the path is known to carry.
@@ -159,6 +175,9 @@ impl Pmtu {
     /// Data stopped getting through at the found size: back to the base,
     /// and search again after [`BLACK_HOLE_RETRY`].
     pub fn black_hole(&mut self, now: Instant) {
+        if matches!(self.state, State::Idle) {
+            return;
+        }
         self.confirmed = BASE_DATAGRAM;
         self.too_large = MAX_PATH_DATAGRAM + 1;
         self.state = State::Complete {
@@ -187,7 +206,7 @@ impl Pmtu {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             State::Searching { probe: Some(p) } => Some(p.sent_at + self.probe_timeout),
-            State::Searching { probe: None } => None,
+            State::Searching { probe: None } | State::Idle => None,
             State::Complete { next_search } => Some(next_search),
         }
     }
@@ -215,7 +234,7 @@ mod tests {
     /// Runs a search over a path that carries datagrams up to `mtu`
     /// bytes; returns what it found and the probes it sent.
     fn search(mtu: usize) -> (usize, u32) {
-        let mut pmtu = Pmtu::new(1);
+        let mut pmtu = searching(1);
         let mut now = Instant::now();
         let mut probes = 0;
         for _ in 0..1000 {
@@ -254,7 +273,7 @@ mod tests {
 
     #[test]
     fn a_black_hole_goes_back_to_the_base_and_searches_again_later() {
-        let mut pmtu = Pmtu::new(2);
+        let mut pmtu = searching(2);
         let now = Instant::now();
         let probe = pmtu.poll_probe(now).unwrap();
         assert!(pmtu.on_response(now, &probe.token));
@@ -267,12 +286,36 @@ mod tests {
 
     #[test]
     fn a_response_to_anything_else_is_not_ours() {
-        let mut pmtu = Pmtu::new(3);
+        let mut pmtu = searching(3);
         let now = Instant::now();
         let probe = pmtu.poll_probe(now).unwrap();
         let mut other = probe.token;
         other[0] ^= 1;
         assert!(!pmtu.on_response(now, &other));
         assert_eq!(pmtu.datagram(), BASE_DATAGRAM);
+    }
+
+    #[test]
+    fn a_new_path_starts_over_and_a_late_answer_from_the_old_one_confirms_nothing() {
+        let mut pmtu = searching(4);
+        let now = Instant::now();
+        let old = pmtu.poll_probe(now).unwrap();
+        pmtu.on_path_change(true);
+        let new = pmtu.poll_probe(now).unwrap();
+        assert_ne!(old.token, new.token);
+        assert!(!pmtu.on_response(now, &old.token));
+        assert_eq!(pmtu.datagram(), BASE_DATAGRAM);
+        pmtu.on_path_change(false);
+        assert!(
+            pmtu.poll_probe(now + RAISE_INTERVAL).is_none(),
+            "idle on the relay"
+        );
+        assert_eq!(pmtu.poll_timeout(), None);
+    }
+
+    fn searching(seed: u64) -> Pmtu {
+        let mut pmtu = Pmtu::new(seed);
+        pmtu.on_path_change(true);
+        pmtu
     }
 }
