@@ -8,7 +8,8 @@
 # Topology (addresses are documentation / private ranges only):
 #
 #   nl-ID-inet   "internet": bridge br0 on 203.0.113.0/24 (optional random loss)
-#   nl-ID-rv     rendezvous host        203.0.113.10
+#   nl-ID-rv     rendezvous host        203.0.113.10 and 203.0.113.9 (a second
+#                address, for NAT behaviour discovery)
 #   nl-ID-pub    public peer, no NAT    203.0.113.20     (--public-peer)
 #   nl-ID-ra     NAT router A   WAN 203.0.113.11, LAN 192.168.1.1/24
 #   nl-ID-a      host A         192.168.1.2 (default via 192.168.1.1)
@@ -35,6 +36,7 @@ STATE_DIR=/run/natlab
 NET_PUB=203.0.113
 NET6=2001:db8
 RV_IP=$NET_PUB.10
+RV_IP2=$NET_PUB.9
 PUB_IP=$NET_PUB.20
 RA_WAN_PUBLIC=$NET_PUB.11
 RB_WAN_PUBLIC=$NET_PUB.12
@@ -313,6 +315,7 @@ EOF
 
     new_ns "$RV"
     attach_public "$RV" eth0 "$RV_IP" p-rv
+    ip -n "$RV" addr add "$RV_IP2/24" dev eth0
 
     if [[ $PUBLIC_PEER -eq 1 ]]; then
         PUB=$(ns_of "$id" pub)
@@ -397,6 +400,7 @@ EOF
     echo "NS_INET=$INET"
     echo "NS_RV=$RV"
     echo "RV_IP=$RV_IP"
+    echo "RV_IP2=$RV_IP2"
     echo "NS_RA=$RA"
     echo "NAT_A=$NAT_A"
     echo "RA_WAN_IP=$ra_wan"

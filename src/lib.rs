@@ -14,6 +14,7 @@
 //! - [`session`]: the tokio shell: [`Peer::builder`] connects and returns a
 //!   [`Session`].
 //! - [`candidates`]: this machine's interface addresses.
+//! - [`netcheck`]: how this host's NAT behaves, asked of the rendezvous.
 //!
 //! Protocol logic lives in sans-IO state machines (no sockets, no clock, no
 //! tasks); thin tokio drivers own the sockets and timers. See
@@ -28,6 +29,7 @@ pub mod error;
 pub mod handshake;
 pub mod identity;
 pub mod link;
+pub mod netcheck;
 pub mod paths;
 pub mod pmtu;
 pub mod punch;

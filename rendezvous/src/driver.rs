@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::listeners::Listeners;
 use crate::{prometheus, Config, Server, Stats};
 
 /// Receive buffer: larger than any valid datagram, so oversized ones are seen
@@ -95,6 +96,11 @@ pub async fn run(
     stats_every: Option<Duration>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<Stats> {
+    let local_addrs = sockets
+        .iter()
+        .map(UdpSocket::local_addr)
+        .collect::<io::Result<_>>()?;
+    server.set_listeners(Listeners::new(local_addrs));
     let sockets: Vec<Arc<UdpSocket>> = sockets.into_iter().map(Arc::new).collect();
     let (tx, mut rx) = mpsc::channel::<Received>(4096);
     let receivers: Vec<JoinHandle<()>> = sockets

@@ -16,7 +16,11 @@ use natter_rendezvous::{driver, prometheus, Config, Server};
 )]
 struct Cli {
     /// Address to listen on; repeat for several. `[::]:PORT` is dual-stack.
-    #[arg(long, default_value = "0.0.0.0:7777")]
+    /// Peers register on any of them; STUN answers name another, so a peer
+    /// can tell how its NAT maps: give at least two ports, and two IP
+    /// addresses when the host has them (`natter netcheck` then tells
+    /// every mapping and filtering behaviour apart).
+    #[arg(long, default_values = ["0.0.0.0:7777", "0.0.0.0:7778"])]
     bind: Vec<SocketAddr>,
     /// Seconds between the refreshes peers must send.
     #[arg(long, default_value_t = 15)]

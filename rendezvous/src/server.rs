@@ -23,6 +23,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::cookie::CookieJar;
+use crate::listeners::Listeners;
 use crate::rate_limit::{address_key, source_key, Bucket, RateLimit, RateLimiter};
 use crate::stats::{DropReason, Stats};
 
@@ -162,6 +163,7 @@ pub struct Server {
     under_load_until: Option<Instant>,
     busy_replies: Option<Bucket>,
     cookies: CookieJar,
+    listeners: Listeners,
     transmits: VecDeque<Transmit>,
     next_sweep: Option<Instant>,
     stats: Stats,
@@ -184,6 +186,7 @@ impl Server {
             under_load_until: None,
             busy_replies: None,
             cookies: CookieJar::new(&mut rng),
+            listeners: Listeners::default(),
             limiter: RateLimiter::new(config.rate_limit),
             address_limiter: RateLimiter::new(config.address_rate_limit),
             config,
@@ -195,6 +198,12 @@ impl Server {
             stats: Stats::default(),
             rng,
         }
+    }
+
+    /// Where the sockets the driver numbers `via` are bound: STUN answers
+    /// name another of them, and answer from another when asked.
+    pub fn set_listeners(&mut self, listeners: Listeners) {
+        self.listeners = listeners;
     }
 
     pub fn stats(&self) -> &Stats {
@@ -372,10 +381,24 @@ impl Server {
 
     fn handle_stun(&mut self, via: usize, from: SocketAddr, bytes: &[u8]) {
         match stun::parse(bytes) {
-            Ok(stun::Message::BindingRequest(transaction)) => {
+            Ok(stun::Message::BindingRequest {
+                transaction,
+                change,
+            }) => {
+                // A request to answer from elsewhere that cannot be met is
+                // dropped: answering from here would tell the peer its NAT
+                // lets in what it may not.
+                let Some(answering) = self.listeners.answering(via, from, change) else {
+                    return self.stats.drop(DropReason::StunCannotChange);
+                };
                 self.stats.accepted += 1;
                 self.stats.stun_responses += 1;
-                self.send(via, from, stun::binding_success(transaction, from));
+                let other = self.listeners.other_address(answering, from);
+                self.send(
+                    answering,
+                    from,
+                    stun::binding_success(transaction, from, other),
+                );
             }
             Ok(_) => self.stats.drop(DropReason::StunNotBindingRequest),
             Err(_) => self.stats.drop(DropReason::StunMalformed),
@@ -1089,6 +1112,70 @@ mod tests {
         }
         assert_eq!(replies, BUSY_REPLIES_PER_SECOND as usize + 1);
         assert_eq!(h.server.peers(), 1);
+    }
+
+    #[test]
+    fn stun_names_another_socket_and_answers_from_it_when_asked() {
+        let mut h = Harness::new();
+        let sockets = [
+            "192.0.2.1:7777",
+            "192.0.2.1:7778",
+            "192.0.2.2:7777",
+            "192.0.2.2:7778",
+        ];
+        h.server
+            .set_listeners(Listeners::new(sockets.iter().map(|s| addr(s)).collect()));
+        let transaction = stun::TransactionId::new([4; 12]);
+        let ask = |h: &mut Harness, change: stun::Change| {
+            let request = stun::binding_request_with_change(transaction, change);
+            h.server.handle_datagram(h.now, 0, addr(A), &request);
+            h.server.poll_transmit()
+        };
+        let plain = ask(&mut h, stun::Change::NONE).expect("answered");
+        assert_eq!(plain.via, 0);
+        assert_eq!(
+            stun::parse(&plain.bytes),
+            Ok(stun::Message::BindingSuccess {
+                transaction,
+                mapped: addr(A),
+                other: Some(addr("192.0.2.2:7778")),
+            })
+        );
+        let port = ask(
+            &mut h,
+            stun::Change {
+                ip: false,
+                port: true,
+            },
+        )
+        .expect("answered");
+        assert_eq!(port.via, 1);
+        let both = ask(
+            &mut h,
+            stun::Change {
+                ip: true,
+                port: true,
+            },
+        )
+        .expect("answered");
+        assert_eq!(both.via, 3);
+        // A server on one address cannot answer from another: it stays
+        // silent rather than let the peer believe its NAT let a stranger in.
+        h.server.set_listeners(Listeners::new(vec![
+            addr("0.0.0.0:7777"),
+            addr("0.0.0.0:7778"),
+        ]));
+        assert_eq!(
+            ask(
+                &mut h,
+                stun::Change {
+                    ip: true,
+                    port: true
+                }
+            ),
+            None
+        );
+        assert_eq!(h.server.stats().dropped(DropReason::StunCannotChange), 1);
     }
 
     impl Harness {

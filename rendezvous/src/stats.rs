@@ -16,6 +16,8 @@ pub enum DropReason {
     UnknownProtocol,
     StunMalformed,
     StunNotBindingRequest,
+    /// A STUN CHANGE-REQUEST for an address or port the server lacks.
+    StunCannotChange,
     UnsupportedVersion,
     WrongKind,
     Malformed,
@@ -33,13 +35,14 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         Self::RateLimited,
         Self::AddressRateLimited,
         Self::UnderLoad,
         Self::UnknownProtocol,
         Self::StunMalformed,
         Self::StunNotBindingRequest,
+        Self::StunCannotChange,
         Self::UnsupportedVersion,
         Self::WrongKind,
         Self::Malformed,
@@ -59,6 +62,7 @@ impl DropReason {
             Self::UnknownProtocol => "unknown_protocol",
             Self::StunMalformed => "stun_malformed",
             Self::StunNotBindingRequest => "stun_not_binding_request",
+            Self::StunCannotChange => "stun_cannot_change",
             Self::UnsupportedVersion => "unsupported_version",
             Self::WrongKind => "wrong_kind",
             Self::Malformed => "malformed",

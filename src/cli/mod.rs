@@ -3,6 +3,7 @@
 mod chat;
 mod contacts;
 mod demo;
+mod netcheck;
 mod pipe;
 mod report;
 mod stun;
@@ -52,6 +53,16 @@ enum Command {
     /// Saved peers you can reach with `--to NAME`, without a code.
     #[command(subcommand)]
     Contacts(contacts::ContactsCommand),
+    /// Find out how this host's NAT behaves (mapping, filtering, port
+    /// allocation, hairpinning), by asking the rendezvous.
+    Netcheck {
+        /// Rendezvous server, HOST:PORT.
+        #[arg(long, env = "NATTER_RENDEZVOUS")]
+        rendezvous: String,
+        /// The report as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask a STUN server (any natter rendezvous is one) for this machine's
     /// external address, as seen from the server.
     Stun {
@@ -117,6 +128,9 @@ pub fn main() -> ExitCode {
             Command::Id => report_failure(Reporter { json: false }, print_id()),
             Command::Contacts(command) => {
                 report_failure(Reporter { json: false }, contacts::run(command))
+            }
+            Command::Netcheck { rendezvous, json } => {
+                report_failure(Reporter { json }, netcheck::run(&rendezvous, json).await)
             }
             Command::Stun { server, timeout_ms } => {
                 let result = stun::query(&server, Duration::from_millis(timeout_ms)).await;

@@ -39,6 +39,7 @@ pub async fn query(server: &str, timeout: Duration) -> Result<SocketAddr> {
                     if let Ok(stun::Message::BindingSuccess {
                         transaction: t,
                         mapped,
+                        ..
                     }) = stun::parse(&buf[..len])
                     {
                         if t == transaction {

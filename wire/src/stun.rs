@@ -1,5 +1,8 @@
 //! The slice of STUN (RFC 8489) natter speaks: Binding requests and Binding
-//! success responses with XOR-MAPPED-ADDRESS and FINGERPRINT.
+//! success responses with XOR-MAPPED-ADDRESS and FINGERPRINT, and the two
+//! attributes of NAT behaviour discovery (RFC 5780): OTHER-ADDRESS, where
+//! the server also listens, and CHANGE-REQUEST, asking it to answer from
+//! there.
 //!
 //! Written by hand rather than taken from a codec crate because natter needs
 //! only this one method, the rendezvous answers it on its hot path without
@@ -14,6 +17,10 @@ pub const HEADER_LEN: usize = 20;
 const BINDING_REQUEST: u16 = 0x0001;
 const BINDING_SUCCESS: u16 = 0x0101;
 const ATTR_MAPPED_ADDRESS: u16 = 0x0001;
+const ATTR_CHANGE_REQUEST: u16 = 0x0003;
+const ATTR_OTHER_ADDRESS: u16 = 0x802C;
+const CHANGE_IP: u8 = 0x04;
+const CHANGE_PORT: u8 = 0x02;
 const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
 const ATTR_FINGERPRINT: u16 = 0x8028;
 const FINGERPRINT_XOR: u32 = 0x5354_554E;
@@ -37,18 +44,42 @@ impl TransactionId {
     }
 }
 
+/// What a CHANGE-REQUEST asks of the server: answer from its other IP
+/// address, its other port, or both (RFC 5780 section 7.2).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Change {
+    pub ip: bool,
+    pub port: bool,
+}
+
+impl Change {
+    pub const NONE: Self = Self {
+        ip: false,
+        port: false,
+    };
+
+    pub fn is_none(self) -> bool {
+        self == Self::NONE
+    }
+}
+
 /// A parsed STUN message, reduced to what natter acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    BindingRequest(TransactionId),
+    BindingRequest {
+        transaction: TransactionId,
+        change: Change,
+    },
     BindingSuccess {
         transaction: TransactionId,
         mapped: SocketAddr,
+        /// Where else the server listens; an unspecified IP means "the
+        /// address you sent to" (a server bound to a wildcard address does
+        /// not know its own).
+        other: Option<SocketAddr>,
     },
     /// Any other method or class: valid STUN that natter does not answer.
-    Other {
-        message_type: u16,
-    },
+    Other { message_type: u16 },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -61,6 +92,8 @@ pub enum StunError {
     BadAddress,
     #[error("STUN FINGERPRINT does not match")]
     BadFingerprint,
+    #[error("STUN CHANGE-REQUEST is not four bytes")]
+    BadChangeRequest,
     #[error("STUN Binding success carries no mapped address")]
     NoMappedAddress,
 }
@@ -82,38 +115,68 @@ pub fn binding_request(transaction: TransactionId) -> [u8; HEADER_LEN] {
     out
 }
 
-/// A Binding success response telling the requester its `mapped` address,
-/// with FINGERPRINT.
-pub fn binding_success(transaction: TransactionId, mapped: SocketAddr) -> Vec<u8> {
-    let address_len = match mapped {
-        SocketAddr::V4(_) => 8,
-        SocketAddr::V6(_) => 20,
-    };
-    let attrs_len = 4 + address_len + FINGERPRINT_ATTR_LEN;
+/// A Binding request with a CHANGE-REQUEST attribute.
+pub fn binding_request_with_change(transaction: TransactionId, change: Change) -> Vec<u8> {
     let mut out = vec![0; HEADER_LEN];
-    write_header(&mut out, BINDING_SUCCESS, attrs_len as u16, transaction);
-    out.extend_from_slice(&ATTR_XOR_MAPPED_ADDRESS.to_be_bytes());
-    out.extend_from_slice(&(address_len as u16).to_be_bytes());
-    out.push(0);
-    let port = mapped.port() ^ (MAGIC_COOKIE >> 16) as u16;
-    match mapped.ip() {
-        IpAddr::V4(ip) => {
-            out.push(0x01);
-            out.extend_from_slice(&port.to_be_bytes());
-            out.extend_from_slice(&(u32::from(ip) ^ MAGIC_COOKIE).to_be_bytes());
-        }
-        IpAddr::V6(ip) => {
-            out.push(0x02);
-            out.extend_from_slice(&port.to_be_bytes());
-            let mask = xor_mask_v6(transaction);
-            out.extend(ip.octets().iter().zip(mask).map(|(a, m)| a ^ m));
-        }
+    write_header(&mut out, BINDING_REQUEST, 8, transaction);
+    let flags = if change.ip { CHANGE_IP } else { 0 } | if change.port { CHANGE_PORT } else { 0 };
+    out.extend_from_slice(&ATTR_CHANGE_REQUEST.to_be_bytes());
+    out.extend_from_slice(&4u16.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, flags]);
+    out
+}
+
+/// A Binding success response telling the requester its `mapped` address,
+/// and `other`, where the server also listens, with FINGERPRINT.
+pub fn binding_success(
+    transaction: TransactionId,
+    mapped: SocketAddr,
+    other: Option<SocketAddr>,
+) -> Vec<u8> {
+    let mut out = vec![0; HEADER_LEN];
+    push_address(&mut out, ATTR_XOR_MAPPED_ADDRESS, mapped, Some(transaction));
+    if let Some(other) = other {
+        push_address(&mut out, ATTR_OTHER_ADDRESS, other, None);
     }
+    let attrs_len = out.len() - HEADER_LEN + FINGERPRINT_ATTR_LEN;
+    write_header(&mut out, BINDING_SUCCESS, attrs_len as u16, transaction);
     let crc = crc32fast::hash(&out) ^ FINGERPRINT_XOR;
     out.extend_from_slice(&ATTR_FINGERPRINT.to_be_bytes());
     out.extend_from_slice(&4u16.to_be_bytes());
     out.extend_from_slice(&crc.to_be_bytes());
     out
+}
+
+/// Appends an address attribute, XOR-encoded with `xor`'s transaction id
+/// when given (XOR-MAPPED-ADDRESS), plain otherwise (OTHER-ADDRESS).
+fn push_address(out: &mut Vec<u8>, attr: u16, addr: SocketAddr, xor: Option<TransactionId>) {
+    let address_len: u16 = match addr {
+        SocketAddr::V4(_) => 8,
+        SocketAddr::V6(_) => 20,
+    };
+    out.extend_from_slice(&attr.to_be_bytes());
+    out.extend_from_slice(&address_len.to_be_bytes());
+    out.push(0);
+    let port_mask = if xor.is_some() {
+        (MAGIC_COOKIE >> 16) as u16
+    } else {
+        0
+    };
+    let port = addr.port() ^ port_mask;
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            out.push(0x01);
+            out.extend_from_slice(&port.to_be_bytes());
+            let mask = if xor.is_some() { MAGIC_COOKIE } else { 0 };
+            out.extend_from_slice(&(u32::from(ip) ^ mask).to_be_bytes());
+        }
+        IpAddr::V6(ip) => {
+            out.push(0x02);
+            out.extend_from_slice(&port.to_be_bytes());
+            let mask = xor.map_or([0; 16], xor_mask_v6);
+            out.extend(ip.octets().iter().zip(mask).map(|(a, m)| a ^ m));
+        }
+    }
 }
 
 /// Parses a STUN message. A FINGERPRINT, when present, must be correct.
@@ -125,6 +188,8 @@ pub fn parse(bytes: &[u8]) -> Result<Message, StunError> {
     let transaction = TransactionId(bytes[8..20].try_into().expect("header is 20 bytes"));
     let mut xor_mapped = None;
     let mut mapped = None;
+    let mut other = None;
+    let mut change = Change::NONE;
     let mut offset = HEADER_LEN;
     while offset < bytes.len() {
         let Some(head) = bytes.get(offset..offset + 4) else {
@@ -138,6 +203,16 @@ pub fn parse(bytes: &[u8]) -> Result<Message, StunError> {
         match attr_type {
             ATTR_XOR_MAPPED_ADDRESS => xor_mapped = Some(parse_address(value, Some(transaction))?),
             ATTR_MAPPED_ADDRESS => mapped = Some(parse_address(value, None)?),
+            ATTR_OTHER_ADDRESS => other = Some(parse_address(value, None)?),
+            ATTR_CHANGE_REQUEST => {
+                let [_, _, _, flags] = value else {
+                    return Err(StunError::BadChangeRequest);
+                };
+                change = Change {
+                    ip: flags & CHANGE_IP != 0,
+                    port: flags & CHANGE_PORT != 0,
+                };
+            }
             ATTR_FINGERPRINT => {
                 let expected = crc32fast::hash(&bytes[..offset]) ^ FINGERPRINT_XOR;
                 if value != expected.to_be_bytes() {
@@ -149,10 +224,14 @@ pub fn parse(bytes: &[u8]) -> Result<Message, StunError> {
         offset += 4 + len.next_multiple_of(4);
     }
     Ok(match message_type {
-        BINDING_REQUEST => Message::BindingRequest(transaction),
+        BINDING_REQUEST => Message::BindingRequest {
+            transaction,
+            change,
+        },
         BINDING_SUCCESS => Message::BindingSuccess {
             transaction,
             mapped: xor_mapped.or(mapped).ok_or(StunError::NoMappedAddress)?,
+            other,
         },
         message_type => Message::Other { message_type },
     })
@@ -214,21 +293,45 @@ mod tests {
         let id = TransactionId::new([1; 12]);
         let request = binding_request(id);
         assert!(is_stun(&request));
-        assert_eq!(parse(&request), Ok(Message::BindingRequest(id)));
+        assert_eq!(
+            parse(&request),
+            Ok(Message::BindingRequest {
+                transaction: id,
+                change: Change::NONE
+            })
+        );
+        for (ip, port) in [(true, true), (false, true), (true, false)] {
+            let change = Change { ip, port };
+            let request = binding_request_with_change(id, change);
+            assert!(is_stun(&request));
+            assert_eq!(
+                parse(&request),
+                Ok(Message::BindingRequest {
+                    transaction: id,
+                    change
+                })
+            );
+        }
     }
 
     #[test]
     fn binding_success_round_trip_v4_and_v6() {
         let id = TransactionId::new(*b"abcdefghijkl");
-        for mapped in ["203.0.113.9:54321", "[2001:db8::1]:7777"] {
+        for (mapped, other) in [
+            ("203.0.113.9:54321", None),
+            ("203.0.113.9:54321", Some("198.51.100.2:7778")),
+            ("[2001:db8::1]:7777", Some("[2001:db8::2]:7778")),
+        ] {
             let mapped: SocketAddr = mapped.parse().unwrap();
-            let response = binding_success(id, mapped);
+            let other = other.map(|o: &str| o.parse().unwrap());
+            let response = binding_success(id, mapped, other);
             assert!(is_stun(&response));
             assert_eq!(
                 parse(&response),
                 Ok(Message::BindingSuccess {
                     transaction: id,
-                    mapped
+                    mapped,
+                    other
                 })
             );
         }
@@ -257,8 +360,11 @@ mod tests {
 
     #[test]
     fn truncated_attribute_is_refused() {
-        let mut response =
-            binding_success(TransactionId::new([3; 12]), "1.2.3.4:5".parse().unwrap());
+        let mut response = binding_success(
+            TransactionId::new([3; 12]),
+            "1.2.3.4:5".parse().unwrap(),
+            None,
+        );
         // Claim a longer first attribute than the message holds.
         response[22..24].copy_from_slice(&200u16.to_be_bytes());
         assert_eq!(parse(&response), Err(StunError::Truncated));
