@@ -7,7 +7,8 @@
 //! Like the pieces it combines it is sans-IO: the driver passes datagrams
 //! and the time in, and sends what [`Link::poll_transmit`] returns.
 //!
-//! Its life is one `Phase` at a time: meeting at the rendezvous, punching,
+//! Its life is one `Phase` at a time: gathering (how the NAT maps, asked of
+//! the rendezvous's two addresses), meeting at the rendezvous, punching,
 //! securing (the handshake on the path punching found, or on the relay),
 //! secured (the channel runs; [`Paths`] moves it between direct paths and the
 //! relay), draining (closed, still answering a repeated CLOSE), done. The
@@ -20,13 +21,14 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use natter_wire::{
-    parse_relayed, split_header, DataHeader, FrameKind, HandshakeMessage, PathCheck, PunchMessage,
-    RelayRequest, Role, RoomCode, SealedKind, DATA_HEADER_LEN, MAX_DATAGRAM, MAX_PATH_DATAGRAM,
-    RELAY_HEADER_LEN,
+    classify, parse_relayed, split_header, Class, DataHeader, FrameKind, HandshakeMessage,
+    NatMapping, PathCheck, PunchMessage, RelayRequest, Role, RoomCode, SealedKind, DATA_HEADER_LEN,
+    MAX_DATAGRAM, MAX_PATH_DATAGRAM, RELAY_HEADER_LEN,
 };
 
 use crate::error::{CloseReason, ConnectError, NoRelay};
 use crate::handshake::{Handshake, HandshakeError, HandshakeEvent, SessionKeys, Trust};
+use crate::netcheck::{Probe, ProbeKind};
 use crate::paths::{Heard, MoveReason, PathEvent, PathStats, Paths, Route};
 use crate::pmtu::{Pmtu, BASE_DATAGRAM};
 use crate::punch::{CandidateKind, CandidateReport, Path, PunchConfig, PunchEvent, Puncher};
@@ -43,6 +45,11 @@ const CLOSE_GRACE_MIN: Duration = Duration::from_secs(2);
 /// other peer's relayed handshake unforwarded until it gave up (seen at
 /// 20 % loss when one peer learnt of the introduction 3 s after the other).
 const RELAY_HELLO_REPEAT: Duration = Duration::from_secs(1);
+
+/// Most time spent finding out how the NAT maps before registering: two
+/// round trips to the rendezvous on most paths. A server that does not
+/// answer STUN in time (an old one, or one under load) costs this once.
+const NAT_CHECK_WAIT: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone)]
 pub struct LinkConfig {
@@ -63,6 +70,10 @@ pub struct LinkConfig {
     /// probe, no acknowledgement), rather than at the punch timeout; the
     /// other peer follows when the relayed handshake reaches it.
     pub relay_after: Duration,
+    /// How long the link may spend, before it registers, finding out how
+    /// its NAT maps (zero: it does not look, and the other peer cannot
+    /// pick a technique for a hard NAT).
+    pub nat_check_wait: Duration,
 }
 
 impl Default for LinkConfig {
@@ -77,6 +88,7 @@ impl Default for LinkConfig {
             fast_aes: seal::has_fast_aes(),
             relay: true,
             relay_after: Duration::from_millis(1500),
+            nat_check_wait: NAT_CHECK_WAIT,
         }
     }
 }
@@ -146,6 +158,8 @@ pub struct LinkStats {
 
 /// Where the link is in its life.
 enum Phase {
+    /// Asking the rendezvous's addresses how the NAT maps, until `until`.
+    Gathering { probe: Box<Probe>, until: Instant },
     /// Registering at the rendezvous, waiting for the other peer.
     Meeting,
     /// Introduced: probing the other peer's candidates. The controlling
@@ -196,6 +210,8 @@ pub struct Link {
     trust: Trust,
     local_secret: [u8; 32],
     role: Role,
+    /// How this peer's NAT maps, as the gathering found.
+    nat: NatMapping,
     /// From the introduction on: answers the other peer's probes even after
     /// this side has connected.
     puncher: Option<Puncher>,
@@ -228,7 +244,7 @@ impl Link {
         local_secret: [u8; 32],
         seed: u64,
     ) -> Self {
-        let rendezvous = RendezvousClient::new(
+        let mut rendezvous = RendezvousClient::new(
             now,
             config.rendezvous.clone(),
             server,
@@ -236,6 +252,16 @@ impl Link {
             host_candidates,
             seed,
         );
+        let phase = if config.nat_check_wait.is_zero() {
+            rendezvous.register(now, None);
+            Phase::Meeting
+        } else {
+            let kind = ProbeKind::Mapping { hairpin: false };
+            Phase::Gathering {
+                probe: Box::new(Probe::new(now, kind, server)),
+                until: now + config.nat_check_wait,
+            }
+        };
         Self {
             config,
             started: now,
@@ -244,8 +270,9 @@ impl Link {
             trust,
             local_secret,
             role: Role::Controlled,
+            nat: NatMapping::Unknown,
             puncher: None,
-            phase: Phase::Meeting,
+            phase,
             relay_hello_for: None,
             relay_hello_next: None,
             last_words: VecDeque::new(),
@@ -293,11 +320,12 @@ impl Link {
         match &mut self.phase {
             Phase::Secured(secured) => secured.channel.close(),
             Phase::Draining { .. } | Phase::Done => {}
-            Phase::Meeting | Phase::Punching { .. } | Phase::Securing { .. } => {
-                self.finish(LinkEvent::Closed {
-                    reason: CloseReason::BeforeConnected,
-                })
-            }
+            Phase::Gathering { .. }
+            | Phase::Meeting
+            | Phase::Punching { .. }
+            | Phase::Securing { .. } => self.finish(LinkEvent::Closed {
+                reason: CloseReason::BeforeConnected,
+            }),
         }
     }
 
@@ -310,6 +338,14 @@ impl Link {
 
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         self.now = now;
+        if classify(bytes) == Class::Stun {
+            match &mut self.phase {
+                Phase::Gathering { probe, .. } => probe.handle_datagram(now, from, bytes),
+                _ => self.stats.foreign += 1,
+            }
+            self.pump(now);
+            return;
+        }
         if from == self.rendezvous.server() {
             match split_header(bytes) {
                 Ok((FrameKind::Relayed, _)) => self.handle_relayed(now, bytes),
@@ -480,6 +516,7 @@ impl Link {
                 return self.finish(LinkEvent::Closed { reason });
             }
             Phase::Draining { secured, .. } => secured.channel.handle_timeout(now),
+            Phase::Gathering { probe, .. } => probe.handle_timeout(now),
             Phase::Meeting | Phase::Punching { .. } | Phase::Done => {}
         }
         self.pump(now);
@@ -516,6 +553,9 @@ impl Link {
                     .poll_timeout()
                     .map_or(*until, |t| t.min(*until)),
             ),
+            Phase::Gathering { probe, until } => {
+                Some(probe.poll_timeout().map_or(*until, |t| t.min(*until)))
+            }
             Phase::Meeting | Phase::Done => None,
         };
         [
@@ -530,6 +570,11 @@ impl Link {
 
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
         self.now = now;
+        if let Phase::Gathering { probe, .. } = &mut self.phase {
+            if let Some((to, bytes)) = probe.poll_transmit(now) {
+                return Some(Transmit { to, bytes });
+            }
+        }
         if let Some(bytes) = self.rendezvous.poll_transmit() {
             if matches!(self.phase, Phase::Secured(_)) {
                 // A refresh: repeat the hello, in case one was lost.
@@ -597,7 +642,7 @@ impl Link {
                 let payload = secured.channel.poll_transmit(now)?;
                 Some((active, secured.sealer.seal(now, SealedKind::Data, &payload)))
             }
-            Phase::Meeting | Phase::Punching { .. } | Phase::Done => None,
+            Phase::Gathering { .. } | Phase::Meeting | Phase::Punching { .. } | Phase::Done => None,
         }
     }
 
@@ -606,7 +651,12 @@ impl Link {
     /// hello for the current relay session, or it is still finding its way
     /// and the last hello may have been lost.
     fn relay_hello(&mut self, now: Instant) -> Option<Transmit> {
-        if !self.config.relay || matches!(self.phase, Phase::Meeting | Phase::Done) {
+        if !self.config.relay
+            || matches!(
+                self.phase,
+                Phase::Gathering { .. } | Phase::Meeting | Phase::Done
+            )
+        {
             return None;
         }
         let Some(route) = self.rendezvous.relay_route() else {
@@ -675,9 +725,16 @@ impl Link {
         }
     }
 
-    /// Moves events from the rendezvous client, the puncher, the handshake
-    /// and the paths forward.
+    /// Moves events from the NAT check, the rendezvous client, the
+    /// puncher, the handshake and the paths forward.
     fn pump(&mut self, now: Instant) {
+        if let Phase::Gathering { probe, until } = &self.phase {
+            if probe.is_done() || now >= *until {
+                self.nat = probe.nat_mapping();
+                self.rendezvous.register(now, Some(self.nat));
+                self.phase = Phase::Meeting;
+            }
+        }
         while let Some(event) = self.rendezvous.poll_event() {
             match event {
                 RendezvousEvent::Registered { reflexive } => {
@@ -688,6 +745,7 @@ impl Link {
                     role,
                     reflexive,
                     host_candidates,
+                    nat: _,
                 } => self.introduced(now, session_id, role, reflexive, host_candidates),
                 // With a session up, the rendezvous is a way back should the
                 // path fail, not a reason to end.
@@ -802,7 +860,7 @@ impl Link {
                 }
                 return;
             }
-            Phase::Securing { .. } | Phase::Done => return,
+            Phase::Gathering { .. } | Phase::Securing { .. } | Phase::Done => return,
         }
         self.role = role;
         self.events.push_back(LinkEvent::Introduced {

@@ -22,6 +22,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use natter_wire::stun::{self, Change, TransactionId};
+use natter_wire::NatMapping;
 use serde::Serialize;
 
 /// First retransmission of an unanswered request; doubles (RFC 8489's
@@ -39,7 +40,11 @@ const SEQUENTIAL_MAX_STEP: i32 = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbeKind {
-    Mapping,
+    /// How the NAT maps; with `hairpin`, also whether it hairpins (which
+    /// takes [`GIVE_UP`] to tell when it does not).
+    Mapping {
+        hairpin: bool,
+    },
     Filtering,
 }
 
@@ -178,7 +183,7 @@ impl Probe {
         self.other = Some(other);
         let other_ip = other.ip() != server.ip();
         match self.kind {
-            ProbeKind::Mapping => {
+            ProbeKind::Mapping { hairpin } => {
                 if other_ip {
                     let to = SocketAddr::new(other.ip(), server.port());
                     self.request(now, Purpose::OtherIp, to, Change::NONE);
@@ -188,7 +193,9 @@ impl Probe {
                     let to = SocketAddr::new(server.ip(), other.port());
                     self.request(now, Purpose::OtherPort, to, Change::NONE);
                 }
-                self.request(now, Purpose::Hairpin, mapped, Change::NONE);
+                if hairpin {
+                    self.request(now, Purpose::Hairpin, mapped, Change::NONE);
+                }
             }
             ProbeKind::Filtering => {
                 if other_ip {
@@ -241,6 +248,26 @@ impl Probe {
             stun::binding_request_with_change(request.transaction, request.change)
         };
         Some((request.to, bytes))
+    }
+
+    /// How the NAT maps, as the other peer needs to know it: `Unknown` until
+    /// the probe is done.
+    pub fn nat_mapping(&self) -> NatMapping {
+        if !self.is_done() {
+            return NatMapping::Unknown;
+        }
+        match classify_mapping(self) {
+            Mapping::NoNat | Mapping::EndpointIndependent => NatMapping::EndpointIndependent,
+            Mapping::AddressDependent
+            | Mapping::AddressAndPortDependent
+            | Mapping::EndpointDependent => NatMapping::EndpointDependent {
+                sequential_step: match classify_allocation(self) {
+                    Allocation::Sequential { step } => i16::try_from(step).ok(),
+                    Allocation::Random | Allocation::Unknown => None,
+                },
+            },
+            Mapping::Unknown => NatMapping::Unknown,
+        }
     }
 
     fn outcome(&self, purpose: Purpose) -> Option<Outcome> {
@@ -533,13 +560,17 @@ mod tests {
     fn a_symmetric_nat_is_address_and_port_dependent_with_its_allocator() {
         let mut next = 50_000;
         let mut mappings = std::collections::HashMap::new();
-        let mapping = run(ProbeKind::Mapping, Some(OTHER), |to, _| {
-            let port = *mappings.entry(to).or_insert_with(|| {
-                next += 2;
-                next
-            });
-            Some(SocketAddr::new("198.51.100.1".parse().unwrap(), port))
-        });
+        let mapping = run(
+            ProbeKind::Mapping { hairpin: true },
+            Some(OTHER),
+            |to, _| {
+                let port = *mappings.entry(to).or_insert_with(|| {
+                    next += 2;
+                    next
+                });
+                Some(SocketAddr::new("198.51.100.1".parse().unwrap(), port))
+            },
+        );
         let filtering = run(ProbeKind::Filtering, Some(OTHER), |_, change| {
             change.is_none().then(|| sa("198.51.100.1:60000"))
         });
@@ -560,7 +591,9 @@ mod tests {
     #[test]
     fn a_cone_nat_is_endpoint_independent_and_its_filter_is_read() {
         let mapped = sa("198.51.100.1:40000");
-        let mapping = run(ProbeKind::Mapping, Some(OTHER), |_, _| Some(mapped));
+        let mapping = run(ProbeKind::Mapping { hairpin: true }, Some(OTHER), |_, _| {
+            Some(mapped)
+        });
         for (lets_in, expected) in [
             (
                 (|_| true) as fn(Change) -> bool,
@@ -583,12 +616,16 @@ mod tests {
     #[test]
     fn a_server_on_one_ip_tells_port_dependence_only() {
         let other = "0.0.0.0:7778";
-        let mapping = run(ProbeKind::Mapping, Some(other), |to, _| {
-            Some(SocketAddr::new(
-                "198.51.100.1".parse().unwrap(),
-                to.port() + 1000,
-            ))
-        });
+        let mapping = run(
+            ProbeKind::Mapping { hairpin: true },
+            Some(other),
+            |to, _| {
+                Some(SocketAddr::new(
+                    "198.51.100.1".parse().unwrap(),
+                    to.port() + 1000,
+                ))
+            },
+        );
         let filtering = run(ProbeKind::Filtering, Some(other), |_, change| {
             (!change.ip).then(|| sa("198.51.100.1:8777"))
         });
@@ -600,7 +637,9 @@ mod tests {
 
     #[test]
     fn a_server_without_a_second_address_leaves_the_behaviour_unknown() {
-        let mapping = run(ProbeKind::Mapping, None, |_, _| Some(sa("198.51.100.1:1")));
+        let mapping = run(ProbeKind::Mapping { hairpin: true }, None, |_, _| {
+            Some(sa("198.51.100.1:1"))
+        });
         let filtering = run(ProbeKind::Filtering, None, |_, _| {
             Some(sa("198.51.100.1:2"))
         });
@@ -615,7 +654,9 @@ mod tests {
     #[test]
     fn no_nat_when_the_reflexive_address_is_our_own() {
         let own = sa("192.168.1.2:40000");
-        let mapping = run(ProbeKind::Mapping, Some(OTHER), |_, _| Some(own));
+        let mapping = run(ProbeKind::Mapping { hairpin: true }, Some(OTHER), |_, _| {
+            Some(own)
+        });
         let filtering = run(ProbeKind::Filtering, Some(OTHER), |_, _| Some(own));
         let r = NatReport::new(&mapping, &filtering, own, &[own.ip()]);
         assert_eq!(r.mapping, Mapping::NoNat);
@@ -624,7 +665,9 @@ mod tests {
     #[test]
     fn a_silent_server_gives_up_after_the_limit() {
         let start = Instant::now();
-        let probe = run(ProbeKind::Mapping, Some(OTHER), |_, _| None);
+        let probe = run(ProbeKind::Mapping { hairpin: true }, Some(OTHER), |_, _| {
+            None
+        });
         let r = report(&probe, &probe);
         assert_eq!(r.reflexive, None);
         assert_eq!(r.mapping, Mapping::Unknown);

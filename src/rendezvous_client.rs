@@ -15,8 +15,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use natter_wire::{
-    split_header, AddressCookie, BusyReason, ClientMessage, FrameKind, Register, Role, RoomCode,
-    ServerErrorKind, ServerMessage, WireError,
+    split_header, AddressCookie, BusyReason, ClientMessage, FrameKind, NatMapping, Register, Role,
+    RoomCode, ServerErrorKind, ServerMessage, WireError,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -79,6 +79,8 @@ pub enum RendezvousEvent {
         role: Role,
         reflexive: SocketAddr,
         host_candidates: Vec<SocketAddr>,
+        /// How the other peer's NAT maps, if it said.
+        nat: Option<NatMapping>,
     },
     Failed(ConnectError),
 }
@@ -93,6 +95,9 @@ pub struct RelayRoute {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
+    /// Not registering yet: the peer is finding out how its NAT maps, which
+    /// its Register tells the other peer.
+    Gathering,
     /// Sending Register until the first answer.
     Registering,
     /// The server answered only `Busy` so far: asking again as it says.
@@ -110,6 +115,8 @@ pub struct RendezvousClient {
     server: SocketAddr,
     room: RoomCode,
     host_candidates: Vec<SocketAddr>,
+    /// How this peer's NAT maps, sent with every Register.
+    nat: Option<NatMapping>,
     nonce: u64,
     token: Option<u64>,
     /// From the server's last `Busy`: sent with every Register after it.
@@ -151,12 +158,13 @@ impl RendezvousClient {
             server,
             room,
             host_candidates,
+            nat: None,
             nonce,
             token: None,
             cookie: None,
             jitter: StdRng::seed_from_u64(nonce),
             busy_backoff: BUSY_RETRY_MIN,
-            state: State::Registering,
+            state: State::Gathering,
             started: now,
             registered_at: None,
             last_heard: None,
@@ -171,6 +179,17 @@ impl RendezvousClient {
 
     pub fn server(&self) -> SocketAddr {
         self.server
+    }
+
+    /// Starts registering, telling the server how this peer's NAT maps
+    /// (`None`: the peer did not look).
+    pub fn register(&mut self, now: Instant, nat: Option<NatMapping>) {
+        if self.state == State::Gathering {
+            self.nat = nat;
+            self.state = State::Registering;
+            self.started = now;
+            self.next_send = now;
+        }
     }
 
     /// The session id and token relay requests carry, if the server relays
@@ -191,7 +210,7 @@ impl RendezvousClient {
 
     /// A datagram from the server's address.
     pub fn handle_datagram(&mut self, now: Instant, bytes: &[u8]) {
-        if self.state == State::Done {
+        if matches!(self.state, State::Gathering | State::Done) {
             return;
         }
         let message = match ServerMessage::decode(bytes) {
@@ -239,6 +258,7 @@ impl RendezvousClient {
                 your_role,
                 other_reflexive,
                 other_host_candidates,
+                other_nat,
             } if self.state == State::Registered && self.introduced != Some(session_id) => {
                 self.introduced = Some(session_id);
                 self.events.push_back(RendezvousEvent::Introduced {
@@ -246,6 +266,7 @@ impl RendezvousClient {
                     role: your_role,
                     reflexive: other_reflexive,
                     host_candidates: other_host_candidates,
+                    nat: other_nat,
                 });
             }
             ServerMessage::Busy {
@@ -286,7 +307,7 @@ impl RendezvousClient {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         match self.state {
-            State::Done => return,
+            State::Gathering | State::Done => return,
             State::Registering if now >= self.started + self.config.register_timeout => {
                 return self.fail(ConnectError::RendezvousUnreachable {
                     server: self.server,
@@ -335,7 +356,7 @@ impl RendezvousClient {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
-            State::Done => None,
+            State::Gathering | State::Done => None,
             State::Registering => Some(
                 self.next_send
                     .min(self.started + self.config.register_timeout),
@@ -414,6 +435,7 @@ impl RendezvousClient {
             // that the other peer may already have re-entered.
             claim: self.config.claim && self.introduced.is_none(),
             cookie: self.cookie,
+            nat: self.nat,
         });
         self.transmits.push_back(
             register
@@ -433,14 +455,16 @@ mod tests {
     use super::*;
 
     fn client(now: Instant) -> RendezvousClient {
-        RendezvousClient::new(
+        let mut client = RendezvousClient::new(
             now,
             RendezvousConfig::default(),
             "203.0.113.1:7777".parse().unwrap(),
             RoomCode::new(*b"room").unwrap(),
             vec![],
             42,
-        )
+        );
+        client.register(now, None);
+        client
     }
 
     fn registered(nonce: u64) -> Vec<u8> {
@@ -544,6 +568,7 @@ mod tests {
             your_role: Role::Controlled,
             other_reflexive: "203.0.113.9:9".parse().unwrap(),
             other_host_candidates: vec![],
+            other_nat: None,
         }
         .encode()
         .unwrap();
@@ -654,12 +679,14 @@ mod tests {
             vec![],
             42,
         );
+        c.register(now, None);
         let introduce = |session_id| {
             ServerMessage::Introduce {
                 session_id,
                 your_role: Role::Controlled,
                 other_reflexive: "203.0.113.9:9".parse().unwrap(),
                 other_host_candidates: vec![],
+                other_nat: None,
             }
             .encode()
             .unwrap()

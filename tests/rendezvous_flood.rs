@@ -112,6 +112,7 @@ fn register(rng: &mut StdRng) -> Vec<u8> {
         peer_token: None,
         claim: false,
         cookie: None,
+        nat: None,
     })
     .encode()
     .unwrap()

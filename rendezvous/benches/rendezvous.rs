@@ -67,6 +67,7 @@ fn register(i: u32) -> Vec<u8> {
         peer_token: None,
         claim: false,
         cookie: None,
+        nat: None,
     })
     .encode()
     .unwrap()

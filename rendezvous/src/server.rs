@@ -16,8 +16,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use natter_wire::{
-    classify, split_header, stun, BusyReason, Class, ClientMessage, FrameKind, Register,
-    RelayRequest, Role, RoomCode, ServerErrorKind, ServerMessage, WireError, REGISTER_PADDED_LEN,
+    classify, split_header, stun, BusyReason, Class, ClientMessage, FrameKind, NatMapping,
+    Register, RelayRequest, Role, RoomCode, ServerErrorKind, ServerMessage, WireError,
+    REGISTER_PADDED_LEN,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -119,6 +120,9 @@ struct Member {
     reflexive: SocketAddr,
     via: usize,
     host_candidates: Box<[SocketAddr]>,
+    /// How its NAT maps, as it said; `None` from a build that does not say
+    /// (and cannot read the other peer's either).
+    nat: Option<NatMapping>,
     last_seen: Instant,
     /// Sent a relay request with its token from `reflexive`: it wants relayed
     /// frames and receives them there.
@@ -485,6 +489,7 @@ impl Server {
             peer_token,
             claim,
             cookie: _,
+            nat,
         } = register;
         let members = self
             .rooms
@@ -511,6 +516,7 @@ impl Server {
             member.reflexive = from;
             member.via = via;
             member.host_candidates = host_candidates.into_boxed_slice();
+            member.nat = nat;
             member.last_seen = now;
             let token = member.token;
             self.stats.accepted += 1;
@@ -542,6 +548,7 @@ impl Server {
             reflexive: from,
             via,
             host_candidates: host_candidates.into_boxed_slice(),
+            nat,
             last_seen: now,
             relaying: false,
         });
@@ -619,6 +626,7 @@ impl Server {
             your_role,
             other_reflexive: other.reflexive,
             other_host_candidates: other.host_candidates.to_vec(),
+            other_nat: me.nat.map(|_| other.nat.unwrap_or(NatMapping::Unknown)),
         };
         let (via, to) = (me.via, me.reflexive);
         self.send_message(via, to, &message);
@@ -711,6 +719,7 @@ mod tests {
             peer_token,
             claim: false,
             cookie: None,
+            nat: None,
         })
     }
 
@@ -1227,6 +1236,7 @@ mod tests {
                 peer_token,
                 claim: false,
                 cookie: None,
+                nat: None,
             })
         };
         let a = "[2001:db8:1::1]:65535";

@@ -66,6 +66,7 @@ fn valid_register(rng: &mut StdRng) -> Vec<u8> {
         peer_token: rng.gen_bool(0.5).then(|| rng.gen()),
         claim: false,
         cookie: None,
+        nat: None,
     })
     .encode()
     .unwrap()
@@ -144,6 +145,7 @@ async fn survives_a_flood_of_hostile_datagrams() {
         peer_token: None,
         claim: false,
         cookie: None,
+        nat: None,
     });
     peer.send_to(&register.encode().unwrap(), target)
         .await

@@ -62,7 +62,10 @@ async fn check(server: SocketAddr) -> Result<NatReport> {
     let filtering_socket = UdpSocket::bind(bind).await?;
     let now = Instant::now().into_std();
     let (mapping, filtering) = tokio::try_join!(
-        drive(&mapping_socket, Probe::new(now, ProbeKind::Mapping, server)),
+        drive(
+            &mapping_socket,
+            Probe::new(now, ProbeKind::Mapping { hairpin: true }, server)
+        ),
         drive(
             &filtering_socket,
             Probe::new(now, ProbeKind::Filtering, server)

@@ -60,9 +60,29 @@ pub struct Register {
     /// two strangers (a nameplate collision).
     pub claim: bool,
     /// The cookie from the server's last `Busy`, proving this peer receives
-    /// at the address it sends from. Last, so that a Register from a build
-    /// without it (zero padding where the field would be) decodes as `None`.
+    /// at the address it sends from. After the fields of the first builds,
+    /// so that a Register from one of them (zero padding where the field
+    /// would be) decodes as `None`.
     pub cookie: Option<AddressCookie>,
+    /// How this peer's NAT maps, as it measured before registering; passed
+    /// on to the other peer. Last, for the same reason as `cookie`.
+    pub nat: Option<NatMapping>,
+}
+
+/// How a peer's NAT maps its socket, measured against the rendezvous's two
+/// addresses (`natter::netcheck`). The other peer learns it with the
+/// introduction and picks its punching technique by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NatMapping {
+    /// Not measured: the rendezvous names no second address, or did not
+    /// answer there in time.
+    Unknown,
+    /// No NAT, or one that maps the socket to one external address for
+    /// every destination: a plain punch reaches it.
+    EndpointIndependent,
+    /// A new external port for each destination ("symmetric"); in steps of
+    /// `sequential_step` when the NAT hands them out in order.
+    EndpointDependent { sequential_step: Option<i16> },
 }
 
 /// A MAC of a peer's address under a secret of the server's, which rotates.
@@ -149,6 +169,10 @@ pub enum ServerMessage {
         other_reflexive: SocketAddr,
         #[serde(deserialize_with = "bounded::<_, MAX_HOST_CANDIDATES, _>")]
         other_host_candidates: Vec<SocketAddr>,
+        /// How the other peer's NAT maps, if it said. Only sent to a peer
+        /// that said how its own NAT maps: a build from before the field
+        /// reads the zero byte of `None` as padding, and nothing else.
+        other_nat: Option<NatMapping>,
     },
     Error {
         client_nonce: u64,
@@ -313,6 +337,9 @@ mod tests {
             peer_token: Some(u64::MAX),
             claim: false,
             cookie: Some(AddressCookie([0xff; 16])),
+            nat: Some(NatMapping::EndpointDependent {
+                sequential_step: Some(i16::MIN),
+            }),
         })
     }
 
@@ -322,6 +349,9 @@ mod tests {
             your_role: Role::Controlled,
             other_reflexive: v6(0xffff),
             other_host_candidates: (0..MAX_HOST_CANDIDATES as u16).map(v6).collect(),
+            other_nat: Some(NatMapping::EndpointDependent {
+                sequential_step: Some(i16::MIN),
+            }),
         }
     }
 
@@ -403,9 +433,47 @@ mod tests {
         bincode::serde::encode_into_std_write(&old, &mut bytes, codec()).unwrap();
         bytes.resize(REGISTER_PADDED_LEN, 0);
         match ClientMessage::decode(&bytes).unwrap() {
-            ClientMessage::Register(register) => assert_eq!(register.cookie, None),
+            ClientMessage::Register(register) => {
+                assert_eq!((register.cookie, register.nat), (None, None))
+            }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_introduce_without_the_other_nat_reads_as_before() {
+        // To a peer that did not say how its NAT maps, the server sends
+        // `None`: one zero byte, which a build from before the field reads
+        // as padding.
+        let ServerMessage::Introduce {
+            session_id,
+            your_role,
+            other_reflexive,
+            other_host_candidates,
+            ..
+        } = largest_introduce()
+        else {
+            unreachable!()
+        };
+        let old = (
+            session_id,
+            your_role,
+            other_reflexive,
+            other_host_candidates.clone(),
+        );
+        let mut before = vec![FrameKind::FromServer as u8, crate::VERSION, 1];
+        bincode::serde::encode_into_std_write(&old, &mut before, codec()).unwrap();
+        let now = ServerMessage::Introduce {
+            session_id,
+            your_role,
+            other_reflexive,
+            other_host_candidates,
+            other_nat: None,
+        }
+        .encode()
+        .unwrap();
+        assert_eq!(now[..before.len()], before[..]);
+        assert_eq!(now[before.len()..], [0]);
     }
 
     #[test]
@@ -421,6 +489,7 @@ mod tests {
             peer_token: None,
             claim: false,
             cookie: None,
+            nat: None,
         });
         assert!(matches!(
             too_many.encode(),

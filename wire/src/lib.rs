@@ -35,8 +35,8 @@ mod relay;
 pub mod stun;
 
 pub use control::{
-    AddressCookie, BusyReason, ClientMessage, Register, Role, RoomCode, ServerErrorKind,
-    ServerMessage, MAX_HOST_CANDIDATES, MAX_ROOM_CODE, REGISTER_PADDED_LEN,
+    AddressCookie, BusyReason, ClientMessage, NatMapping, Register, Role, RoomCode,
+    ServerErrorKind, ServerMessage, MAX_HOST_CANDIDATES, MAX_ROOM_CODE, REGISTER_PADDED_LEN,
 };
 pub use data::{DataHeader, PathCheck, SealedKind, DATA_HEADER_LEN, PATH_CHECK_LEN};
 pub use handshake::{HandshakeMessage, MAX_HANDSHAKE_MESSAGE};

@@ -11,6 +11,7 @@ pub fn register(room: &str) -> Vec<u8> {
         peer_token: None,
         claim: false,
         cookie: None,
+        nat: None,
     })
     .encode()
     .unwrap()
