@@ -727,6 +727,31 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A peer that says how its NAT maps hears how the other's does (or
+    /// that it did not say); one that does not say hears nothing of it, as
+    /// a build from before the field expects.
+    #[test]
+    fn the_nat_mapping_goes_only_to_peers_that_gave_theirs() {
+        let mut h = Harness::new();
+        let hard = NatMapping::EndpointDependent {
+            sequential_step: None,
+        };
+        let ClientMessage::Register(mut with_nat) = register("room", None) else {
+            unreachable!()
+        };
+        with_nat.nat = Some(hard);
+        h.send(A, ClientMessage::Register(with_nat));
+        let replies = h.register(B, None);
+        let other_nat = |to: &str| {
+            replies.iter().find_map(|(at, m)| match m {
+                ServerMessage::Introduce { other_nat, .. } if *at == addr(to) => Some(*other_nat),
+                _ => None,
+            })
+        };
+        assert_eq!(other_nat(A), Some(Some(NatMapping::Unknown)));
+        assert_eq!(other_nat(B), Some(None));
+    }
+
     #[test]
     fn registration_reports_the_observed_address() {
         let mut h = Harness::new();
@@ -763,6 +788,7 @@ mod tests {
                     your_role,
                     other_reflexive,
                     other_host_candidates,
+                    other_nat: None,
                 } => (
                     *to,
                     *session_id,
@@ -1209,7 +1235,7 @@ mod tests {
         while bytes.last() == Some(&0) {
             bytes.pop();
         }
-        bytes.extend([0, 0, 0]); // `peer_token`, `claim` and `cookie`
+        bytes.extend([0, 0, 0, 0]); // `peer_token`, `claim`, `cookie` and `nat`
         assert!(h.send_raw(A, &bytes).is_empty());
         assert_eq!(h.server.stats().dropped(DropReason::Unpadded), 1);
     }
