@@ -5,6 +5,7 @@
 //! - [`wire`]: every datagram on the wire (natter frames and STUN).
 //! - [`rendezvous_client`]: register at the rendezvous, learn the other peer.
 //! - [`punch`]: probe the other peer's candidates, nominate a working path.
+//! - [`birthday`]: port prediction for a pair with one hard NAT.
 //! - [`handshake`]: SPAKE2 on the pairing code, then Noise: session keys and
 //!   the other peer's authenticated static key.
 //! - [`seal`]: AES-256-GCM or ChaCha20-Poly1305 on every data frame,
@@ -22,6 +23,7 @@
 
 pub use natter_wire as wire;
 
+pub mod birthday;
 pub mod candidates;
 pub mod code;
 pub mod contacts;

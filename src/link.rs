@@ -26,6 +26,7 @@ use natter_wire::{
     MAX_DATAGRAM, MAX_PATH_DATAGRAM, RELAY_HEADER_LEN,
 };
 
+use crate::birthday::{Birthday, BirthdayEvent, LocalSocket, Plan, SocketRequest};
 use crate::error::{CloseReason, ConnectError, NoRelay};
 use crate::handshake::{Handshake, HandshakeError, HandshakeEvent, SessionKeys, Trust};
 use crate::netcheck::{Probe, ProbeKind};
@@ -130,12 +131,27 @@ pub enum LinkEvent {
         reason: CloseReason,
     },
     Failed(ConnectError),
+    /// Port prediction (for an easy↔hard pair) found a path, or gave up.
+    PortPrediction(BirthdayEvent),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
     pub to: SocketAddr,
     pub bytes: Vec<u8>,
+    /// The socket it leaves from: the link's own, or the extra socket
+    /// that port prediction found a path through.
+    pub via: LocalSocket,
+}
+
+impl Transmit {
+    fn new(to: SocketAddr, bytes: Vec<u8>) -> Self {
+        Self {
+            to,
+            bytes,
+            via: LocalSocket::Main,
+        }
+    }
 }
 
 /// Datagrams the link ignored, by reason.
@@ -212,6 +228,9 @@ pub struct Link {
     role: Role,
     /// How this peer's NAT maps, as the gathering found.
     nat: NatMapping,
+    /// Port prediction for an easy↔hard pair, from the introduction until
+    /// it wins or gives up; then the winning socket's route.
+    birthday: Option<Birthday>,
     /// From the introduction on: answers the other peer's probes even after
     /// this side has connected.
     puncher: Option<Puncher>,
@@ -271,6 +290,7 @@ impl Link {
             local_secret,
             role: Role::Controlled,
             nat: NatMapping::Unknown,
+            birthday: None,
             puncher: None,
             phase,
             relay_hello_for: None,
@@ -336,6 +356,47 @@ impl Link {
         self.rendezvous.set_host_candidates(now, host_candidates);
     }
 
+    /// A datagram that arrived on extra socket `index`, one of those port
+    /// prediction opened: the first punch message of this session on any of
+    /// them wins, and from then on the winner's datagrams are the link's.
+    pub fn handle_extra_datagram(
+        &mut self,
+        now: Instant,
+        index: u16,
+        from: SocketAddr,
+        bytes: &[u8],
+    ) {
+        self.now = now;
+        let ours = match (PunchMessage::decode(bytes), &self.puncher) {
+            (Ok(message), Some(puncher)) => message.session_id() == puncher.session_id(),
+            _ => false,
+        };
+        let accepted = match &mut self.birthday {
+            Some(birthday) if ours || !birthday.is_running() => {
+                birthday.on_extra_datagram(now, index, from)
+            }
+            _ => false,
+        };
+        if accepted {
+            self.handle_datagram(now, from, bytes);
+        } else {
+            self.stats.foreign += 1;
+        }
+    }
+
+    /// What the driver must do with port prediction's extra sockets.
+    pub fn poll_socket_request(&mut self) -> Option<SocketRequest> {
+        self.birthday.as_mut()?.poll_socket_request()
+    }
+
+    /// The driver opened `count` extra sockets, numbered from 0.
+    pub fn sockets_opened(&mut self, now: Instant, count: u16) {
+        if let Some(birthday) = &mut self.birthday {
+            birthday.sockets_opened_now(count);
+        }
+        self.pump(now);
+    }
+
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         self.now = now;
         if classify(bytes) == Class::Stun {
@@ -357,7 +418,22 @@ impl Link {
         let route = Route::Direct(from);
         match split_header(bytes) {
             Ok((FrameKind::Punch, _)) => match (PunchMessage::decode(bytes), &mut self.puncher) {
-                (Ok(message), Some(puncher)) => puncher.handle_message(now, from, message),
+                (Ok(message), Some(puncher)) => {
+                    let answers_spray = match (message, &mut self.birthday) {
+                        (
+                            PunchMessage::ProbeAck {
+                                session_id, nonce, ..
+                            },
+                            Some(birthday),
+                        ) if session_id == puncher.session_id() => {
+                            birthday.on_ack(now, from, nonce)
+                        }
+                        _ => false,
+                    };
+                    if !answers_spray {
+                        puncher.handle_message(now, from, message);
+                    }
+                }
                 (Ok(_), None) => self.stats.early += 1,
                 (Err(_), _) => self.stats.malformed += 1,
             },
@@ -478,6 +554,9 @@ impl Link {
         if let Some(puncher) = &mut self.puncher {
             puncher.handle_timeout(now);
         }
+        if let Some(birthday) = &mut self.birthday {
+            birthday.handle_timeout(now);
+        }
         match &mut self.phase {
             Phase::Punching {
                 relay_early_at: Some(at),
@@ -561,6 +640,7 @@ impl Link {
         [
             self.rendezvous.poll_timeout(),
             self.puncher.as_ref().and_then(Puncher::poll_timeout),
+            self.birthday.as_ref().and_then(Birthday::poll_timeout),
             phase,
         ]
         .into_iter()
@@ -570,9 +650,27 @@ impl Link {
 
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
         self.now = now;
+        if let (Some(birthday), Some(puncher)) = (&mut self.birthday, &self.puncher) {
+            if let Some((via, to, nonce)) = birthday.poll_transmit(now) {
+                let probe = PunchMessage::Probe {
+                    session_id: puncher.session_id(),
+                    nonce,
+                };
+                let bytes = probe.encode().expect("punch messages are small");
+                return Some(Transmit { to, bytes, via });
+            }
+        }
+        let mut transmit = self.next_transmit(now)?;
+        if let Some(birthday) = &self.birthday {
+            transmit.via = birthday.socket_for(transmit.to);
+        }
+        Some(transmit)
+    }
+
+    fn next_transmit(&mut self, now: Instant) -> Option<Transmit> {
         if let Phase::Gathering { probe, .. } = &mut self.phase {
             if let Some((to, bytes)) = probe.poll_transmit(now) {
-                return Some(Transmit { to, bytes });
+                return Some(Transmit::new(to, bytes));
             }
         }
         if let Some(bytes) = self.rendezvous.poll_transmit() {
@@ -580,10 +678,7 @@ impl Link {
                 // A refresh: repeat the hello, in case one was lost.
                 self.relay_hello_for = None;
             }
-            return Some(Transmit {
-                to: self.rendezvous.server(),
-                bytes,
-            });
+            return Some(Transmit::new(self.rendezvous.server(), bytes));
         }
         if let Some(transmit) = self.last_words.pop_front() {
             return Some(transmit);
@@ -593,7 +688,7 @@ impl Link {
         }
         if let Some((to, message)) = self.puncher.as_mut().and_then(Puncher::poll_transmit) {
             let bytes = message.encode().expect("punch messages are small");
-            return Some(Transmit { to, bytes });
+            return Some(Transmit::new(to, bytes));
         }
         loop {
             let (route, frame) = self.next_frame(now)?;
@@ -677,7 +772,7 @@ impl Link {
     /// has no route now.
     fn on_route(&self, route: Route, frame: Vec<u8>) -> Option<Transmit> {
         match route {
-            Route::Direct(to) => Some(Transmit { to, bytes: frame }),
+            Route::Direct(to) => Some(Transmit::new(to, frame)),
             Route::Relay => {
                 let relay = self.rendezvous.relay_route()?;
                 Some(relayed(self.rendezvous.server(), relay, &frame))
@@ -745,8 +840,8 @@ impl Link {
                     role,
                     reflexive,
                     host_candidates,
-                    nat: _,
-                } => self.introduced(now, session_id, role, reflexive, host_candidates),
+                    nat,
+                } => self.introduced(now, session_id, role, reflexive, host_candidates, nat),
                 // With a session up, the rendezvous is a way back should the
                 // path fail, not a reason to end.
                 RendezvousEvent::Failed(_) if self.secured().is_some() => {}
@@ -773,6 +868,12 @@ impl Link {
                     }
                 },
             }
+        }
+        while let Some(event) = self.birthday.as_mut().and_then(Birthday::poll_event) {
+            if let BirthdayEvent::Won { socket, remote, .. } = event {
+                self.follow_prediction(now, socket, remote);
+            }
+            self.events.push_back(LinkEvent::PortPrediction(event));
         }
         if let Phase::Securing { handshake, .. } = &mut self.phase {
             match handshake.poll_event() {
@@ -828,6 +929,14 @@ impl Link {
                 PathEvent::Silent => self.rendezvous.refresh_now(now),
             }
         }
+        // On a direct path port prediction did not find, it has nothing
+        // left to do.
+        let direct = secured.paths.active().route;
+        if let (Route::Direct(to), Some(birthday)) = (direct, &mut self.birthday) {
+            if birthday.is_running() && birthday.socket_for(to) == LocalSocket::Main {
+                birthday.stop();
+            }
+        }
         self.events.extend(changes);
     }
 
@@ -838,6 +947,7 @@ impl Link {
         role: Role,
         reflexive: SocketAddr,
         host_candidates: Vec<SocketAddr>,
+        nat: Option<NatMapping>,
     ) {
         let candidates: Vec<_> = host_candidates
             .into_iter()
@@ -867,9 +977,17 @@ impl Link {
             role,
             candidates: candidates.clone(),
         });
+        let mut punch = self.config.punch.clone();
+        let their_nat = nat.unwrap_or(NatMapping::Unknown);
+        if let Some(plan) = Plan::for_pair(self.nat, their_nat, reflexive) {
+            let birthday = Birthday::new(now, plan, self.seed ^ session_id);
+            // Without a relay, punching waits for port prediction to end.
+            punch.timeout = punch.timeout.max(birthday.deadline() - now);
+            self.birthday = Some(birthday);
+        }
         self.puncher = Some(Puncher::new(
             now,
-            self.config.punch.clone(),
+            punch,
             session_id,
             role,
             candidates,
@@ -881,6 +999,24 @@ impl Link {
         self.phase = Phase::Punching {
             relay_early_at: relay_early.then(|| now + self.config.relay_after),
         };
+    }
+
+    /// Port prediction found `remote` through `socket`: punching probes it
+    /// at once, or a secured session's paths check it (and move there by
+    /// their rules).
+    fn follow_prediction(&mut self, now: Instant, socket: LocalSocket, remote: SocketAddr) {
+        // The side that sprayed learnt a new address of the other peer; the
+        // side that fanned out knew it, and now reaches it another way.
+        let kind = match socket {
+            LocalSocket::Main => CandidateKind::PeerReflexive,
+            LocalSocket::Extra(_) => CandidateKind::Reflexive,
+        };
+        if let Some(puncher) = &mut self.puncher {
+            puncher.learn(now, remote, kind);
+        }
+        if let Phase::Secured(secured) | Phase::Draining { secured, .. } = &mut self.phase {
+            secured.paths.add_candidates(now, [(remote, kind)]);
+        }
     }
 
     /// Runs the session through the rendezvous's relay. The rendezvous
@@ -972,6 +1108,12 @@ impl Link {
             _ => {}
         }
         self.rendezvous.leave();
+        if let Some(birthday) = &mut self.birthday {
+            birthday.stop();
+            while let Some(prediction) = birthday.poll_event() {
+                self.events.push_back(LinkEvent::PortPrediction(prediction));
+            }
+        }
         self.events.push_back(event);
     }
 }
@@ -1018,5 +1160,5 @@ fn relayed(server: SocketAddr, route: RelayRoute, frame: &[u8]) -> Transmit {
     let bytes = request
         .encode()
         .expect("on the relay, frames leave room for the relay header");
-    Transmit { to: server, bytes }
+    Transmit::new(server, bytes)
 }

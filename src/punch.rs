@@ -216,6 +216,17 @@ impl Puncher {
             .map(|c| (c.report.addr, c.report.kind))
     }
 
+    /// Another technique (port prediction) found the other peer at `addr`:
+    /// probe it at once rather than at the next round.
+    pub fn learn(&mut self, now: Instant, addr: SocketAddr, kind: CandidateKind) {
+        let Some(index) = self.add_candidate(addr, kind) else {
+            return;
+        };
+        if self.state == State::Probing {
+            self.probe(now, index);
+        }
+    }
+
     /// Stops punching for good, without a `Failed` event (the session goes
     /// to the relay instead); returns what happened on each candidate.
     pub fn give_up(&mut self) -> Vec<CandidateReport> {
@@ -419,21 +430,25 @@ impl Puncher {
         for index in 0..self.candidates.len() {
             // Working candidates are probed too: more samples refine their
             // round trip, which decides the nomination.
-            let nonce = self.take_nonce();
-            if self.outstanding.len() == MAX_OUTSTANDING_PROBES {
-                self.outstanding.pop_front();
-            }
-            self.outstanding.push_back((nonce, index, now));
-            let candidate = &mut self.candidates[index];
-            candidate.report.probes_sent += 1;
-            self.transmits.push_back((
-                candidate.report.addr,
-                PunchMessage::Probe {
-                    session_id: self.session_id,
-                    nonce,
-                },
-            ));
+            self.probe(now, index);
         }
+    }
+
+    fn probe(&mut self, now: Instant, index: usize) {
+        let nonce = self.take_nonce();
+        if self.outstanding.len() == MAX_OUTSTANDING_PROBES {
+            self.outstanding.pop_front();
+        }
+        self.outstanding.push_back((nonce, index, now));
+        let candidate = &mut self.candidates[index];
+        candidate.report.probes_sent += 1;
+        self.transmits.push_back((
+            candidate.report.addr,
+            PunchMessage::Probe {
+                session_id: self.session_id,
+                nonce,
+            },
+        ));
     }
 
     fn take_nonce(&mut self) -> u64 {

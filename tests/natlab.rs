@@ -47,6 +47,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use natter::birthday::{FAN_ROUNDS, FAN_SOCKETS, SPRAY_BUDGET};
 use serde_json::Value;
 use support::binaries::Binaries;
 use support::netns::{natlab_available, Lab, NsChild};
@@ -210,6 +211,11 @@ enum Expect {
     /// under heavy loss one peer may learn of the introduction seconds
     /// after the other, which has gone to the relay by then.
     DirectEventually,
+    /// An easy↔hard pair: port prediction finds the path (a
+    /// `port_prediction` event with outcome `found` on both sides, within
+    /// its budgets, and the extra sockets closed after it), directly or
+    /// after starting on the relay.
+    DirectByPrediction,
 }
 
 impl Expect {
@@ -220,6 +226,7 @@ impl Expect {
             Expect::Direct { via: Some(_) } => "direct/via",
             Expect::DirectIpv6 => "direct/ipv6",
             Expect::DirectEventually => "direct*",
+            Expect::DirectByPrediction => "direct/predicted",
             Expect::Relayed => "relayed",
             Expect::PunchFailed => "punch_failed",
         }
@@ -245,13 +252,20 @@ struct Case {
 }
 
 fn expect_for(a: &str, b: &str) -> Expect {
-    let hard = |t: &str| t == "port-restricted" || t == "symmetric";
-    if (a == "symmetric" && hard(b)) || (b == "symmetric" && hard(a)) {
-        Expect::Relayed
-    } else {
-        Expect::Direct { via: None }
+    match (a, b) {
+        // Two hard NATs: port prediction is hopeless, and not tried.
+        ("symmetric", "symmetric") => Expect::Relayed,
+        ("symmetric", "port-restricted") | ("port-restricted", "symmetric") => {
+            Expect::DirectByPrediction
+        }
+        _ => Expect::Direct { via: None },
     }
 }
+
+/// Pacing for a pair that port prediction connects: the session must last
+/// until prediction is done (at most about 10 s; 99 % within 6 s), even if
+/// it started on the relay, so 16 pieces of 16 KiB half a second apart.
+const PREDICTION_PACE: (usize, Duration) = (16 * 1024, Duration::from_millis(500));
 
 fn matrix_cases() -> Vec<Case> {
     let mut cases = Vec::new();
@@ -265,7 +279,7 @@ fn matrix_cases() -> Vec<Case> {
                 payload: SMALL_PAYLOAD,
                 timeout: SMALL_CASE_TIMEOUT,
                 punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
-                pace: None,
+                pace: (expect_for(a, b) == Expect::DirectByPrediction).then_some(PREDICTION_PACE),
                 rendezvous_ipv6: false,
             });
         }
@@ -382,12 +396,20 @@ struct Rendezvous {
 impl Rendezvous {
     fn start(lab: &Lab, bins: &Binaries, t0: Instant, relay: bool) -> Result<Rendezvous, String> {
         let rv_ip = lab.ip("RV_IP");
-        let bind = match lab.opt_var("RV_IP6") {
-            Some(_) => format!("[::]:{RV_PORT}"),
-            None => format!("{rv_ip}:{RV_PORT}"),
+        // Two addresses and two ports (two ports on the dual-stack
+        // wildcard), so that peers learn how their NATs map.
+        let binds = match lab.opt_var("RV_IP6") {
+            Some(_) => vec![format!("[::]:{RV_PORT}"), format!("[::]:{}", RV_PORT + 1)],
+            None => [rv_ip, lab.ip("RV_IP2")]
+                .iter()
+                .flat_map(|ip| [format!("{ip}:{RV_PORT}"), format!("{ip}:{}", RV_PORT + 1)])
+                .collect(),
         };
         let mut cmd = piped(lab.command("rv", &bins.rendezvous));
-        cmd.args(["--bind", bind.as_str(), "--stats-secs", "0"]);
+        for bind in &binds {
+            cmd.args(["--bind", bind.as_str()]);
+        }
+        cmd.args(["--stats-secs", "0"]);
         if !relay {
             cmd.args(["--relay-rate", "0"]);
         }
@@ -525,6 +547,8 @@ struct RunningPeer {
     checker: Option<JoinHandle<StdoutCheck>>,
     stderr: Arc<Mutex<Vec<Line>>>,
     stderr_reader: Option<JoinHandle<()>>,
+    /// Samples of the process's open file descriptors (see [`count_fds`]).
+    fd_sampler: Option<JoinHandle<Vec<(Duration, usize)>>>,
     status: Option<ExitStatus>,
     exited_after: Option<Duration>,
     exited_at: Option<Instant>,
@@ -544,6 +568,8 @@ struct PeerOutcome {
     stderr: Vec<Line>,
     /// The JSON status lines, with their arrival times.
     events: Vec<(Duration, Value)>,
+    /// Open file descriptors over time (same clock).
+    fds: Vec<(Duration, usize)>,
 }
 
 impl PeerOutcome {
@@ -563,6 +589,14 @@ impl PeerOutcome {
 
     fn connected(&self) -> Option<&Value> {
         self.event("connected")
+    }
+
+    /// Port prediction's win, if this side sprayed: ms from the
+    /// introduction, probes sent.
+    fn sprayed(&self) -> Option<(u64, u64)> {
+        let found = self.event("port_prediction")?;
+        (found["outcome"] == "found" && found["socket"] == "main")
+            .then(|| Some((found["after_ms"].as_u64()?, found["probes_sent"].as_u64()?)))?
     }
 
     fn via(&self) -> Option<String> {
@@ -679,6 +713,15 @@ fn spawn_peer(
         let lines = Arc::clone(&stderr);
         std::thread::spawn(move || collect_lines(err, &lines, t0))
     };
+    let pid = child.id();
+    let fd_sampler = std::thread::spawn(move || {
+        let mut samples = Vec::new();
+        while let Some(count) = count_fds(pid) {
+            samples.push((t0.elapsed(), count));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        samples
+    });
     Ok(RunningPeer {
         host,
         child,
@@ -686,10 +729,22 @@ fn spawn_peer(
         checker: Some(checker),
         stderr,
         stderr_reader: Some(stderr_reader),
+        fd_sampler: Some(fd_sampler),
         status: None,
         exited_after: None,
         exited_at: None,
     })
+}
+
+/// Open file descriptors of process `pid` (`ip netns exec` execs the
+/// program, so the child is natter itself); `None` once it has exited.
+fn count_fds(pid: u32) -> Option<usize> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // A zombie has exited: its descriptors are gone.
+    if status.rsplit(')').next()?.trim_start().starts_with('Z') {
+        return None;
+    }
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
 /// Waits until both peers exited or `timeout` passed (then kills the rest).
@@ -741,6 +796,11 @@ fn wait_peers(
                 .filter_map(|(t, l)| Some((*t, serde_json::from_str::<Value>(l).ok()?)))
                 .filter(|(_, v)| v.get("event").is_some())
                 .collect();
+            let fds = p
+                .fd_sampler
+                .take()
+                .and_then(|h| h.join().ok())
+                .unwrap_or_default();
             PeerOutcome {
                 host: p.host,
                 status: p.status,
@@ -750,6 +810,7 @@ fn wait_peers(
                 stdin_result,
                 stderr,
                 events,
+                fds,
             }
         })
         .collect()
@@ -768,6 +829,9 @@ struct CaseRun {
     /// Per peer: when it connected, transferred, closed and exited (seconds
     /// since the lab was up).
     timeline: [String; 2],
+    /// Port prediction's win, from the side that sprayed: ms from the
+    /// introduction, and probes sent.
+    prediction: Option<(u64, u64)>,
     wall: Duration,
     failures: Vec<String>,
 }
@@ -808,6 +872,7 @@ fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
         connect_ms: [None, None],
         transfer_ms: [None, None],
         timeline: [String::new(), String::new()],
+        prediction: None,
         wall: started_case.elapsed(),
         failures: vec![msg],
     };
@@ -855,6 +920,7 @@ fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
             Expect::Direct { .. } => "direct".to_string(),
             Expect::DirectIpv6 => "direct/ipv6".to_string(),
             Expect::DirectEventually => "direct".to_string(),
+            Expect::DirectByPrediction => "direct/predicted".to_string(),
             Expect::Relayed => "relayed".to_string(),
             Expect::PunchFailed => "punch_failed".to_string(),
         }
@@ -895,6 +961,7 @@ fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
         connect_ms: [outcomes[0].connect_ms(), outcomes[1].connect_ms()],
         transfer_ms: [outcomes[0].transfer_ms(), outcomes[1].transfer_ms()],
         timeline: [outcomes[0].timeline(), outcomes[1].timeline()],
+        prediction: outcomes.iter().find_map(PeerOutcome::sprayed),
         wall: started.elapsed(),
         failures,
     }
@@ -912,6 +979,9 @@ fn check_peer(
     let (other_lan, other_public) = host_addrs(lab, other.host);
     let mut fail = |msg: String| failures.push(format!("{me}: {msg}"));
 
+    if case.expect == Expect::DirectByPrediction {
+        check_prediction(p, &mut fail);
+    }
     if p.status.is_none() {
         fail(format!(
             "did not exit within {:.0} s (killed)",
@@ -951,11 +1021,14 @@ fn check_peer(
             }
             check_stdout(case, p, other, &mut fail);
         }
-        Expect::Direct { .. } | Expect::DirectEventually | Expect::Relayed => {
+        Expect::Direct { .. }
+        | Expect::DirectEventually
+        | Expect::DirectByPrediction
+        | Expect::Relayed => {
             let relayed = case.expect == Expect::Relayed;
             let via = match case.expect {
                 Expect::Direct { via } => via,
-                Expect::DirectEventually => None,
+                Expect::DirectEventually | Expect::DirectByPrediction => None,
                 _ => Some("relayed"),
             };
             if relayed {
@@ -980,8 +1053,10 @@ fn check_peer(
                         .events
                         .iter()
                         .any(|(_, e)| e["event"] == "path_changed" && e["path"] == "direct");
-                    let relay_first = case.expect == Expect::DirectEventually
-                        && c["path"] == "relayed"
+                    let relay_first = matches!(
+                        case.expect,
+                        Expect::DirectEventually | Expect::DirectByPrediction
+                    ) && c["path"] == "relayed"
                         && moved_direct_later;
                     if c["path"] != want_path && !relay_first {
                         fail(format!(
@@ -1079,6 +1154,48 @@ fn check_peer(
 }
 
 /// The peer wrote exactly what the other was fed, and took all it was fed.
+/// Port prediction found the path within its budgets, and the side that
+/// fanned out closed every extra socket but the winner's.
+fn check_prediction(p: &PeerOutcome, fail: &mut impl FnMut(String)) {
+    let Some((found_at, found)) = p
+        .events
+        .iter()
+        .find(|(_, e)| e["event"] == "port_prediction")
+    else {
+        return fail("no port_prediction event".into());
+    };
+    if found["outcome"] != "found" {
+        return fail(format!("port prediction did not find the path: {found}"));
+    }
+    let probes = found["probes_sent"].as_u64().unwrap_or(u64::MAX);
+    let sockets = found["sockets_opened"].as_u64().unwrap_or(u64::MAX);
+    let extra = found["socket"] == "extra";
+    let budget = if extra {
+        u64::from(FAN_SOCKETS) * u64::from(FAN_ROUNDS)
+    } else {
+        u64::from(SPRAY_BUDGET)
+    };
+    if probes > budget || sockets > u64::from(FAN_SOCKETS) {
+        fail(format!(
+            "over budget ({budget} probes, {FAN_SOCKETS} sockets): {found}"
+        ));
+    }
+    if !extra {
+        return;
+    }
+    // The extra sockets, all open at the peak, all but one closed soon
+    // after the win.
+    let peak = p.fds.iter().map(|&(_, n)| n as u64).max().unwrap_or(0);
+    let settle = *found_at + Duration::from_millis(300);
+    match p.fds.iter().find(|&&(t, _)| t >= settle) {
+        Some(&(_, after)) if peak >= after as u64 + sockets - 1 => {}
+        Some(&(_, after)) => fail(format!(
+            "file descriptors: {peak} at the peak, {after} after the win with {sockets} extra sockets opened: not all losers were closed"
+        )),
+        None => fail("no file descriptor sample after the win".into()),
+    }
+}
+
 fn check_stdout(case: &Case, p: &PeerOutcome, other: &PeerOutcome, fail: &mut impl FnMut(String)) {
     let s = &p.stdout;
     if let Some(e) = &s.read_error {
@@ -1410,6 +1527,48 @@ fn nat_type_matrix() {
         matrix_cases(),
     );
     assert_all_ok("NAT type matrix", &summaries);
+}
+
+/// The two easy↔hard pairs of the matrix, `NATTER_LAB_RUNS` times each
+/// (the figures of `docs/HOW-IT-WORKS.md` are from 20), with the time from
+/// the introduction to the path port prediction found and the probes it
+/// took.
+#[test]
+fn port_prediction_pairs() {
+    if !natlab_available() {
+        return;
+    }
+    let _lock = lab_lock();
+    let cases: Vec<Case> = matrix_cases()
+        .into_iter()
+        .filter(|c| c.expect == Expect::DirectByPrediction)
+        .collect();
+    let summaries = run_suite("port prediction (easy x hard)", cases);
+    for s in &summaries {
+        let mut ms: Vec<u64> = s
+            .runs
+            .iter()
+            .filter_map(|r| r.prediction.map(|p| p.0))
+            .collect();
+        let mut probes: Vec<u64> = s
+            .runs
+            .iter()
+            .filter_map(|r| r.prediction.map(|p| p.1))
+            .collect();
+        ms.sort_unstable();
+        probes.sort_unstable();
+        say!(
+            "port prediction {}: {}/{} found; after {} ms median, {} ms max; {} probes median, {} max",
+            s.case.name,
+            ms.len(),
+            s.runs.len(),
+            fmt_opt(median(ms.clone())),
+            fmt_opt(ms.last().copied()),
+            fmt_opt(median(probes.clone())),
+            fmt_opt(probes.last().copied()),
+        );
+    }
+    assert_all_ok("port prediction", &summaries);
 }
 
 #[test]

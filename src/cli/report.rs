@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use natter::birthday::{BirthdayEvent, LocalSocket};
 use natter::code::PairingCode;
 use natter::error::CloseReason;
 use natter::punch::CandidateKind;
@@ -37,6 +38,7 @@ impl Reporter {
                     reports.iter().map(|r| format!("\n  {r}")).collect::<String>()
                 ),
             ),
+            Progress::PortPrediction(event) => self.port_prediction(event),
             Progress::PathChanged { path, reason } => {
                 let (kind, human) = match path.kind {
                     CandidateKind::Relayed => (
@@ -64,6 +66,46 @@ impl Reporter {
                     human,
                 )
             }
+        }
+    }
+
+    fn port_prediction(&self, event: &BirthdayEvent) {
+        match *event {
+            BirthdayEvent::Won {
+                socket,
+                remote,
+                after,
+                probes_sent,
+                sockets_opened,
+            } => self.emit(
+                json!({
+                    "event": "port_prediction",
+                    "outcome": "found",
+                    "remote": remote.to_string(),
+                    "socket": if socket == LocalSocket::Main { "main" } else { "extra" },
+                    "after_ms": after.as_millis() as u64,
+                    "probes_sent": probes_sent,
+                    "sockets_opened": sockets_opened,
+                }),
+                format!(
+                    "port prediction reached the other peer at {remote} after {} ms ({probes_sent} probes, {sockets_opened} extra sockets)",
+                    after.as_millis()
+                ),
+            ),
+            BirthdayEvent::GaveUp {
+                probes_sent,
+                sockets_opened,
+            } => self.emit(
+                json!({
+                    "event": "port_prediction",
+                    "outcome": "gave_up",
+                    "probes_sent": probes_sent,
+                    "sockets_opened": sockets_opened,
+                }),
+                format!(
+                    "port prediction found no path ({probes_sent} probes sent, {sockets_opened} extra sockets opened, all closed)"
+                ),
+            ),
         }
     }
 

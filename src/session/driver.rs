@@ -12,10 +12,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::extra_sockets::{ExtraSockets, Received};
 use super::Progress;
+use crate::birthday::{LocalSocket, SocketRequest};
 use crate::candidates::host_candidates;
 use crate::error::{CloseReason, ConnectError};
-use crate::link::{Link, LinkEvent};
+use crate::link::{Link, LinkEvent, Transmit};
 use crate::punch::Path;
 use crate::reliable::{MessageId, SendError, Stats as ChannelStats};
 use crate::seal::DataCipher;
@@ -117,6 +119,7 @@ impl Driver {
         let mut undelivered: Option<Vec<u8>> = None;
         let mut unsent: Option<(Vec<u8>, Option<oneshot::Sender<()>>)> = None;
         let mut commands_open = true;
+        let mut extras = ExtraSockets::new();
         loop {
             // Each round reads what is waiting before it sends a bounded
             // amount: ACKs then open the window promptly instead of piling
@@ -139,18 +142,30 @@ impl Driver {
                     // application hears of the end: a process that exits at
                     // once must not swallow them.
                     socket
-                        .send_all(|| state.link.poll_transmit(Instant::now().into_std()))
+                        .send_all(|| next_main_transmit(&mut state.link, &extras))
                         .await;
                     state.report_failure(&reason);
                     let _ = incoming.send(Delivery::Closed(reason)).await;
                     return Ok(());
                 }
             }
-            let sent = socket.send(|| state.link.poll_transmit(Instant::now().into_std()));
+            while let Some(request) = state.link.poll_socket_request() {
+                match request {
+                    SocketRequest::Open { count, toward } => {
+                        let opened = extras.open(count, toward, local);
+                        state.link.sockets_opened(Instant::now().into_std(), opened);
+                    }
+                    SocketRequest::Close { keep } => extras.close(keep),
+                }
+            }
+            let sent = socket.send(|| next_main_transmit(&mut state.link, &extras));
             let timeout = state.link.poll_timeout().map(Instant::from_std);
             tokio::select! {
                 // The next round reads.
                 ready = socket.readable() => ready?,
+                Received { index, from, bytes } = extras.recv(), if extras.open_count() > 0 => {
+                    state.link.handle_extra_datagram(Instant::now().into_std(), index, from, &bytes);
+                }
                 ready = socket.writable(), if sent == Sent::Blocked => ready?,
                 // More to send: go round again, but let other tasks run
                 // once this one has used its share.
@@ -220,6 +235,7 @@ impl DriverState {
                     self.report(Progress::Introduced { candidates })
                 }
                 LinkEvent::Relaying { reports } => self.report(Progress::Relaying { reports }),
+                LinkEvent::PortPrediction(event) => self.report(Progress::PortPrediction(event)),
                 LinkEvent::PathChanged { path, reason } => {
                     self.report(Progress::PathChanged { path, reason })
                 }
@@ -266,6 +282,18 @@ impl DriverState {
     fn report(&self, progress: Progress) {
         if let Some(tx) = &self.progress {
             let _ = tx.send(progress);
+        }
+    }
+}
+
+/// The link's next transmit for the main socket; those for extra sockets
+/// are sent on the way.
+fn next_main_transmit(link: &mut Link, extras: &ExtraSockets) -> Option<Transmit> {
+    loop {
+        let transmit = link.poll_transmit(Instant::now().into_std())?;
+        match transmit.via {
+            LocalSocket::Main => return Some(transmit),
+            LocalSocket::Extra(index) => extras.send(index, transmit.to, &transmit.bytes),
         }
     }
 }

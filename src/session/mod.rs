@@ -4,10 +4,12 @@
 //! - `builder`: [`Peer::builder`] binds the socket, finds the rendezvous
 //!   and connects;
 //! - `driver`: the task that runs the link;
+//! - `extra_sockets`: port prediction's extra sockets, for the driver;
 //! - `stream`: the halves, message-wise or as tokio byte streams.
 
 mod builder;
 mod driver;
+mod extra_sockets;
 mod stream;
 
 use std::io;
@@ -17,6 +19,7 @@ use std::time::Duration;
 pub use builder::{Peer, PeerBuilder};
 pub use stream::{SessionReceiver, SessionSender};
 
+use crate::birthday::BirthdayEvent;
 use crate::error::{CloseReason, ConnectError};
 use crate::identity::PublicKey;
 use crate::paths::MoveReason;
@@ -62,6 +65,9 @@ pub enum Progress {
         path: Path,
         reason: MoveReason,
     },
+    /// Port prediction (one side behind a hard NAT) found a path, or gave
+    /// up; with its counters.
+    PortPrediction(BirthdayEvent),
 }
 
 /// How the session's path was found, and who is at the other end.
