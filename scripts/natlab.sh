@@ -18,6 +18,9 @@
 #   nl-ID-b      host B         192.168.2.2 (default via 192.168.2.1)
 #   nl-ID-cgn    CGNAT router   WAN 203.0.113.13, LAN 100.64.0.1/24 (--double-nat;
 #                router A's WAN then is 100.64.0.2 behind it)
+#   nl-ID-hop    a plain router between the NATs (--router-hop): 203.0.113.1 on
+#                the internet bridge, 198.51.100.1 on a second bridge br1,
+#                where router B's WAN then is (198.51.100.12)
 #
 # With --ipv6 the lab is dual-stack: the internet is also 2001:db8::/64 (rv
 # ::10, router A ::11, router B ::12), LAN A 2001:db8:1::/64 (host A ::2),
@@ -42,6 +45,10 @@ RA_WAN_PUBLIC=$NET_PUB.11
 RB_WAN_PUBLIC=$NET_PUB.12
 CGN_WAN_IP=$NET_PUB.13
 CGN_LAN_IP=100.64.0.1
+NET_FAR=198.51.100
+HOP_NEAR_IP=$NET_PUB.1
+HOP_FAR_IP=$NET_FAR.1
+RB_WAN_FAR=$NET_FAR.12
 RA_WAN_CGN=100.64.0.2
 NAT_TYPES="full-cone address-restricted port-restricted symmetric"
 MAP_TIMEOUT=300s   # lifetime of a cone mapping/permission after the last outbound packet
@@ -60,7 +67,7 @@ Usage:
   $PROG check                   check prerequisites only
 
 LAB_ID: 1-12 characters [a-z0-9]. Namespaces are named nl-LAB_ID-HOST.
-HOST:   inet rv ra a rb b [pub] [a2] [cgn]
+HOST:   inet rv ra a rb b [pub] [a2] [cgn] [hop]
 
 Options:
   --nat-a TYPE      NAT type of router A (default port-restricted)
@@ -74,6 +81,13 @@ Options:
                     (hosts then segment UDP batches before sending, so it is
                     per datagram)
   --rate MBIT       cap each router's WAN egress to MBIT Mbit/s (tc tbf)
+  --router-hop      a router between the NATs: router B sits on a second
+                    segment ($NET_FAR.0/24) behind host "hop", one hop away
+                    from everything else (probes with a small TTL die there)
+  --no-input-firewall
+                    routers without the input rule that drops what the
+                    internet starts (many home routers): a datagram for the
+                    router itself leaves a conntrack entry behind
   --ipv6            dual-stack lab: IPv6 everywhere besides IPv4, routers with
                     a stateful IPv6 firewall (not with --double-nat/--same-nat/
                     --public-peer)
@@ -167,7 +181,8 @@ attach_public() { # NS IF ADDR PORTNAME
 #   mappings for full-cone / address-restricted (their ports are preserved)
 nat_ruleset() {
     local type=$1 wan=$2 lan=$3 wan_ip=$4; shift 4
-    local hosts=("$@") h tag sets="" pre="" fwd_upd="" post=""
+    local hosts=("$@") h tag sets="" pre="" fwd_upd="" post="" input_drop=""
+    [[ $INPUT_FIREWALL -eq 1 ]] && input_drop="    iifname \"$wan\" ct state new drop"$'\n'
     case $type in
         port-restricted)
             post="oifname \"$wan\" masquerade" ;;
@@ -207,8 +222,7 @@ $fwd_upd    ct state established,related accept
   }
   chain input {
     type filter hook input priority filter; policy accept;
-    iifname "$wan" ct state new drop
-  }
+$input_drop  }
 }
 EOF
 }
@@ -268,7 +282,7 @@ validate_type() {
 
 parse_opts() {
     NAT_A=port-restricted NAT_B=port-restricted NAT_CGN=port-restricted
-    PUBLIC_PEER=0 SAME_NAT=0 DOUBLE_NAT=0 LOSS=0 RATE="" IPV6=0
+    PUBLIC_PEER=0 SAME_NAT=0 DOUBLE_NAT=0 LOSS=0 RATE="" IPV6=0 ROUTER_HOP=0 INPUT_FIREWALL=1
     while [[ $# -gt 0 ]]; do
         case $1 in
             --nat-a) [[ $# -ge 2 ]] || die "--nat-a needs a TYPE"; validate_type "$2"; NAT_A=$2; shift 2 ;;
@@ -280,13 +294,15 @@ parse_opts() {
             --loss) [[ $# -ge 2 && $2 =~ ^[0-9]+$ && $2 -le 100 ]] || die "--loss needs a percentage 0-100"; LOSS=$2; shift 2 ;;
             --rate) [[ $# -ge 2 && $2 =~ ^[0-9]+$ && $2 -ge 1 ]] || die "--rate needs a whole number of Mbit/s >= 1"; RATE=$2; shift 2 ;;
             --ipv6) IPV6=1; shift ;;
+            --router-hop) ROUTER_HOP=1; shift ;;
+            --no-input-firewall) INPUT_FIREWALL=0; shift ;;
             --) shift; REST=("$@"); return 0 ;;
             *) die "unknown option '$1' (see '$PROG help')" ;;
         esac
     done
     REST=()
-    if [[ $IPV6 -eq 1 && $((DOUBLE_NAT + SAME_NAT + PUBLIC_PEER)) -gt 0 ]]; then
-        die "--ipv6 builds the plain two-home lab only (no --double-nat, --same-nat or --public-peer)"
+    if [[ $IPV6 -eq 1 && $((DOUBLE_NAT + SAME_NAT + PUBLIC_PEER + ROUTER_HOP)) -gt 0 ]]; then
+        die "--ipv6 builds the plain two-home lab only (no --double-nat, --same-nat, --public-peer or --router-hop)"
     fi
 }
 
@@ -354,12 +370,34 @@ EOF
         make_lan_host "$RA" "$A2" l-a2 192.168.1.3 192.168.1.1
     fi
 
-    # home network B
+    # home network B, on the internet bridge or behind the hop router
+    local rb_wan=$RB_WAN_PUBLIC HOP=""
     new_ns "$RB"
     ip -n "$RB" link add lan0 type bridge stp_state 0 forward_delay 0
     ip -n "$RB" link set lan0 up
-    attach_public "$RB" wan0 "$RB_WAN_PUBLIC" p-rb
-    make_router "$RB" "$NAT_B" "$RB_WAN_PUBLIC" 192.168.2.1 192.168.2.2
+    if [[ $ROUTER_HOP -eq 1 ]]; then
+        HOP=$(ns_of "$id" hop)
+        rb_wan=$RB_WAN_FAR
+        new_ns "$HOP"
+        nsx "$HOP" sysctl -qw net.ipv4.ip_forward=1 >/dev/null
+        attach_public "$HOP" eth0 "$HOP_NEAR_IP" p-hop
+        ip -n "$INET" link add br1 type bridge stp_state 0 forward_delay 0
+        ip -n "$INET" link set br1 up
+        veth "$HOP" eth1 "$INET" p-hop1
+        ip -n "$INET" link set p-hop1 master br1
+        ip -n "$HOP" addr add "$HOP_FAR_IP/24" dev eth1
+        veth "$RB" wan0 "$INET" p-rb
+        ip -n "$INET" link set p-rb master br1
+        ip -n "$RB" addr add "$rb_wan/24" dev wan0
+        ip -n "$RB" route add default via "$HOP_FAR_IP"
+        local near
+        for near in "$RV" "$RA" ${PUB:+"$PUB"} ${CGN:+"$CGN"}; do
+            ip -n "$near" route add "$NET_FAR.0/24" via "$HOP_NEAR_IP"
+        done
+    else
+        attach_public "$RB" wan0 "$rb_wan" p-rb
+    fi
+    make_router "$RB" "$NAT_B" "$rb_wan" 192.168.2.1 192.168.2.2
     new_ns "$B"
     make_lan_host "$RB" "$B" l-b 192.168.2.2 192.168.2.1
 
@@ -393,6 +431,7 @@ EOF
     [[ -z $PUB ]] || host_list+=",pub"
     [[ -z $A2 ]] || host_list+=",a2"
     [[ -z $CGN ]] || host_list+=",cgn"
+    [[ -z $HOP ]] || host_list+=",hop"
 
     echo "LAB_ID=$id"
     echo "NS_PREFIX=nl-$id-"
@@ -414,11 +453,11 @@ EOF
     fi
     echo "NS_RB=$RB"
     echo "NAT_B=$NAT_B"
-    echo "RB_WAN_IP=$RB_WAN_PUBLIC"
+    echo "RB_WAN_IP=$rb_wan"
     echo "RB_LAN_IP=192.168.2.1"
     echo "NS_B=$B"
     echo "B_IP=192.168.2.2"
-    echo "B_PUBLIC_IP=$RB_WAN_PUBLIC"
+    echo "B_PUBLIC_IP=$rb_wan"
     if [[ -n $PUB ]]; then
         echo "NS_PUB=$PUB"
         echo "PUB_IP=$PUB_IP"
@@ -434,6 +473,12 @@ EOF
         echo "A_IP6=$NET6:1::2"
         echo "B_IP6=$NET6:2::2"
     fi
+    if [[ -n $HOP ]]; then
+        echo "NS_HOP=$HOP"
+        echo "HOP_NEAR_IP=$HOP_NEAR_IP"
+        echo "HOP_FAR_IP=$HOP_FAR_IP"
+    fi
+    echo "INPUT_FIREWALL=$INPUT_FIREWALL"
     echo "LOSS_PCT=$LOSS"
     echo "RATE_MBIT=${RATE:-0}"
 }
