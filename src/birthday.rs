@@ -138,6 +138,12 @@ pub enum BirthdayEvent {
         probes_sent: u32,
         sockets_opened: u16,
     },
+    /// Stopped before it found a path: the session found one without it,
+    /// or ended.
+    Stopped {
+        probes_sent: u32,
+        sockets_opened: u16,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -149,7 +155,8 @@ enum State {
         socket: LocalSocket,
         remote: SocketAddr,
     },
-    GaveUp,
+    /// Gave up or stopped: no sockets, nothing to send.
+    Over,
 }
 
 #[derive(Debug)]
@@ -298,21 +305,28 @@ impl Birthday {
     }
 
     fn give_up(&mut self) {
-        self.state = State::GaveUp;
-        if let Plan::Fan { .. } = self.plan {
-            self.requests.push(SocketRequest::Close { keep: None });
-        }
-        self.events.push(BirthdayEvent::GaveUp {
+        self.end(BirthdayEvent::GaveUp {
             probes_sent: self.probes_sent,
             sockets_opened: self.sockets_opened,
         });
+    }
+
+    fn end(&mut self, event: BirthdayEvent) {
+        self.state = State::Over;
+        if let Plan::Fan { .. } = self.plan {
+            self.requests.push(SocketRequest::Close { keep: None });
+        }
+        self.events.push(event);
     }
 
     /// The link no longer needs a direct path from this (it ended, or found
     /// one otherwise): stop and close the sockets.
     pub fn stop(&mut self) {
         if self.is_running() {
-            self.give_up();
+            self.end(BirthdayEvent::Stopped {
+                probes_sent: self.probes_sent,
+                sockets_opened: self.sockets_opened,
+            });
         }
     }
 
@@ -327,7 +341,7 @@ impl Birthday {
             State::Running if self.has_more_to_send() => Some(self.next_send.min(self.deadline())),
             State::Running => Some(self.deadline()),
             State::Opening => Some(self.deadline()),
-            State::Won { .. } | State::GaveUp => None,
+            State::Won { .. } | State::Over => None,
         }
     }
 

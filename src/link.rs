@@ -32,7 +32,9 @@ use crate::handshake::{Handshake, HandshakeError, HandshakeEvent, SessionKeys, T
 use crate::netcheck::{Probe, ProbeKind};
 use crate::paths::{Heard, MoveReason, PathEvent, PathStats, Paths, Route};
 use crate::pmtu::{Pmtu, BASE_DATAGRAM};
-use crate::punch::{CandidateKind, CandidateReport, Path, PunchConfig, PunchEvent, Puncher};
+use crate::punch::{
+    CandidateKind, CandidateReport, Path, PunchConfig, PunchEvent, Puncher, OPENING_TTL,
+};
 use crate::reliable::{self, Connection, MessageId, Migration, SendError};
 use crate::rendezvous_client::{RelayRoute, RendezvousClient, RendezvousConfig, RendezvousEvent};
 use crate::seal::{self, DataCipher, OpenError, Opener, Sealer};
@@ -142,6 +144,9 @@ pub struct Transmit {
     /// The socket it leaves from: the link's own, or the extra socket
     /// that port prediction found a path through.
     pub via: LocalSocket,
+    /// Its IP time to live (hop limit), when it must die on the way
+    /// (`None`: the socket's default).
+    pub ttl: Option<u32>,
 }
 
 impl Transmit {
@@ -150,6 +155,7 @@ impl Transmit {
             to,
             bytes,
             via: LocalSocket::Main,
+            ttl: None,
         }
     }
 }
@@ -657,7 +663,16 @@ impl Link {
                     nonce,
                 };
                 let bytes = probe.encode().expect("punch messages are small");
-                return Some(Transmit { to, bytes, via });
+                // The fan only opens the hard side's NAT; reaching the easy
+                // side's router would leave entries there that move its
+                // host's mapping (a router without an input firewall).
+                let ttl = matches!(via, LocalSocket::Extra(_)).then_some(OPENING_TTL);
+                return Some(Transmit {
+                    to,
+                    bytes,
+                    via,
+                    ttl,
+                });
             }
         }
         let mut transmit = self.next_transmit(now)?;
@@ -686,9 +701,12 @@ impl Link {
         if let Some(hello) = self.relay_hello(now) {
             return Some(hello);
         }
-        if let Some((to, message)) = self.puncher.as_mut().and_then(Puncher::poll_transmit) {
+        if let Some((to, message, ttl)) = self.puncher.as_mut().and_then(Puncher::poll_transmit) {
             let bytes = message.encode().expect("punch messages are small");
-            return Some(Transmit::new(to, bytes));
+            return Some(Transmit {
+                ttl,
+                ..Transmit::new(to, bytes)
+            });
         }
         loop {
             let (route, frame) = self.next_frame(now)?;

@@ -33,7 +33,19 @@ pub struct PunchConfig {
     /// How long the controlling peer waits after the first working candidate
     /// for a better one (a host path) before nominating.
     pub nomination_delay: Duration,
+    /// For this long from the start, probes to the other peer's public
+    /// candidates go out with [`OPENING_TTL`] only: they open this side's
+    /// NAT towards the other and die on the way, before they reach the
+    /// other NAT. A router without an input firewall that received a probe
+    /// before its own host sent would keep a conntrack entry for it, and
+    /// give its host's own probes another port (which the first NAT then
+    /// drops).
+    pub opening: Duration,
 }
+
+/// Time to live of the opening probes: past this host's own NAT (one hop),
+/// not as far as a router on the way.
+pub const OPENING_TTL: u32 = 2;
 
 impl Default for PunchConfig {
     fn default() -> Self {
@@ -43,6 +55,10 @@ impl Default for PunchConfig {
             max_interval: Duration::from_millis(500),
             timeout: Duration::from_secs(5),
             nomination_delay: Duration::from_millis(50),
+            // Two rounds: both sides' opening probes leave before either's
+            // full probes arrive, unless one learns of the introduction
+            // 40 ms later than the other.
+            opening: Duration::from_millis(40),
         }
     }
 }
@@ -158,7 +174,9 @@ pub struct Puncher {
     next_round: Instant,
     nominate_at: Option<Instant>,
     state: State,
-    transmits: VecDeque<(SocketAddr, PunchMessage)>,
+    /// What to send, where, and with what time to live (`None`: the
+    /// socket's).
+    transmits: VecDeque<(SocketAddr, PunchMessage, Option<u32>)>,
     events: VecDeque<PunchEvent>,
     /// Datagrams for another session or a stranger, ignored.
     pub ignored: u64,
@@ -281,7 +299,7 @@ impl Puncher {
         Some(next)
     }
 
-    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, PunchMessage)> {
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, PunchMessage, Option<u32>)> {
         self.transmits.pop_front()
     }
 
@@ -312,13 +330,14 @@ impl Puncher {
                         nonce,
                         observed: from,
                     },
+                    None,
                 ));
             }
             PunchMessage::ProbeAck { nonce, .. } => self.handle_probe_ack(now, from, nonce),
             PunchMessage::Nominate { .. } if self.state == State::Failed => self.ignored += 1,
             PunchMessage::Nominate { nonce, .. } => {
-                self.transmits
-                    .push_back((from, PunchMessage::NominateAck { session_id, nonce }));
+                let ack = PunchMessage::NominateAck { session_id, nonce };
+                self.transmits.push_back((from, ack, None));
                 if self.role == Role::Controlled && self.state == State::Probing {
                     let index = self.find_or_learn(from);
                     let kind = index.map_or(CandidateKind::PeerReflexive, |i| {
@@ -415,7 +434,7 @@ impl Puncher {
             nonce,
         };
         self.transmits
-            .push_back((self.candidates[candidate].report.addr, message));
+            .push_back((self.candidates[candidate].report.addr, message, None));
     }
 
     fn connect(&mut self, path: Path) {
@@ -440,14 +459,17 @@ impl Puncher {
             self.outstanding.pop_front();
         }
         self.outstanding.push_back((nonce, index, now));
+        let opening = now < self.started + self.config.opening;
         let candidate = &mut self.candidates[index];
         candidate.report.probes_sent += 1;
+        let ttl = (opening && candidate.report.kind != CandidateKind::Host).then_some(OPENING_TTL);
         self.transmits.push_back((
             candidate.report.addr,
             PunchMessage::Probe {
                 session_id: self.session_id,
                 nonce,
             },
+            ttl,
         ));
     }
 
@@ -532,13 +554,13 @@ mod tests {
                 self.b.handle_timeout(self.now);
                 for _ in 0..100 {
                     let mut moved = false;
-                    while let Some((to, message)) = self.a.poll_transmit() {
+                    while let Some((to, message, _)) = self.a.poll_transmit() {
                         moved = true;
                         if to == self.b_addr {
                             self.b.handle_message(self.now, self.a_addr, message);
                         }
                     }
-                    while let Some((to, message)) = self.b.poll_transmit() {
+                    while let Some((to, message, _)) = self.b.poll_transmit() {
                         moved = true;
                         if to == self.a_addr {
                             self.a.handle_message(self.now, self.b_addr, message);
@@ -676,7 +698,7 @@ mod tests {
         puncher.handle_message(now, peer, probe);
         assert!(matches!(
             puncher.poll_transmit(),
-            Some((_, PunchMessage::ProbeAck { .. }))
+            Some((_, PunchMessage::ProbeAck { .. }, None))
         ));
         assert!(puncher.heard_from_peer());
     }

@@ -75,6 +75,9 @@ pub struct Socket {
     /// The socket is IPv6 (dual-stack): IPv4 destinations go out as
     /// IPv4-mapped IPv6 addresses.
     ipv6: bool,
+    /// The socket's own time to live and hop limit, restored after a
+    /// datagram that must die on the way.
+    default_ttl: Ttl,
 }
 
 /// Where the datagrams in `send_buf` go and how they are cut.
@@ -96,6 +99,7 @@ impl Socket {
             tracing::debug!(%error, "SO_SNDBUF");
         }
         let ipv6 = io.local_addr()?.is_ipv6();
+        let default_ttl = Ttl::of(&io, ipv6);
         let slot_len = state.gro_segments() * MAX_DATAGRAM;
         let slots = (RECV_BUFFER / slot_len).clamp(1, BATCH_SIZE);
         Ok(Self {
@@ -107,6 +111,7 @@ impl Socket {
             batch: None,
             next: None,
             ipv6,
+            default_ttl,
         })
     }
 
@@ -167,8 +172,15 @@ impl Socket {
     /// the socket is full, or the budget is spent; never waits.
     pub fn send(&mut self, mut poll_transmit: impl FnMut() -> Option<Transmit>) -> Sent {
         for _ in 0..SEND_BATCHES {
-            if self.batch.is_none() && !self.fill(&mut poll_transmit) {
-                return Sent::Idle;
+            if self.batch.is_none() {
+                let Some(first) = self.next.take().or_else(&mut poll_transmit) else {
+                    return Sent::Idle;
+                };
+                if let Some(ttl) = first.ttl {
+                    self.send_with_ttl(&first, ttl);
+                    continue;
+                }
+                self.fill(first, &mut poll_transmit);
             }
             if self.send_batch().is_err() {
                 return Sent::Blocked;
@@ -194,13 +206,37 @@ impl Socket {
         }
     }
 
+    /// Sends one datagram with its own time to live, then restores the
+    /// socket's. A full socket loses it, as the network might.
+    fn send_with_ttl(&mut self, transmit: &Transmit, ttl: u32) {
+        let destination = self.destination(transmit.to);
+        let v4 = transmit.to.is_ipv4();
+        if let Err(error) = Ttl::set(&self.io, v4, ttl) {
+            tracing::debug!(%error, "setting the time to live");
+        }
+        if let Err(error) = self.io.try_send_to(&transmit.bytes, destination) {
+            tracing::debug!(to = %transmit.to, %error, "send");
+        }
+        if let Err(error) = self.default_ttl.restore(&self.io, v4) {
+            tracing::warn!(%error, "cannot restore the socket's time to live");
+        }
+    }
+
+    /// `to` as this socket sends to it: IPv4 as IPv4-mapped IPv6 on a
+    /// dual-stack socket.
+    fn destination(&self, to: SocketAddr) -> SocketAddr {
+        match to {
+            SocketAddr::V4(v4) if self.ipv6 => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            other => other,
+        }
+    }
+
     /// Takes datagrams from the link into the next batch while they can
     /// join one GSO send: to the same address, none longer than the first,
-    /// and only the last shorter. False if there is nothing to send.
-    fn fill(&mut self, poll_transmit: &mut impl FnMut() -> Option<Transmit>) -> bool {
-        let Some(first) = self.next.take().or_else(&mut *poll_transmit) else {
-            return false;
-        };
+    /// only the last shorter, and none with a time to live of its own.
+    fn fill(&mut self, first: Transmit, poll_transmit: &mut impl FnMut() -> Option<Transmit>) {
         let (to, segment) = (first.to, first.bytes.len());
         let max_segments = self
             .state
@@ -215,7 +251,7 @@ impl Socket {
             };
             let len = transmit.bytes.len();
             // An empty datagram would vanish in the buffer.
-            if transmit.to != to || len > segment || len == 0 {
+            if transmit.to != to || len > segment || len == 0 || transmit.ttl.is_some() {
                 self.next = Some(transmit);
                 break;
             }
@@ -230,7 +266,6 @@ impl Socket {
             segment,
             sent: 0,
         });
-        true
     }
 
     /// Sends the rest of the batch; fails only if the socket is full.
@@ -281,5 +316,42 @@ impl Socket {
                 return Ok(());
             }
         }
+    }
+}
+
+/// A socket's IPv4 time to live and IPv6 hop limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Ttl {
+    v4: u32,
+    v6: u32,
+}
+
+impl Ttl {
+    /// What `io` uses now (Linux's defaults where it cannot say).
+    pub fn of(io: &UdpSocket, ipv6: bool) -> Self {
+        let socket = socket2::SockRef::from(io);
+        Self {
+            v4: socket.ttl_v4().unwrap_or(64),
+            v6: if ipv6 {
+                socket.unicast_hops_v6().unwrap_or(64)
+            } else {
+                64
+            },
+        }
+    }
+
+    /// Sets the time to live of `io`'s IPv4 datagrams (IPv4-mapped ones on
+    /// a dual-stack socket too) or the hop limit of its IPv6 ones.
+    pub fn set(io: &UdpSocket, v4: bool, ttl: u32) -> io::Result<()> {
+        let socket = socket2::SockRef::from(io);
+        if v4 {
+            socket.set_ttl_v4(ttl)
+        } else {
+            socket.set_unicast_hops_v6(ttl)
+        }
+    }
+
+    pub fn restore(self, io: &UdpSocket, v4: bool) -> io::Result<()> {
+        Self::set(io, v4, if v4 { self.v4 } else { self.v6 })
     }
 }

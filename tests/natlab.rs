@@ -341,6 +341,43 @@ fn topology_cases() -> Vec<Case> {
     ]
 }
 
+/// Home routers without an input firewall and a router between the two
+/// NATs: a probe that reaches the other router before its host has sent
+/// would leave a conntrack entry there and move that host's mapping, so the
+/// first probes go out with a small TTL (they die at the router between).
+fn open_router_cases() -> Vec<Case> {
+    [
+        ("port-restricted", "port-restricted"),
+        ("port-restricted", "symmetric"),
+        ("symmetric", "port-restricted"),
+    ]
+    .into_iter()
+    .map(|(a, b)| {
+        let expect = expect_for(a, b);
+        Case {
+            name: format!("{a} x {b}, router hop, no input firewall"),
+            lab_args: [
+                "--nat-a",
+                a,
+                "--nat-b",
+                b,
+                "--router-hop",
+                "--no-input-firewall",
+            ]
+            .map(String::from)
+            .to_vec(),
+            hosts: ["a", "b"],
+            expect,
+            payload: SMALL_PAYLOAD,
+            timeout: SMALL_CASE_TIMEOUT,
+            punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
+            pace: (expect == Expect::DirectByPrediction).then_some(PREDICTION_PACE),
+            rendezvous_ipv6: false,
+        }
+    })
+    .collect()
+}
+
 /// Two symmetric NATs: 4 MiB each way through the relay, whose default rate
 /// (1 MiB/s per pair, both directions together) bounds the transfer.
 fn relayed_transfer_case() -> Case {
@@ -1569,6 +1606,20 @@ fn port_prediction_pairs() {
         );
     }
     assert_all_ok("port prediction", &summaries);
+}
+
+/// `NATTER_LAB_RUNS` times each (the figures in the notes are from 20).
+#[test]
+fn routers_without_an_input_firewall() {
+    if !natlab_available() {
+        return;
+    }
+    let _lock = lab_lock();
+    let summaries = run_suite(
+        "routers without an input firewall, a router between them",
+        open_router_cases(),
+    );
+    assert_all_ok("routers without an input firewall", &summaries);
 }
 
 #[test]

@@ -106,6 +106,20 @@ impl Reporter {
                     "port prediction found no path ({probes_sent} probes sent, {sockets_opened} extra sockets opened, all closed)"
                 ),
             ),
+            BirthdayEvent::Stopped {
+                probes_sent,
+                sockets_opened,
+            } => self.emit(
+                json!({
+                    "event": "port_prediction",
+                    "outcome": "stopped",
+                    "probes_sent": probes_sent,
+                    "sockets_opened": sockets_opened,
+                }),
+                format!(
+                    "port prediction stopped: not needed any more ({probes_sent} probes sent, {sockets_opened} extra sockets opened, all closed)"
+                ),
+            ),
         }
     }
 

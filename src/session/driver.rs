@@ -293,7 +293,9 @@ fn next_main_transmit(link: &mut Link, extras: &ExtraSockets) -> Option<Transmit
         let transmit = link.poll_transmit(Instant::now().into_std())?;
         match transmit.via {
             LocalSocket::Main => return Some(transmit),
-            LocalSocket::Extra(index) => extras.send(index, transmit.to, &transmit.bytes),
+            LocalSocket::Extra(index) => {
+                extras.send(index, transmit.to, &transmit.bytes, transmit.ttl)
+            }
         }
     }
 }

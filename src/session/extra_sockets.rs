@@ -10,6 +10,8 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::udp::Ttl;
+
 /// A datagram one of the extra sockets received.
 pub(super) struct Received {
     pub index: u16,
@@ -25,6 +27,7 @@ const RECV_BUFFER: usize = 1500;
 struct Extra {
     socket: Arc<UdpSocket>,
     receiver: JoinHandle<()>,
+    default_ttl: Ttl,
 }
 
 pub(super) struct ExtraSockets {
@@ -70,7 +73,12 @@ impl ExtraSockets {
                 }
             };
             let receiver = tokio::spawn(receive(index, Arc::clone(&socket), self.tx.clone()));
-            self.sockets.push(Some(Extra { socket, receiver }));
+            let default_ttl = Ttl::of(&socket, ip.is_ipv6());
+            self.sockets.push(Some(Extra {
+                socket,
+                receiver,
+                default_ttl,
+            }));
         }
         count
     }
@@ -89,14 +97,25 @@ impl ExtraSockets {
         }
     }
 
-    /// Sends `bytes` to `to` from socket `index`, if it is open; a full
-    /// socket loses the datagram, as the network might.
-    pub fn send(&self, index: u16, to: SocketAddr, bytes: &[u8]) {
+    /// Sends `bytes` to `to` from socket `index`, if it is open, with time
+    /// to live `ttl` if given; a full socket loses the datagram, as the
+    /// network might.
+    pub fn send(&self, index: u16, to: SocketAddr, bytes: &[u8], ttl: Option<u32>) {
         let Some(Some(extra)) = self.sockets.get(usize::from(index)) else {
             return;
         };
+        if let Some(ttl) = ttl {
+            if let Err(error) = Ttl::set(&extra.socket, to.is_ipv4(), ttl) {
+                tracing::debug!(%error, "setting the time to live");
+            }
+        }
         if let Err(error) = extra.socket.try_send_to(bytes, to) {
             tracing::debug!(%to, %error, "extra socket send");
+        }
+        if ttl.is_some() {
+            if let Err(error) = extra.default_ttl.restore(&extra.socket, to.is_ipv4()) {
+                tracing::warn!(%error, "cannot restore the socket's time to live");
+            }
         }
     }
 
