@@ -36,20 +36,26 @@ PROG=${0##*/}
 # ip/nft/tc usually live in sbin, which a non-login PATH may lack
 PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 STATE_DIR=/run/natlab
-NET_PUB=203.0.113
 NET6=2001:db8
-RV_IP=$NET_PUB.10
-RV_IP2=$NET_PUB.9
-PUB_IP=$NET_PUB.20
-RA_WAN_PUBLIC=$NET_PUB.11
-RB_WAN_PUBLIC=$NET_PUB.12
-CGN_WAN_IP=$NET_PUB.13
 CGN_LAN_IP=100.64.0.1
-NET_FAR=198.51.100
-HOP_NEAR_IP=$NET_PUB.1
-HOP_FAR_IP=$NET_FAR.1
-RB_WAN_FAR=$NET_FAR.12
 RA_WAN_CGN=100.64.0.2
+
+# The internet's addresses: documentation ranges, or with --upnp addresses
+# outside every reserved range (miniupnpd will not map ports on a reserved
+# WAN address). The lab has no route out, so none of them is ever reached.
+set_addresses() { # NET_PUB NET_FAR
+    NET_PUB=$1 NET_FAR=$2
+    RV_IP=$NET_PUB.10
+    RV_IP2=$NET_PUB.9
+    PUB_IP=$NET_PUB.20
+    RA_WAN_PUBLIC=$NET_PUB.11
+    RB_WAN_PUBLIC=$NET_PUB.12
+    CGN_WAN_IP=$NET_PUB.13
+    HOP_NEAR_IP=$NET_PUB.1
+    HOP_FAR_IP=$NET_FAR.1
+    RB_WAN_FAR=$NET_FAR.12
+}
+set_addresses 203.0.113 198.51.100
 NAT_TYPES="full-cone address-restricted port-restricted symmetric"
 MAP_TIMEOUT=300s   # lifetime of a cone mapping/permission after the last outbound packet
 
@@ -88,6 +94,11 @@ Options:
                     routers without the input rule that drops what the
                     internet starts (many home routers): a datagram for the
                     router itself leaves a conntrack entry behind
+  --port-mapping P  router A runs miniupnpd for its LAN, speaking P: upnp
+                    (UPnP-IGD), pcp (PCP and NAT-PMP) or all; the internet
+                    then uses 11.0.113.0/24 (and 11.0.114.0/24 behind
+                    --router-hop), since miniupnpd refuses reserved WAN
+                    addresses
   --ipv6            dual-stack lab: IPv6 everywhere besides IPv4, routers with
                     a stateful IPv6 firewall (not with --double-nat/--same-nat/
                     --public-peer)
@@ -132,7 +143,7 @@ teardown() { # LAB_ID
     for ns in $(lab_namespaces "$id"); do
         ip netns del "$ns" 2>/dev/null || log "could not delete namespace $ns"
     done
-    rm -f "$STATE_DIR/$id.env"
+    rm -f "$STATE_DIR/$id.env" "$STATE_DIR/$id-miniupnpd.conf" "$STATE_DIR/$id-miniupnpd.log"
 }
 
 # ---------------------------------------------------------------- building --
@@ -266,6 +277,54 @@ make_router() { # NS TYPE WAN_IP LAN_IP HOSTS...
     nat_ruleset "$type" wan0 lan0 "$wan_ip" "$@" | nsx "$ns" nft -f -
 }
 
+# miniupnpd on router NS for its LAN 192.168.1.0/24, with the nftables
+# chains its backend fills (table inet filter): its DNAT and SNAT rules run
+# just before the router's own NAT, so a mapped port keeps its number both
+# ways.
+start_miniupnpd() { # NS LAB_ID PROTOCOLS
+    local ns=$1 id=$2 upnp=yes pcp=yes conf
+    case $3 in upnp) pcp=no ;; pcp) upnp=no ;; esac
+    command -v miniupnpd >/dev/null 2>&1 || die "--port-mapping needs miniupnpd (Debian package miniupnpd-nftables)"
+    nsx "$ns" nft -f - <<EOF
+table inet filter {
+  chain forward {
+    type filter hook forward priority filter - 1; policy accept;
+    jump miniupnpd
+  }
+  chain miniupnpd {
+  }
+  chain prerouting {
+    type nat hook prerouting priority dstnat - 1; policy accept;
+    jump prerouting_miniupnpd
+  }
+  chain prerouting_miniupnpd {
+  }
+  chain postrouting {
+    type nat hook postrouting priority srcnat - 1; policy accept;
+    jump postrouting_miniupnpd
+  }
+  chain postrouting_miniupnpd {
+  }
+}
+EOF
+    mkdir -p "$STATE_DIR"
+    conf=$STATE_DIR/$id-miniupnpd.conf
+    cat >"$conf" <<EOF
+ext_ifname=wan0
+listening_ip=lan0
+http_port=0
+enable_natpmp=$pcp
+enable_upnp=$upnp
+secure_mode=yes
+system_uptime=yes
+uuid=4e61e1a5-0000-4000-8000-$(printf '%012x' $$)
+allow 1024-65535 192.168.1.0/24 1024-65535
+deny 0-65535 0.0.0.0/0 0-65535
+EOF
+    # background, in the router's namespace; "down" kills it with the lab
+    nsx "$ns" miniupnpd -f "$conf" -d </dev/null >"$STATE_DIR/$id-miniupnpd.log" 2>&1 &
+}
+
 make_lan_host() { # ROUTER_NS HOST_NS PORT_ON_ROUTER_LAN_BRIDGE ADDR GATEWAY
     local rns=$1 hns=$2 port=$3 addr=$4 gw=$5
     veth "$hns" eth0 "$rns" "$port"
@@ -282,7 +341,7 @@ validate_type() {
 
 parse_opts() {
     NAT_A=port-restricted NAT_B=port-restricted NAT_CGN=port-restricted
-    PUBLIC_PEER=0 SAME_NAT=0 DOUBLE_NAT=0 LOSS=0 RATE="" IPV6=0 ROUTER_HOP=0 INPUT_FIREWALL=1
+    PUBLIC_PEER=0 SAME_NAT=0 DOUBLE_NAT=0 LOSS=0 RATE="" IPV6=0 ROUTER_HOP=0 INPUT_FIREWALL=1 PORT_MAPPING=
     while [[ $# -gt 0 ]]; do
         case $1 in
             --nat-a) [[ $# -ge 2 ]] || die "--nat-a needs a TYPE"; validate_type "$2"; NAT_A=$2; shift 2 ;;
@@ -295,12 +354,18 @@ parse_opts() {
             --rate) [[ $# -ge 2 && $2 =~ ^[0-9]+$ && $2 -ge 1 ]] || die "--rate needs a whole number of Mbit/s >= 1"; RATE=$2; shift 2 ;;
             --ipv6) IPV6=1; shift ;;
             --router-hop) ROUTER_HOP=1; shift ;;
+            --port-mapping)
+                [[ $# -ge 2 && $2 =~ ^(upnp|pcp|all)$ ]] || die "--port-mapping needs upnp, pcp or all"
+                PORT_MAPPING=$2; set_addresses 11.0.113 11.0.114; shift 2 ;;
             --no-input-firewall) INPUT_FIREWALL=0; shift ;;
             --) shift; REST=("$@"); return 0 ;;
             *) die "unknown option '$1' (see '$PROG help')" ;;
         esac
     done
     REST=()
+    if [[ -n $PORT_MAPPING && $DOUBLE_NAT -eq 1 ]]; then
+        die "--port-mapping needs router A on the internet (not with --double-nat)"
+    fi
     if [[ $IPV6 -eq 1 && $((DOUBLE_NAT + SAME_NAT + PUBLIC_PEER + ROUTER_HOP)) -gt 0 ]]; then
         die "--ipv6 builds the plain two-home lab only (no --double-nat, --same-nat, --public-peer or --router-hop)"
     fi
@@ -362,6 +427,7 @@ EOF
     local a_hosts=(192.168.1.2)
     [[ $SAME_NAT -eq 1 ]] && a_hosts+=(192.168.1.3)
     make_router "$RA" "$NAT_A" "$ra_wan" 192.168.1.1 "${a_hosts[@]}"
+    [[ -z $PORT_MAPPING ]] || start_miniupnpd "$RA" "$id" "$PORT_MAPPING"
     new_ns "$A"
     make_lan_host "$RA" "$A" l-a 192.168.1.2 192.168.1.1
     if [[ $SAME_NAT -eq 1 ]]; then
@@ -479,6 +545,7 @@ EOF
         echo "HOP_FAR_IP=$HOP_FAR_IP"
     fi
     echo "INPUT_FIREWALL=$INPUT_FIREWALL"
+    echo "PORT_MAPPING=$PORT_MAPPING"
     echo "LOSS_PCT=$LOSS"
     echo "RATE_MBIT=${RATE:-0}"
 }

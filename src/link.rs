@@ -234,6 +234,8 @@ pub struct Link {
     role: Role,
     /// How this peer's NAT maps, as the gathering found.
     nat: NatMapping,
+    /// A port this peer's gateway forwards to its socket, if it has one.
+    mapped: Option<SocketAddr>,
     /// Port prediction for an easy↔hard pair, from the introduction until
     /// it wins or gives up; then the winning socket's route.
     birthday: Option<Birthday>,
@@ -296,6 +298,7 @@ impl Link {
             local_secret,
             role: Role::Controlled,
             nat: NatMapping::Unknown,
+            mapped: None,
             birthday: None,
             puncher: None,
             phase,
@@ -353,6 +356,15 @@ impl Link {
                 reason: CloseReason::BeforeConnected,
             }),
         }
+    }
+
+    /// The gateway forwards `mapped` to this peer's socket now (or no
+    /// longer): the rendezvous hears of it now and introduces the peers
+    /// again, so that the other one tries it.
+    pub fn set_port_mapping(&mut self, now: Instant, mapped: Option<SocketAddr>) {
+        self.now = now;
+        self.mapped = mapped;
+        self.rendezvous.set_mapped(now, mapped);
     }
 
     /// This host's own addresses changed: the rendezvous hears of the new
@@ -859,7 +871,16 @@ impl Link {
                     reflexive,
                     host_candidates,
                     nat,
-                } => self.introduced(now, session_id, role, reflexive, host_candidates, nat),
+                    mapped,
+                } => {
+                    let others = OtherPeer {
+                        reflexive,
+                        host_candidates,
+                        nat,
+                        mapped,
+                    };
+                    self.introduced(now, session_id, role, others)
+                }
                 // With a session up, the rendezvous is a way back should the
                 // path fail, not a reason to end.
                 RendezvousEvent::Failed(_) if self.secured().is_some() => {}
@@ -958,19 +979,22 @@ impl Link {
         self.events.extend(changes);
     }
 
-    fn introduced(
-        &mut self,
-        now: Instant,
-        session_id: u64,
-        role: Role,
-        reflexive: SocketAddr,
-        host_candidates: Vec<SocketAddr>,
-        nat: Option<NatMapping>,
-    ) {
+    fn introduced(&mut self, now: Instant, session_id: u64, role: Role, other: OtherPeer) {
+        let OtherPeer {
+            reflexive,
+            host_candidates,
+            nat,
+            mapped,
+        } = other;
         let candidates: Vec<_> = host_candidates
             .into_iter()
             .filter(|&addr| addr != reflexive)
             .map(|addr| (addr, CandidateKind::Host))
+            .chain(
+                mapped
+                    .filter(|&m| m != reflexive)
+                    .map(|m| (m, CandidateKind::PortMapped)),
+            )
             .chain([(reflexive, CandidateKind::Reflexive)])
             .collect();
         match &mut self.phase {
@@ -997,11 +1021,20 @@ impl Link {
         });
         let mut punch = self.config.punch.clone();
         let their_nat = nat.unwrap_or(NatMapping::Unknown);
-        if let Some(plan) = Plan::for_pair(self.nat, their_nat, reflexive) {
-            let birthday = Birthday::new(now, plan, self.seed ^ session_id);
-            // Without a relay, punching waits for port prediction to end.
-            punch.timeout = punch.timeout.max(birthday.deadline() - now);
-            self.birthday = Some(birthday);
+        let plan = Plan::for_pair(self.nat, their_nat, reflexive);
+        // A port mapping on either side is a known way in: no prediction.
+        let mapped = self.mapped.is_some() || mapped.is_some();
+        match (&mut self.birthday, plan) {
+            (Some(birthday), _) if mapped => birthday.stop(),
+            (None, Some(plan)) if !mapped => {
+                let birthday = Birthday::new(now, plan, self.seed ^ session_id);
+                // Without a relay, punching waits for port prediction to end.
+                punch.timeout = punch.timeout.max(birthday.deadline() - now);
+                self.birthday = Some(birthday);
+            }
+            // Introduced again while predicting: it goes on, with the new
+            // session's probes.
+            _ => {}
         }
         self.puncher = Some(Puncher::new(
             now,
@@ -1134,6 +1167,14 @@ impl Link {
         }
         self.events.push_back(event);
     }
+}
+
+/// What the rendezvous told of the other peer in an introduction.
+struct OtherPeer {
+    reflexive: SocketAddr,
+    host_candidates: Vec<SocketAddr>,
+    nat: Option<NatMapping>,
+    mapped: Option<SocketAddr>,
 }
 
 /// When to stop waiting for the acknowledgement of our CLOSE once

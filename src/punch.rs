@@ -68,6 +68,8 @@ impl Default for PunchConfig {
 pub enum CandidateKind {
     /// An interface address of the other peer (same LAN).
     Host,
+    /// A port its gateway forwards to it (UPnP-IGD, PCP, NAT-PMP).
+    PortMapped,
     /// The other peer's address as the rendezvous saw it.
     Reflexive,
     /// An address the other peer's probes came from that it did not know.
@@ -80,6 +82,7 @@ impl CandidateKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Host => "host",
+            Self::PortMapped => "port-mapped",
             Self::Reflexive => "reflexive",
             Self::PeerReflexive => "peer-reflexive",
             Self::Relayed => "relayed",

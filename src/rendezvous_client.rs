@@ -81,6 +81,8 @@ pub enum RendezvousEvent {
         host_candidates: Vec<SocketAddr>,
         /// How the other peer's NAT maps, if it said.
         nat: Option<NatMapping>,
+        /// The other peer's port mapping, if it has one.
+        mapped: Option<SocketAddr>,
     },
     Failed(ConnectError),
 }
@@ -117,6 +119,8 @@ pub struct RendezvousClient {
     host_candidates: Vec<SocketAddr>,
     /// How this peer's NAT maps, sent with every Register.
     nat: Option<NatMapping>,
+    /// This peer's port mapping at its gateway, sent with every Register.
+    mapped: Option<SocketAddr>,
     nonce: u64,
     token: Option<u64>,
     /// From the server's last `Busy`: sent with every Register after it.
@@ -159,6 +163,7 @@ impl RendezvousClient {
             room,
             host_candidates,
             nat: None,
+            mapped: None,
             nonce,
             token: None,
             cookie: None,
@@ -259,6 +264,7 @@ impl RendezvousClient {
                 other_reflexive,
                 other_host_candidates,
                 other_nat,
+                other_mapped,
             } if self.state == State::Registered && self.introduced != Some(session_id) => {
                 self.introduced = Some(session_id);
                 self.events.push_back(RendezvousEvent::Introduced {
@@ -267,6 +273,7 @@ impl RendezvousClient {
                     reflexive: other_reflexive,
                     host_candidates: other_host_candidates,
                     nat: other_nat,
+                    mapped: other_mapped,
                 });
             }
             ServerMessage::Busy {
@@ -399,6 +406,17 @@ impl RendezvousClient {
         }
     }
 
+    /// The gateway forwards `mapped` to this peer's socket now (or no
+    /// longer): the next registration says so, and the server introduces
+    /// the peers again so that the other one tries it.
+    pub fn set_mapped(&mut self, now: Instant, mapped: Option<SocketAddr>) {
+        if mapped != self.mapped {
+            self.mapped = mapped;
+            self.refresh_now(now);
+            // Not registered yet: the first Register carries it.
+        }
+    }
+
     /// Tells the server we are done and stops all traffic to it.
     pub fn leave(&mut self) {
         if let (Some(peer_token), State::Registered) = (self.token, self.state) {
@@ -436,6 +454,7 @@ impl RendezvousClient {
             claim: self.config.claim && self.introduced.is_none(),
             cookie: self.cookie,
             nat: self.nat,
+            mapped: self.mapped,
         });
         self.transmits.push_back(
             register
@@ -569,6 +588,7 @@ mod tests {
             other_reflexive: "203.0.113.9:9".parse().unwrap(),
             other_host_candidates: vec![],
             other_nat: None,
+            other_mapped: None,
         }
         .encode()
         .unwrap();
@@ -687,6 +707,7 @@ mod tests {
                 other_reflexive: "203.0.113.9:9".parse().unwrap(),
                 other_host_candidates: vec![],
                 other_nat: None,
+                other_mapped: None,
             }
             .encode()
             .unwrap()

@@ -216,6 +216,11 @@ enum Expect {
     /// its budgets, and the extra sockets closed after it), directly or
     /// after starting on the relay.
     DirectByPrediction,
+    /// Router A maps a port for host a (`--port-mapping`): host b reaches
+    /// a at the mapped address (a `port-mapped` path), directly or after
+    /// starting on the relay, and no mapping is left at the router after
+    /// both exited.
+    DirectByPortMapping,
 }
 
 impl Expect {
@@ -227,6 +232,7 @@ impl Expect {
             Expect::DirectIpv6 => "direct/ipv6",
             Expect::DirectEventually => "direct*",
             Expect::DirectByPrediction => "direct/predicted",
+            Expect::DirectByPortMapping => "direct/mapped",
             Expect::Relayed => "relayed",
             Expect::PunchFailed => "punch_failed",
         }
@@ -376,6 +382,36 @@ fn open_router_cases() -> Vec<Case> {
         }
     })
     .collect()
+}
+
+/// Two symmetric NATs, router A running miniupnpd with one protocol family
+/// each time: UPnP-IGD, then PCP and NAT-PMP.
+fn port_mapping_cases() -> Vec<Case> {
+    ["upnp", "pcp"]
+        .into_iter()
+        .map(|protocols| Case {
+            name: format!("symmetric x symmetric, router A maps ports ({protocols})"),
+            lab_args: [
+                "--nat-a",
+                "symmetric",
+                "--nat-b",
+                "symmetric",
+                "--port-mapping",
+                protocols,
+            ]
+            .map(String::from)
+            .to_vec(),
+            hosts: ["a", "b"],
+            expect: Expect::DirectByPortMapping,
+            payload: SMALL_PAYLOAD,
+            timeout: SMALL_CASE_TIMEOUT,
+            punch_timeout_ms: Some(PUNCH_TIMEOUT_MS),
+            // Until the mapping is made and tried, even if the session
+            // started on the relay.
+            pace: Some(PREDICTION_PACE),
+            rendezvous_ipv6: false,
+        })
+        .collect()
 }
 
 /// Two symmetric NATs: 4 MiB each way through the relay, whose default rate
@@ -947,6 +983,17 @@ fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
     let rv_log = rv.stop();
 
     let mut failures = Vec::new();
+    if lab.opt_var("PORT_MAPPING").is_some_and(|p| !p.is_empty()) {
+        // Both peers exited: whatever they mapped must be gone.
+        let rules = lab.exec_ok(
+            "ra",
+            "nft",
+            ["list", "chain", "inet", "filter", "prerouting_miniupnpd"],
+        );
+        if rules.contains("dnat") {
+            failures.push(format!("a port mapping was left at router A:\n{rules}"));
+        }
+    }
     for (i, p) in outcomes.iter().enumerate() {
         let other = &outcomes[1 - i];
         check_peer(&lab, case, p, other, &mut failures);
@@ -958,6 +1005,7 @@ fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
             Expect::DirectIpv6 => "direct/ipv6".to_string(),
             Expect::DirectEventually => "direct".to_string(),
             Expect::DirectByPrediction => "direct/predicted".to_string(),
+            Expect::DirectByPortMapping => "direct/mapped".to_string(),
             Expect::Relayed => "relayed".to_string(),
             Expect::PunchFailed => "punch_failed".to_string(),
         }
@@ -1019,6 +1067,15 @@ fn check_peer(
     if case.expect == Expect::DirectByPrediction {
         check_prediction(p, &mut fail);
     }
+    if case.expect == Expect::DirectByPortMapping && me == "b" {
+        let port_mapped = p.events.iter().any(|(_, e)| {
+            matches!(e["event"].as_str(), Some("connected" | "path_changed"))
+                && e["via"] == "port-mapped"
+        });
+        if !port_mapped {
+            fail("never on a port-mapped path to the other peer".into());
+        }
+    }
     if p.status.is_none() {
         fail(format!(
             "did not exit within {:.0} s (killed)",
@@ -1061,11 +1118,14 @@ fn check_peer(
         Expect::Direct { .. }
         | Expect::DirectEventually
         | Expect::DirectByPrediction
+        | Expect::DirectByPortMapping
         | Expect::Relayed => {
             let relayed = case.expect == Expect::Relayed;
             let via = match case.expect {
                 Expect::Direct { via } => via,
-                Expect::DirectEventually | Expect::DirectByPrediction => None,
+                Expect::DirectEventually
+                | Expect::DirectByPrediction
+                | Expect::DirectByPortMapping => None,
                 _ => Some("relayed"),
             };
             if relayed {
@@ -1092,7 +1152,9 @@ fn check_peer(
                         .any(|(_, e)| e["event"] == "path_changed" && e["path"] == "direct");
                     let relay_first = matches!(
                         case.expect,
-                        Expect::DirectEventually | Expect::DirectByPrediction
+                        Expect::DirectEventually
+                            | Expect::DirectByPrediction
+                            | Expect::DirectByPortMapping
                     ) && c["path"] == "relayed"
                         && moved_direct_later;
                     if c["path"] != want_path && !relay_first {
@@ -1102,7 +1164,14 @@ fn check_peer(
                         ));
                     }
                     let got_via = c["via"].as_str().unwrap_or("");
-                    if !["host", "reflexive", "peer-reflexive", "relayed"].contains(&got_via) {
+                    let vias = [
+                        "host",
+                        "port-mapped",
+                        "reflexive",
+                        "peer-reflexive",
+                        "relayed",
+                    ];
+                    if !vias.contains(&got_via) {
                         fail(format!("connected with via {}", c["via"]));
                     }
                     if let Some(want) = via {
@@ -1606,6 +1675,17 @@ fn port_prediction_pairs() {
         );
     }
     assert_all_ok("port prediction", &summaries);
+}
+
+/// `NATTER_LAB_RUNS` times each.
+#[test]
+fn port_mapping_pairs() {
+    if !natlab_available() {
+        return;
+    }
+    let _lock = lab_lock();
+    let summaries = run_suite("port mapping (miniupnpd at router A)", port_mapping_cases());
+    assert_all_ok("port mapping", &summaries);
 }
 
 /// `NATTER_LAB_RUNS` times each (the figures in the notes are from 20).

@@ -186,6 +186,12 @@ fn netcheck_names_the_behaviour_of_every_nat_type() {
             assert_eq!(v4["allocation"]["kind"], "random", "{context}");
         }
         assert_eq!(v4["hairpin"], false, "no lab router hairpins: {context}");
+        let none =
+            serde_json::json!({"upnp": false, "pcp": false, "nat_pmp": false, "mapped": null});
+        assert_eq!(
+            report["port_mapping"], none,
+            "no lab router maps ports: {context}"
+        );
         assert_eq!(rfc5780_name(their_mapping), mapping, "stun-client, {nat}");
         assert_eq!(
             rfc5780_filtering_name(their_filtering),
@@ -230,5 +236,40 @@ fn netcheck_tells_a_rendezvous_without_a_second_address_apart() {
     assert_eq!(v4["mapping"], "unknown", "{report}");
     assert_eq!(v4["server_other"], Value::Null, "{report}");
     assert!(v4["reflexive"].is_string(), "{report}");
+    lab.down().expect("lab teardown");
+}
+
+/// Router A runs miniupnpd: netcheck finds UPnP-IGD, PCP and NAT-PMP, gets
+/// a test mapping at A's public address, and releases it.
+#[test]
+fn netcheck_reports_the_gateways_port_mapping() {
+    if !natlab_available() {
+        return;
+    }
+    let _guard = lab_lock();
+    let bins = Binaries::find();
+    let lab = Lab::up(&["--nat-a", "symmetric", "--port-mapping", "all"]);
+    let mut rendezvous = start_rendezvous(&lab, &bins);
+    let report = netcheck(&lab, &bins, "a");
+    let _ = rendezvous.terminate(Duration::from_secs(2));
+    let mapping = &report["port_mapping"];
+    for protocol in ["upnp", "pcp", "nat_pmp"] {
+        assert_eq!(mapping[protocol], true, "{protocol}: {report}");
+    }
+    let mapped: SocketAddr = mapping["mapped"]
+        .as_str()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("no mapped address: {report}"));
+    assert_eq!(mapped.ip().to_string(), lab.var("A_PUBLIC_IP"), "{report}");
+    let rules = lab.exec_ok(
+        "ra",
+        "nft",
+        ["list", "chain", "inet", "filter", "prerouting_miniupnpd"],
+    );
+    assert!(
+        !rules.contains("dnat"),
+        "the test mapping was left behind:\n{rules}"
+    );
+    eprintln!("netcheck with miniupnpd: {mapping}");
     lab.down().expect("lab teardown");
 }

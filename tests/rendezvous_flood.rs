@@ -113,6 +113,7 @@ fn register(rng: &mut StdRng) -> Vec<u8> {
         claim: false,
         cookie: None,
         nat: None,
+        mapped: None,
     })
     .encode()
     .unwrap()

@@ -68,6 +68,7 @@ fn register(i: u32) -> Vec<u8> {
         claim: false,
         cookie: None,
         nat: None,
+        mapped: None,
     })
     .encode()
     .unwrap()

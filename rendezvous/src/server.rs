@@ -123,6 +123,8 @@ struct Member {
     /// How its NAT maps, as it said; `None` from a build that does not say
     /// (and cannot read the other peer's either).
     nat: Option<NatMapping>,
+    /// Its port mapping, as it said.
+    mapped: Option<SocketAddr>,
     last_seen: Instant,
     /// Sent a relay request with its token from `reflexive`: it wants relayed
     /// frames and receives them there.
@@ -490,6 +492,7 @@ impl Server {
             claim,
             cookie: _,
             nat,
+            mapped,
         } = register;
         let members = self
             .rooms
@@ -513,17 +516,22 @@ impl Server {
                 .expect("the member was found above");
             let member = &mut room.members[index];
             let rebound = member.reflexive != from;
+            // A port mapping that appeared (or changed) after the peer
+            // registered is a new way in: the other peer must hear of it.
+            let newly_mapped = mapped.is_some() && member.mapped != mapped;
             member.reflexive = from;
             member.via = via;
             member.host_candidates = host_candidates.into_boxed_slice();
             member.nat = nat;
+            member.mapped = mapped;
             member.last_seen = now;
             let token = member.token;
             self.stats.accepted += 1;
             self.registered(via, from, client_nonce, token);
-            if rebound {
-                // The peer's NAT gave it a new mapping: both sides must
-                // punch again towards the new address.
+            if rebound || newly_mapped {
+                // The peer's NAT gave it a new mapping, or its gateway a
+                // port mapping: both sides must punch again towards the new
+                // address.
                 self.introduce(&code);
             } else {
                 // Repeat the introduction in case it was lost.
@@ -549,6 +557,7 @@ impl Server {
             via,
             host_candidates: host_candidates.into_boxed_slice(),
             nat,
+            mapped,
             last_seen: now,
             relaying: false,
         });
@@ -627,6 +636,7 @@ impl Server {
             other_reflexive: other.reflexive,
             other_host_candidates: other.host_candidates.to_vec(),
             other_nat: me.nat.map(|_| other.nat.unwrap_or(NatMapping::Unknown)),
+            other_mapped: me.nat.and(other.mapped),
         };
         let (via, to) = (me.via, me.reflexive);
         self.send_message(via, to, &message);
@@ -720,6 +730,7 @@ mod tests {
             claim: false,
             cookie: None,
             nat: None,
+            mapped: None,
         })
     }
 
@@ -789,6 +800,7 @@ mod tests {
                     other_reflexive,
                     other_host_candidates,
                     other_nat: None,
+                    other_mapped: None,
                 } => (
                     *to,
                     *session_id,
@@ -1235,7 +1247,7 @@ mod tests {
         while bytes.last() == Some(&0) {
             bytes.pop();
         }
-        bytes.extend([0, 0, 0, 0]); // `peer_token`, `claim`, `cookie` and `nat`
+        bytes.extend([0, 0, 0, 0, 0]); // `peer_token`, `claim`, `cookie`, `nat`, `mapped`
         assert!(h.send_raw(A, &bytes).is_empty());
         assert_eq!(h.server.stats().dropped(DropReason::Unpadded), 1);
     }
@@ -1263,6 +1275,7 @@ mod tests {
                 claim: false,
                 cookie: None,
                 nat: None,
+                mapped: None,
             })
         };
         let a = "[2001:db8:1::1]:65535";

@@ -67,6 +67,7 @@ fn valid_register(rng: &mut StdRng) -> Vec<u8> {
         claim: false,
         cookie: None,
         nat: None,
+        mapped: None,
     })
     .encode()
     .unwrap()
@@ -146,6 +147,7 @@ async fn survives_a_flood_of_hostile_datagrams() {
         claim: false,
         cookie: None,
         nat: None,
+        mapped: None,
     });
     peer.send_to(&register.encode().unwrap(), target)
         .await

@@ -54,7 +54,8 @@ enum Command {
     #[command(subcommand)]
     Contacts(contacts::ContactsCommand),
     /// Find out how this host's NAT behaves (mapping, filtering, port
-    /// allocation, hairpinning), by asking the rendezvous.
+    /// allocation, hairpinning), by asking the rendezvous, and which port
+    /// mapping protocols the gateway speaks.
     Netcheck {
         /// Rendezvous server, HOST:PORT.
         #[arg(long, env = "NATTER_RENDEZVOUS")]
@@ -105,6 +106,11 @@ struct ConnectArgs {
     /// direct path (relayed traffic stays end-to-end encrypted either way).
     #[arg(long)]
     no_relay: bool,
+    /// Do not ask the gateway for a port mapping (UPnP-IGD, PCP, NAT-PMP);
+    /// by default one is asked for, offered to the other peer and deleted
+    /// on exit.
+    #[arg(long)]
+    no_port_mapping: bool,
     /// Status as one JSON object per line on stderr.
     #[arg(long)]
     json: bool,
@@ -197,6 +203,7 @@ async fn connect(args: ConnectArgs, reporter: Reporter) -> anyhow::Result<Sessio
         let builder = Peer::builder()
             .rendezvous(args.rendezvous.clone())
             .bind(args.bind)
+            .port_mapping(!args.no_port_mapping)
             .config(config.clone())
             .identity(Identity::load_or_create(&home)?);
         let builder = match &meeting {

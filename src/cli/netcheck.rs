@@ -1,6 +1,7 @@
 //! `natter netcheck`: how this host's NAT behaves, asked of the rendezvous.
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use natter::netcheck::{Allocation, Filtering, Mapping, NatReport, Probe, ProbeKind};
@@ -22,6 +23,11 @@ pub async fn run(rendezvous: &str, json: bool) -> Result<()> {
         };
         results.push((family, server, result));
     }
+    // Not for a rendezvous on this machine: there is no gateway to ask.
+    let port_mapping = match addrs.first() {
+        Some(addr) if !addr.ip().is_loopback() => Some(check_port_mapping().await?),
+        _ => None,
+    };
     if json {
         let mut object = serde_json::Map::new();
         for (family, _, result) in &results {
@@ -32,11 +38,16 @@ pub async fn run(rendezvous: &str, json: bool) -> Result<()> {
             };
             object.insert((*family).to_owned(), value);
         }
+        object.insert(
+            "port_mapping".to_owned(),
+            serde_json::to_value(&port_mapping)?,
+        );
         println!("{}", serde_json::Value::Object(object));
     } else {
         for (family, server, result) in &results {
             print_family(family, *server, result);
         }
+        print_port_mapping(port_mapping.as_ref());
     }
     let answered = results
         .iter()
@@ -48,6 +59,75 @@ pub async fn run(rendezvous: &str, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What the gateway offers for port mapping.
+#[derive(Debug, serde::Serialize)]
+struct PortMappingReport {
+    upnp: bool,
+    pcp: bool,
+    nat_pmp: bool,
+    /// The public address a test mapping got (released again at once).
+    mapped: Option<SocketAddr>,
+}
+
+/// How long a test mapping may take to appear.
+const MAPPING_WAIT: Duration = Duration::from_secs(3);
+
+/// Asks the gateway which port mapping protocols it speaks, and for a
+/// mapping of a fresh socket's port, which it releases again.
+async fn check_port_mapping() -> Result<PortMappingReport> {
+    let client = portmapper::Client::new(portmapper::Config::default());
+    let probe = client
+        .probe()
+        .await
+        .context("the port mapping service stopped")?;
+    let (upnp, pcp, nat_pmp) = match probe {
+        Ok(found) => (found.upnp, found.pcp, found.nat_pmp),
+        Err(error) => {
+            tracing::debug!(%error, "port mapping probe");
+            (false, false, false)
+        }
+    };
+    let mut mapped = None;
+    if upnp || pcp || nat_pmp {
+        let socket = UdpSocket::bind("0.0.0.0:0").await?;
+        let port = std::num::NonZeroU16::new(socket.local_addr()?.port())
+            .context("the system gave the socket port 0")?;
+        let mut external = client.watch_external_address();
+        client.update_local_port(port);
+        if let Ok(Ok(addr)) =
+            tokio::time::timeout(MAPPING_WAIT, external.wait_for(Option::is_some)).await
+        {
+            mapped = addr.map(SocketAddr::V4);
+        }
+        natter::session::release_port_mapping(&client).await;
+    }
+    Ok(PortMappingReport {
+        upnp,
+        pcp,
+        nat_pmp,
+        mapped,
+    })
+}
+
+fn print_port_mapping(report: Option<&PortMappingReport>) {
+    println!("Port mapping");
+    let Some(report) = report else {
+        return println!("  not checked: the rendezvous is on this machine\n");
+    };
+    let yes_no = |b: bool| if b { "yes" } else { "no" };
+    println!(
+        "  {:<18} UPnP-IGD {}, PCP {}, NAT-PMP {}",
+        "gateway speaks",
+        yes_no(report.upnp),
+        yes_no(report.pcp),
+        yes_no(report.nat_pmp)
+    );
+    let mapped = report.mapped.map_or("none".to_owned(), |m| {
+        format!("{m} (a test mapping, released)")
+    });
+    println!("  {:<18} {mapped}\n", "mapped address");
 }
 
 /// Runs a mapping probe and a filtering probe, each on a fresh socket,
@@ -194,7 +274,7 @@ fn verdict(mapping: Mapping) -> &'static str {
         Mapping::NoNat => "reachable directly where the firewall allows",
         Mapping::EndpointIndependent => "easy NAT: punching works with most peers",
         Mapping::AddressDependent | Mapping::AddressAndPortDependent | Mapping::EndpointDependent => {
-            "hard NAT: direct with peers behind no NAT, full-cone or address-restricted NATs; relayed with the others"
+            "hard NAT: direct with easy NATs (port prediction) and with gateways that map ports; relayed with other hard NATs unless a gateway maps a port (see below)"
         }
         Mapping::Unknown => "unknown",
     }

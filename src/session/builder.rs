@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::driver;
+use super::port_mapping::PortMapping;
 use super::stream::{SessionReceiver, SessionSender};
 use super::{Error, PathInfo, Progress, Session};
 use crate::candidates::host_candidates;
@@ -41,6 +42,7 @@ impl Peer {
             bind: SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
             config: LinkConfig::default(),
             progress: None,
+            port_mapping: true,
         }
     }
 }
@@ -52,6 +54,7 @@ pub struct PeerBuilder {
     bind: SocketAddr,
     config: LinkConfig,
     progress: Option<mpsc::UnboundedSender<Progress>>,
+    port_mapping: bool,
 }
 
 impl PeerBuilder {
@@ -93,6 +96,14 @@ impl PeerBuilder {
         self
     }
 
+    /// Whether to ask the gateway for a port mapping (UPnP-IGD, PCP or
+    /// NAT-PMP) and offer it to the other peer; on by default, but never
+    /// for a rendezvous on loopback (a session on this machine).
+    pub fn port_mapping(mut self, on: bool) -> Self {
+        self.port_mapping = on;
+        self
+    }
+
     /// Where to report registration and introduction while connecting, and
     /// path changes afterwards.
     pub fn progress(mut self, progress: mpsc::UnboundedSender<Progress>) -> Self {
@@ -128,8 +139,18 @@ impl PeerBuilder {
             identity.secret_bytes(),
             rand::random(),
         );
-        let (commands, incoming, connected, task) =
-            driver::spawn(Socket::new(socket)?, local, link, self.progress);
+        let port_mapping = if self.port_mapping && !server.ip().is_loopback() {
+            PortMapping::start(local.port())
+        } else {
+            None
+        };
+        let (commands, incoming, connected, task) = driver::spawn(
+            Socket::new(socket)?,
+            local,
+            link,
+            port_mapping,
+            self.progress,
+        );
         let (path, elapsed, remote_key, cipher) = match connected.await {
             Ok(result) => result?,
             Err(_) => return Err(task_failure(task).await),

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::extra_sockets::{ExtraSockets, Received};
+use super::port_mapping::PortMapping;
 use super::Progress;
 use crate::birthday::{LocalSocket, SocketRequest};
 use crate::candidates::host_candidates;
@@ -56,6 +57,7 @@ pub(super) fn spawn(
     socket: Socket,
     local: SocketAddr,
     link: Link,
+    port_mapping: Option<PortMapping>,
     progress: Option<mpsc::UnboundedSender<Progress>>,
 ) -> (
     mpsc::Sender<Command>,
@@ -69,6 +71,7 @@ pub(super) fn spawn(
     let driver = Driver {
         socket,
         local,
+        port_mapping,
         commands: command_rx,
         incoming: incoming_tx,
         state: DriverState {
@@ -87,6 +90,8 @@ struct Driver {
     socket: Socket,
     /// The socket's address, for gathering host candidates again.
     local: SocketAddr,
+    /// The socket's port mapping at the gateway, if one is being asked for.
+    port_mapping: Option<PortMapping>,
     commands: mpsc::Receiver<Command>,
     incoming: mpsc::Sender<Delivery>,
     state: DriverState,
@@ -108,6 +113,7 @@ impl Driver {
         let Driver {
             mut socket,
             local,
+            mut port_mapping,
             mut commands,
             incoming,
             mut state,
@@ -146,6 +152,9 @@ impl Driver {
                         .await;
                     state.report_failure(&reason);
                     let _ = incoming.send(Delivery::Closed(reason)).await;
+                    if let Some(mapping) = port_mapping {
+                        mapping.release().await;
+                    }
                     return Ok(());
                 }
             }
@@ -163,6 +172,9 @@ impl Driver {
             tokio::select! {
                 // The next round reads.
                 ready = socket.readable() => ready?,
+                mapped = changed(&mut port_mapping) => {
+                    state.link.set_port_mapping(Instant::now().into_std(), mapped);
+                }
                 Received { index, from, bytes } = extras.recv(), if extras.open_count() > 0 => {
                     state.link.handle_extra_datagram(Instant::now().into_std(), index, from, &bytes);
                 }
@@ -283,6 +295,14 @@ impl DriverState {
         if let Some(tx) = &self.progress {
             let _ = tx.send(progress);
         }
+    }
+}
+
+/// The next change of the port mapping; never, without one.
+async fn changed(port_mapping: &mut Option<PortMapping>) -> Option<SocketAddr> {
+    match port_mapping {
+        Some(mapping) => mapping.changed().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -5,11 +5,13 @@
 //!   and connects;
 //! - `driver`: the task that runs the link;
 //! - `extra_sockets`: port prediction's extra sockets, for the driver;
+//! - `port_mapping`: a port mapping at the gateway, for the driver;
 //! - `stream`: the halves, message-wise or as tokio byte streams.
 
 mod builder;
 mod driver;
 mod extra_sockets;
+mod port_mapping;
 mod stream;
 
 use std::io;
@@ -17,6 +19,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use builder::{Peer, PeerBuilder};
+pub use port_mapping::release as release_port_mapping;
 pub use stream::{SessionReceiver, SessionSender};
 
 use crate::birthday::BirthdayEvent;

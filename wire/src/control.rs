@@ -65,8 +65,12 @@ pub struct Register {
     /// would be) decodes as `None`.
     pub cookie: Option<AddressCookie>,
     /// How this peer's NAT maps, as it measured before registering; passed
-    /// on to the other peer. Last, for the same reason as `cookie`.
+    /// on to the other peer. After `cookie`, for the same reason.
     pub nat: Option<NatMapping>,
+    /// A public address the peer's gateway forwards to its socket (a port
+    /// mapping made with UPnP-IGD, PCP or NAT-PMP). Last, for the same
+    /// reason as `cookie`.
+    pub mapped: Option<SocketAddr>,
 }
 
 /// How a peer's NAT maps its socket, measured against the rendezvous's two
@@ -173,6 +177,9 @@ pub enum ServerMessage {
         /// that said how its own NAT maps: a build from before the field
         /// reads the zero byte of `None` as padding, and nothing else.
         other_nat: Option<NatMapping>,
+        /// The other peer's port mapping, if it has one; sent, like
+        /// `other_nat`, only to peers that said how their NAT maps.
+        other_mapped: Option<SocketAddr>,
     },
     Error {
         client_nonce: u64,
@@ -340,6 +347,7 @@ mod tests {
             nat: Some(NatMapping::EndpointDependent {
                 sequential_step: Some(i16::MIN),
             }),
+            mapped: Some(v6(2)),
         })
     }
 
@@ -352,6 +360,7 @@ mod tests {
             other_nat: Some(NatMapping::EndpointDependent {
                 sequential_step: Some(i16::MIN),
             }),
+            other_mapped: Some(v6(0xfffe)),
         }
     }
 
@@ -434,7 +443,10 @@ mod tests {
         bytes.resize(REGISTER_PADDED_LEN, 0);
         match ClientMessage::decode(&bytes).unwrap() {
             ClientMessage::Register(register) => {
-                assert_eq!((register.cookie, register.nat), (None, None))
+                assert_eq!(
+                    (register.cookie, register.nat, register.mapped),
+                    (None, None, None)
+                )
             }
             other => panic!("{other:?}"),
         }
@@ -469,11 +481,12 @@ mod tests {
             other_reflexive,
             other_host_candidates,
             other_nat: None,
+            other_mapped: None,
         }
         .encode()
         .unwrap();
         assert_eq!(now[..before.len()], before[..]);
-        assert_eq!(now[before.len()..], [0]);
+        assert_eq!(now[before.len()..], [0, 0]);
     }
 
     #[test]
@@ -490,6 +503,7 @@ mod tests {
             claim: false,
             cookie: None,
             nat: None,
+            mapped: None,
         });
         assert!(matches!(
             too_many.encode(),

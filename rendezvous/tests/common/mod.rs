@@ -12,6 +12,7 @@ pub fn register(room: &str) -> Vec<u8> {
         claim: false,
         cookie: None,
         nat: None,
+        mapped: None,
     })
     .encode()
     .unwrap()
