@@ -143,7 +143,7 @@ teardown() { # LAB_ID
     for ns in $(lab_namespaces "$id"); do
         ip netns del "$ns" 2>/dev/null || log "could not delete namespace $ns"
     done
-    rm -f "$STATE_DIR/$id.env" "$STATE_DIR/$id-miniupnpd.conf" "$STATE_DIR/$id-miniupnpd.log"
+    rm -f "$STATE_DIR/$id.env" "$STATE_DIR/$id"-miniupnpd.*
 }
 
 # ---------------------------------------------------------------- building --
@@ -322,7 +322,16 @@ allow 1024-65535 192.168.1.0/24 1024-65535
 deny 0-65535 0.0.0.0/0 0-65535
 EOF
     # background, in the router's namespace; "down" kills it with the lab
-    nsx "$ns" miniupnpd -f "$conf" -d </dev/null >"$STATE_DIR/$id-miniupnpd.log" 2>&1 &
+    nsx "$ns" miniupnpd -f "$conf" -P "$STATE_DIR/$id-miniupnpd.pid" -d \
+        </dev/null >"$STATE_DIR/$id-miniupnpd.log" 2>&1 &
+    # the lab is up once it answers: PCP/NAT-PMP on UDP 5351, UPnP on a TCP
+    # port of its choosing (its log names it)
+    local tries=0
+    until { [[ $pcp == no ]] || nsx "$ns" ss -Hlnu 'sport = :5351' | grep -q .; } &&
+          { [[ $upnp == no ]] || grep -q "HTTP listening" "$STATE_DIR/$id-miniupnpd.log"; }; do
+        ((++tries <= 100)) || die "miniupnpd did not start in 5 s: $(tail -5 "$STATE_DIR/$id-miniupnpd.log")"
+        sleep 0.05
+    done
 }
 
 make_lan_host() { # ROUTER_NS HOST_NS PORT_ON_ROUTER_LAN_BRIDGE ADDR GATEWAY

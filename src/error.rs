@@ -33,10 +33,12 @@ pub enum ConnectError {
     VersionMismatch { ours: u8, theirs: u8 },
     #[error("nobody else joined the room within {} s", waited.as_secs())]
     NoPeer { waited: Duration },
-    #[error("punching failed: no direct path to the other peer, and {no_relay}{}", report_lines(.reports))]
+    #[error("punching failed: no direct path to the other peer, and {no_relay}{}{}", report_lines(.reports), prediction_line(.prediction))]
     PunchFailed {
         reports: Vec<CandidateReport>,
         no_relay: NoRelay,
+        /// What port prediction spent, if the pair tried it.
+        prediction: Option<PredictionSpent>,
     },
     #[error("no direct path to the other peer, and it did not answer through the rendezvous's relay within {} s (it may have declined relaying with --no-relay)", HANDSHAKE_TIMEOUT.as_secs())]
     RelayUnanswered,
@@ -130,6 +132,22 @@ pub enum NoRelay {
     ServerOff,
     #[error("relaying is off on this side (--no-relay)")]
     Declined,
+}
+
+/// Port prediction's counters when punching failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PredictionSpent {
+    pub probes_sent: u32,
+    pub sockets_opened: u16,
+}
+
+fn prediction_line(prediction: &Option<PredictionSpent>) -> String {
+    prediction.map_or(String::new(), |p| {
+        format!(
+            "\n  port prediction: {} probes sent, {} extra sockets opened (all closed)",
+            p.probes_sent, p.sockets_opened
+        )
+    })
 }
 
 fn report_lines(reports: &[CandidateReport]) -> String {

@@ -27,7 +27,7 @@ use natter_wire::{
 };
 
 use crate::birthday::{Birthday, BirthdayEvent, LocalSocket, Plan, SocketRequest};
-use crate::error::{CloseReason, ConnectError, NoRelay};
+use crate::error::{CloseReason, ConnectError, NoRelay, PredictionSpent};
 use crate::handshake::{Handshake, HandshakeError, HandshakeEvent, SessionKeys, Trust};
 use crate::netcheck::{Probe, ProbeKind};
 use crate::paths::{Heard, MoveReason, PathEvent, PathStats, Paths, Route};
@@ -900,9 +900,14 @@ impl Link {
                         } else {
                             NoRelay::Declined
                         };
+                        let prediction = self.birthday.as_ref().map(|b| PredictionSpent {
+                            probes_sent: b.probes_sent(),
+                            sockets_opened: b.sockets_opened(),
+                        });
                         self.finish(LinkEvent::Failed(ConnectError::PunchFailed {
                             reports,
                             no_relay,
+                            prediction,
                         }));
                     }
                 },

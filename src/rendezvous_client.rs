@@ -392,9 +392,15 @@ impl RendezvousClient {
     /// peer's address may have changed (a path went silent, the host's
     /// addresses changed), and the server introduces the peers again when it
     /// sees a registration from a new address.
+    ///
+    /// Sent at once, not at a timer: the answer to a refresh already on its
+    /// way would set the timer back to a full interval (seen in the NAT lab:
+    /// a port mapping that came a few milliseconds after the periodic
+    /// refresh was not registered for 15 s).
     pub fn refresh_now(&mut self, now: Instant) {
         if self.state == State::Registered {
-            self.next_send = now;
+            self.send_register();
+            self.next_send = now + self.refresh_period();
         }
     }
 
@@ -484,6 +490,30 @@ mod tests {
         );
         client.register(now, None);
         client
+    }
+
+    /// A port mapping that comes after registering goes to the server at
+    /// once, in a Register.
+    #[test]
+    fn a_new_port_mapping_is_registered_at_once() {
+        let now = Instant::now();
+        let mut c = client(now);
+        c.handle_timeout(now);
+        assert!(c.poll_transmit().is_some());
+        c.handle_datagram(now, &registered(42));
+        let later = now + Duration::from_millis(900);
+        c.handle_timeout(later);
+        assert!(c.poll_transmit().is_none(), "nothing due yet");
+        let mapped: SocketAddr = "198.51.100.4:5000".parse().unwrap();
+        c.set_mapped(later, Some(mapped));
+        // The answer to an earlier refresh, arriving just after, must not
+        // hold it back.
+        c.handle_datagram(later, &registered(42));
+        let sent = c.poll_transmit().expect("a Register");
+        match ClientMessage::decode(&sent).unwrap() {
+            ClientMessage::Register(register) => assert_eq!(register.mapped, Some(mapped)),
+            other => panic!("{other:?}"),
+        }
     }
 
     fn registered(nonce: u64) -> Vec<u8> {

@@ -1680,7 +1680,7 @@ fn port_prediction_pairs() {
 /// `NATTER_LAB_RUNS` times each.
 #[test]
 fn port_mapping_pairs() {
-    if !natlab_available() {
+    if !support::netns::natlab_port_mapping_available() {
         return;
     }
     let _lock = lab_lock();

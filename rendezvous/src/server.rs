@@ -738,6 +738,37 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A port mapping that appears after both registered introduces them
+    /// again, with it; the same mapping again does not.
+    #[test]
+    fn a_new_port_mapping_introduces_the_peers_again() {
+        let mut h = Harness::new();
+        let with = |mapped: Option<&str>, token| {
+            let ClientMessage::Register(mut register) = register("room", token) else {
+                unreachable!()
+            };
+            register.nat = Some(NatMapping::Unknown);
+            register.mapped = mapped.map(addr);
+            ClientMessage::Register(register)
+        };
+        let replies = h.send(A, with(None, None));
+        let Some((_, ServerMessage::Registered { peer_token, .. })) = replies.first() else {
+            panic!("{replies:?}")
+        };
+        let token = *peer_token;
+        h.send(B, with(None, None));
+        let mapped = "198.51.100.1:41000";
+        let replies = h.send(A, with(Some(mapped), Some(token)));
+        let to_b = replies.iter().find_map(|(to, m)| match m {
+            ServerMessage::Introduce { other_mapped, .. } if *to == addr(B) => Some(*other_mapped),
+            _ => None,
+        });
+        assert_eq!(to_b, Some(Some(addr(mapped))), "{replies:?}");
+        assert_eq!(h.server.stats().introductions, 2);
+        h.send(A, with(Some(mapped), Some(token)));
+        assert_eq!(h.server.stats().introductions, 2, "the same mapping again");
+    }
+
     /// A peer that says how its NAT maps hears how the other's does (or
     /// that it did not say); one that does not say hears nothing of it, as
     /// a build from before the field expects.

@@ -173,6 +173,7 @@ impl Driver {
                 // The next round reads.
                 ready = socket.readable() => ready?,
                 mapped = changed(&mut port_mapping) => {
+                    tracing::debug!(?mapped, "port mapping changed");
                     state.link.set_port_mapping(Instant::now().into_std(), mapped);
                 }
                 Received { index, from, bytes } = extras.recv(), if extras.open_count() > 0 => {

@@ -94,7 +94,21 @@ pub fn natlab_unavailable_reason() -> Option<String> {
 /// (the caller should return early, i.e. skip), or panics with the reason if
 /// `NATTER_REQUIRE_NATLAB=1`.
 pub fn natlab_available() -> bool {
-    match natlab_unavailable_reason() {
+    available(natlab_unavailable_reason())
+}
+
+/// `true` when lab tests with a router that maps ports (`--port-mapping`)
+/// can run: the lab, and miniupnpd (Debian's miniupnpd-nftables).
+pub fn natlab_port_mapping_available() -> bool {
+    available(natlab_unavailable_reason().or_else(|| {
+        find_program("miniupnpd")
+            .is_none()
+            .then(|| "port mapping lab tests need 'miniupnpd' (Debian miniupnpd-nftables)".into())
+    }))
+}
+
+fn available(unavailable: Option<String>) -> bool {
+    match unavailable {
         None => true,
         Some(reason) => {
             if std::env::var(REQUIRE_ENV).as_deref() == Ok("1") {
