@@ -998,6 +998,13 @@ fn run_case(bins: &Binaries, case: &Case, run: usize) -> CaseRun {
         let other = &outcomes[1 - i];
         check_peer(&lab, case, p, other, &mut failures);
     }
+    let found = |p: &PeerOutcome| {
+        p.event("port_prediction")
+            .is_some_and(|e| e["outcome"] == "found")
+    };
+    if case.expect == Expect::DirectByPrediction && !outcomes.iter().any(found) {
+        failures.push("port prediction found the path on neither side".into());
+    }
     let ok = failures.is_empty();
     let outcome = if ok {
         match case.expect {
@@ -1259,9 +1266,13 @@ fn check_peer(
     }
 }
 
-/// The peer wrote exactly what the other was fed, and took all it was fed.
-/// Port prediction found the path within its budgets, and the side that
-/// fanned out closed every extra socket but the winner's.
+/// Port prediction kept to its budgets, never gave up, and the side that
+/// fanned out closed every extra socket but the winner's. One side's
+/// prediction may end `stopped` rather than `found`: a probe can land on
+/// the hard side's main socket (its own mapping towards the easy side is
+/// one more target), or a plain probe on a fan socket's port (a random
+/// port can repeat for another destination); the path is direct either
+/// way, and [`run_case`] asks that at least one side found it.
 fn check_prediction(p: &PeerOutcome, fail: &mut impl FnMut(String)) {
     let Some((found_at, found)) = p
         .events
@@ -1270,7 +1281,7 @@ fn check_prediction(p: &PeerOutcome, fail: &mut impl FnMut(String)) {
     else {
         return fail("no port_prediction event".into());
     };
-    if found["outcome"] != "found" {
+    if found["outcome"] != "found" && found["outcome"] != "stopped" {
         return fail(format!("port prediction did not find the path: {found}"));
     }
     let probes = found["probes_sent"].as_u64().unwrap_or(u64::MAX);
@@ -1302,6 +1313,7 @@ fn check_prediction(p: &PeerOutcome, fail: &mut impl FnMut(String)) {
     }
 }
 
+/// The peer wrote exactly what the other was fed, and took all it was fed.
 fn check_stdout(case: &Case, p: &PeerOutcome, other: &PeerOutcome, fail: &mut impl FnMut(String)) {
     let s = &p.stdout;
     if let Some(e) = &s.read_error {
