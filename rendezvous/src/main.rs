@@ -64,6 +64,12 @@ struct Cli {
     stats_secs: u64,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Print a shell completion script for natter-rendezvous and exit.
+    #[arg(long, value_enum, value_name = "SHELL", exclusive = true)]
+    completions: Option<clap_complete::Shell>,
+    /// Print the man page (roff) and exit.
+    #[arg(long, exclusive = true)]
+    man: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -75,6 +81,21 @@ enum LogFormat {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(shell) = cli.completions {
+        // Into a buffer first: clap_complete panics when its writer fails.
+        let mut script = Vec::new();
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "natter-rendezvous", &mut script);
+        std::io::Write::write_all(&mut std::io::stdout(), &script)
+            .context("cannot write the completion script")?;
+        return Ok(());
+    }
+    if cli.man {
+        clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+            .render(&mut std::io::stdout())
+            .context("cannot write the man page")?;
+        return Ok(());
+    }
     init_logging(cli.log_format);
     let config = Config {
         refresh_interval: Duration::from_secs(cli.refresh_secs.max(1)),

@@ -64,6 +64,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script for natter, e.g.
+    /// `natter completions bash > /etc/bash_completion.d/natter`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print natter's man page (roff), e.g. `natter man > natter.1`.
+    Man,
     /// Ask a STUN server (any natter rendezvous is one) for this machine's
     /// external address, as seen from the server.
     Stun {
@@ -135,6 +143,24 @@ pub fn main() -> ExitCode {
             Command::Contacts(command) => {
                 report_failure(Reporter { json: false }, contacts::run(command))
             }
+            Command::Completions { shell } => {
+                // Into a buffer first: clap_complete panics when its writer
+                // fails (a closed pipe).
+                let mut script = Vec::new();
+                let mut command = <Cli as clap::CommandFactory>::command();
+                clap_complete::generate(shell, &mut command, "natter", &mut script);
+                report_failure(
+                    Reporter { json: false },
+                    std::io::Write::write_all(&mut std::io::stdout(), &script)
+                        .context("cannot write the completion script"),
+                )
+            }
+            Command::Man => report_failure(
+                Reporter { json: false },
+                clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                    .render(&mut std::io::stdout())
+                    .context("cannot write the man page"),
+            ),
             Command::Netcheck { rendezvous, json } => {
                 report_failure(Reporter { json }, netcheck::run(&rendezvous, json).await)
             }
