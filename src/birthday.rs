@@ -222,10 +222,6 @@ impl Birthday {
         self.started + SPRAY_DELAY + SPRAY_INTERVAL * SPRAY_BUDGET + GRACE
     }
 
-    pub fn plan(&self) -> Plan {
-        self.plan
-    }
-
     pub fn probes_sent(&self) -> u32 {
         self.probes_sent
     }

@@ -234,8 +234,6 @@ pub struct Link {
     role: Role,
     /// How this peer's NAT maps, as the gathering found.
     nat: NatMapping,
-    /// A port this peer's gateway forwards to its socket, if it has one.
-    mapped: Option<SocketAddr>,
     /// Port prediction for an easy↔hard pair, from the introduction until
     /// it wins or gives up; then the winning socket's route.
     birthday: Option<Birthday>,
@@ -298,7 +296,6 @@ impl Link {
             local_secret,
             role: Role::Controlled,
             nat: NatMapping::Unknown,
-            mapped: None,
             birthday: None,
             puncher: None,
             phase,
@@ -363,7 +360,6 @@ impl Link {
     /// again, so that the other one tries it.
     pub fn set_port_mapping(&mut self, now: Instant, mapped: Option<SocketAddr>) {
         self.now = now;
-        self.mapped = mapped;
         self.rendezvous.set_mapped(now, mapped);
     }
 
@@ -1028,7 +1024,7 @@ impl Link {
         let their_nat = nat.unwrap_or(NatMapping::Unknown);
         let plan = Plan::for_pair(self.nat, their_nat, reflexive);
         // A port mapping on either side is a known way in: no prediction.
-        let mapped = self.mapped.is_some() || mapped.is_some();
+        let mapped = self.rendezvous.mapped().is_some() || mapped.is_some();
         match (&mut self.birthday, plan) {
             (Some(birthday), _) if mapped => birthday.stop(),
             (None, Some(plan)) if !mapped => {

@@ -412,6 +412,11 @@ impl RendezvousClient {
         }
     }
 
+    /// This peer's port mapping, as registered.
+    pub fn mapped(&self) -> Option<SocketAddr> {
+        self.mapped
+    }
+
     /// The gateway forwards `mapped` to this peer's socket now (or no
     /// longer): the next registration says so, and the server introduces
     /// the peers again so that the other one tries it.

@@ -209,7 +209,7 @@ impl Socket {
     /// Sends one datagram with its own time to live, then restores the
     /// socket's. A full socket loses it, as the network might.
     fn send_with_ttl(&mut self, transmit: &Transmit, ttl: u32) {
-        let destination = self.destination(transmit.to);
+        let destination = destination(self.ipv6, transmit.to);
         let v4 = transmit.to.is_ipv4();
         if let Err(error) = Ttl::set(&self.io, v4, ttl) {
             tracing::debug!(%error, "setting the time to live");
@@ -219,17 +219,6 @@ impl Socket {
         }
         if let Err(error) = self.default_ttl.restore(&self.io, v4) {
             tracing::warn!(%error, "cannot restore the socket's time to live");
-        }
-    }
-
-    /// `to` as this socket sends to it: IPv4 as IPv4-mapped IPv6 on a
-    /// dual-stack socket.
-    fn destination(&self, to: SocketAddr) -> SocketAddr {
-        match to {
-            SocketAddr::V4(v4) if self.ipv6 => {
-                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-            }
-            other => other,
         }
     }
 
@@ -280,12 +269,7 @@ impl Socket {
             } else {
                 &rest[..rest.len().min(batch.segment)]
             };
-            let destination = match batch.to {
-                SocketAddr::V4(v4) if self.ipv6 => {
-                    SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-                }
-                other => other,
-            };
+            let destination = destination(self.ipv6, batch.to);
             let transmit = quinn_udp::Transmit {
                 destination,
                 ecn: None,
@@ -316,6 +300,15 @@ impl Socket {
                 return Ok(());
             }
         }
+    }
+}
+
+/// `to` as a socket sends to it: IPv4 as IPv4-mapped IPv6 on a dual-stack
+/// (`ipv6`) socket.
+fn destination(ipv6: bool, to: SocketAddr) -> SocketAddr {
+    match to {
+        SocketAddr::V4(v4) if ipv6 => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
+        other => other,
     }
 }
 

@@ -176,7 +176,7 @@ impl Driver {
                     tracing::debug!(?mapped, "port mapping changed");
                     state.link.set_port_mapping(Instant::now().into_std(), mapped);
                 }
-                Received { index, from, bytes } = extras.recv(), if extras.open_count() > 0 => {
+                Received { index, from, bytes } = extras.recv(), if extras.any_open() => {
                     state.link.handle_extra_datagram(Instant::now().into_std(), index, from, &bytes);
                 }
                 ready = socket.writable(), if sent == Sent::Blocked => ready?,

@@ -32,6 +32,9 @@ struct Extra {
 
 pub(super) struct ExtraSockets {
     sockets: Vec<Option<Extra>>,
+    /// Sockets open now: asked on every round of the driver, so counted
+    /// rather than found by a scan of the slots.
+    open: usize,
     tx: mpsc::Sender<Received>,
     rx: mpsc::Receiver<Received>,
 }
@@ -41,14 +44,15 @@ impl ExtraSockets {
         let (tx, rx) = mpsc::channel(QUEUE);
         Self {
             sockets: Vec::new(),
+            open: 0,
             tx,
             rx,
         }
     }
 
     /// Sockets open now.
-    pub fn open_count(&self) -> usize {
-        self.sockets.iter().flatten().count()
+    pub fn any_open(&self) -> bool {
+        self.open > 0
     }
 
     /// Opens up to `count` sockets for sending to `toward`, on the main
@@ -74,6 +78,7 @@ impl ExtraSockets {
             };
             let receiver = tokio::spawn(receive(index, Arc::clone(&socket), self.tx.clone()));
             let default_ttl = Ttl::of(&socket, ip.is_ipv6());
+            self.open += 1;
             self.sockets.push(Some(Extra {
                 socket,
                 receiver,
@@ -88,6 +93,7 @@ impl ExtraSockets {
         for (index, slot) in self.sockets.iter_mut().enumerate() {
             if Some(index) != keep.map(usize::from) {
                 if let Some(extra) = slot.take() {
+                    self.open -= 1;
                     extra.receiver.abort();
                 }
             }
