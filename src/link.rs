@@ -385,7 +385,16 @@ impl Link {
             (Ok(message), Some(puncher)) => message.session_id() == puncher.session_id(),
             _ => false,
         };
+        // The main socket already hears from that address: plain punching
+        // works (the easy side lets anyone in), and a win here would move
+        // this side to another external port in the middle of punching,
+        // where the other peer does not follow. Prediction is not needed.
+        let punched = self.puncher.as_ref().is_some_and(|p| p.heard_from(from));
         let accepted = match &mut self.birthday {
+            Some(birthday) if ours && birthday.is_running() && punched => {
+                birthday.stop();
+                false
+            }
             Some(birthday) if ours || !birthday.is_running() => {
                 birthday.on_extra_datagram(now, index, from)
             }

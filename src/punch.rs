@@ -229,6 +229,13 @@ impl Puncher {
             .any(|c| c.report.probes_received > 0 || c.report.acks_received > 0)
     }
 
+    /// Whether anything of the other peer's arrived from `addr`.
+    pub fn heard_from(&self, addr: SocketAddr) -> bool {
+        self.candidates.iter().any(|c| {
+            c.report.addr == addr && (c.report.probes_received > 0 || c.report.acks_received > 0)
+        })
+    }
+
     /// The other peer's candidates: those it was introduced with and those
     /// its probes came from.
     pub fn candidates(&self) -> impl Iterator<Item = (SocketAddr, CandidateKind)> + '_ {
@@ -704,6 +711,8 @@ mod tests {
             Some((_, PunchMessage::ProbeAck { .. }, None))
         ));
         assert!(puncher.heard_from_peer());
+        assert!(puncher.heard_from(peer));
+        assert!(!puncher.heard_from(addr("198.51.100.7:8")));
     }
 
     #[test]
