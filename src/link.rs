@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use natter_wire::{
     classify, parse_relayed, split_header, Class, DataHeader, FrameKind, HandshakeMessage,
-    NatMapping, PathCheck, PunchMessage, RelayRequest, Role, RoomCode, SealedKind, DATA_HEADER_LEN,
-    MAX_DATAGRAM, MAX_PATH_DATAGRAM, RELAY_HEADER_LEN,
+    NatMapping, PathCheck, PunchMessage, RejoinTag, RelayRequest, Role, RoomCode, SealedKind,
+    DATA_HEADER_LEN, MAX_DATAGRAM, MAX_PATH_DATAGRAM, RELAY_HEADER_LEN,
 };
 
 use crate::birthday::{Birthday, BirthdayEvent, LocalSocket, Plan, SocketRequest};
@@ -269,6 +269,7 @@ impl Link {
         local_secret: [u8; 32],
         seed: u64,
     ) -> Self {
+        let rejoin = rejoin_tag(&local_secret, &room);
         let mut rendezvous = RendezvousClient::new(
             now,
             config.rendezvous.clone(),
@@ -276,7 +277,8 @@ impl Link {
             room,
             host_candidates,
             seed,
-        );
+        )
+        .rejoin_as(rejoin);
         let phase = if config.nat_check_wait.is_zero() {
             rendezvous.register(now, None);
             Phase::Meeting
@@ -1230,4 +1232,14 @@ fn relayed(server: SocketAddr, route: RelayRoute, frame: &[u8]) -> Transmit {
         .encode()
         .expect("on the relay, frames leave room for the relay header");
     Transmit::new(server, bytes)
+}
+
+/// This peer's tag in `room`: the same on every run with the same
+/// long-term key, and not to be computed without the secret half.
+fn rejoin_tag(local_secret: &[u8; 32], room: &RoomCode) -> RejoinTag {
+    let key = blake3::derive_key("natter 2026-12-04 rendezvous rejoin tag", local_secret);
+    let hash = blake3::keyed_hash(&key, room.as_bytes());
+    let mut tag = [0; 16];
+    tag.copy_from_slice(&hash.as_bytes()[..16]);
+    RejoinTag(tag)
 }

@@ -15,8 +15,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use natter_wire::{
-    split_header, AddressCookie, BusyReason, ClientMessage, FrameKind, NatMapping, Register, Role,
-    RoomCode, ServerErrorKind, ServerMessage, WireError,
+    split_header, AddressCookie, BusyReason, ClientMessage, FrameKind, NatMapping, Register,
+    RejoinTag, Role, RoomCode, ServerErrorKind, ServerMessage, WireError,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -125,6 +125,8 @@ pub struct RendezvousClient {
     token: Option<u64>,
     /// From the server's last `Busy`: sent with every Register after it.
     cookie: Option<AddressCookie>,
+    /// Lets a restart of this peer take its place in the room back.
+    rejoin: Option<RejoinTag>,
     /// Jitter for retries a busy server asked for, so a crowd it turned
     /// away does not come back in one wave.
     jitter: StdRng,
@@ -167,6 +169,7 @@ impl RendezvousClient {
             nonce,
             token: None,
             cookie: None,
+            rejoin: None,
             jitter: StdRng::seed_from_u64(nonce),
             busy_backoff: BUSY_RETRY_MIN,
             state: State::Gathering,
@@ -180,6 +183,14 @@ impl RendezvousClient {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
         }
+    }
+
+    /// Registers with `tag`, so that this peer started again (a new
+    /// process, a new socket) takes its own place in the room back instead
+    /// of finding the room full of its lingering registration.
+    pub fn rejoin_as(mut self, tag: RejoinTag) -> Self {
+        self.rejoin = Some(tag);
+        self
     }
 
     pub fn server(&self) -> SocketAddr {
@@ -466,6 +477,7 @@ impl RendezvousClient {
             cookie: self.cookie,
             nat: self.nat,
             mapped: self.mapped,
+            rejoin: self.rejoin,
         });
         self.transmits.push_back(
             register

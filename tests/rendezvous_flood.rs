@@ -114,6 +114,7 @@ fn register(rng: &mut StdRng) -> Vec<u8> {
         cookie: None,
         nat: None,
         mapped: None,
+        rejoin: None,
     })
     .encode()
     .unwrap()

@@ -69,6 +69,7 @@ fn register(i: u32) -> Vec<u8> {
         cookie: None,
         nat: None,
         mapped: None,
+        rejoin: None,
     })
     .encode()
     .unwrap()

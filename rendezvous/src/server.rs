@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use natter_wire::{
     classify, split_header, stun, BusyReason, Class, ClientMessage, FrameKind, NatMapping,
-    Register, RelayRequest, Role, RoomCode, ServerErrorKind, ServerMessage, WireError,
+    Register, RejoinTag, RelayRequest, Role, RoomCode, ServerErrorKind, ServerMessage, WireError,
     REGISTER_PADDED_LEN,
 };
 use rand::rngs::StdRng;
@@ -125,6 +125,8 @@ struct Member {
     nat: Option<NatMapping>,
     /// Its port mapping, as it said.
     mapped: Option<SocketAddr>,
+    /// Its tag for registering again after a restart.
+    rejoin: Option<RejoinTag>,
     last_seen: Instant,
     /// Sent a relay request with its token from `reflexive`: it wants relayed
     /// frames and receives them there.
@@ -493,6 +495,7 @@ impl Server {
             cookie: _,
             nat,
             mapped,
+            rejoin,
         } = register;
         let members = self
             .rooms
@@ -505,8 +508,15 @@ impl Server {
                 None => return self.refuse(via, from, client_nonce, ServerErrorKind::BadToken),
             },
             // A tokenless Register from an address already in the room is
-            // that peer retrying because our reply was lost.
-            None => members.iter().position(|m| m.reflexive == from),
+            // that peer retrying because our reply was lost; one with the
+            // tag of a member is that peer started again.
+            None => members
+                .iter()
+                .position(|m| m.reflexive == from)
+                .or_else(|| {
+                    let tag = rejoin?;
+                    members.iter().position(|m| m.rejoin == Some(tag))
+                }),
         };
 
         if let Some(index) = known {
@@ -516,6 +526,11 @@ impl Server {
                 .expect("the member was found above");
             let member = &mut room.members[index];
             let rebound = member.reflexive != from;
+            if peer_token.is_none() && rebound {
+                // A new process: the old one's token (and relaying) end.
+                member.token = self.rng.gen();
+                member.relaying = false;
+            }
             // A port mapping that appeared (or changed) after the peer
             // registered is a new way in: the other peer must hear of it.
             let newly_mapped = mapped.is_some() && member.mapped != mapped;
@@ -558,6 +573,7 @@ impl Server {
             host_candidates: host_candidates.into_boxed_slice(),
             nat,
             mapped,
+            rejoin,
             last_seen: now,
             relaying: false,
         });
@@ -731,6 +747,7 @@ mod tests {
             cookie: None,
             nat: None,
             mapped: None,
+            rejoin: None,
         })
     }
 
@@ -922,6 +939,67 @@ mod tests {
         assert_eq!(replies.len(), 3);
         h.advance(Duration::from_secs(60));
         assert_eq!((h.server.peers(), h.server.rooms()), (0, 0));
+    }
+
+    /// A peer killed and started again (a new address, no token) takes its
+    /// own place back with its rejoin tag; a stranger still finds the room
+    /// full, and the old process's token is void.
+    #[test]
+    fn a_restarted_peer_takes_its_place_back_with_its_rejoin_tag() {
+        let mut h = Harness::new();
+        let tagged = |tag: u8| {
+            let ClientMessage::Register(mut register) = register("room", None) else {
+                unreachable!()
+            };
+            register.rejoin = Some(RejoinTag([tag; 16]));
+            ClientMessage::Register(register)
+        };
+        let old = match h.send(A, tagged(1)).first() {
+            Some((_, ServerMessage::Registered { peer_token, .. })) => *peer_token,
+            other => panic!("expected Registered, got {other:?}"),
+        };
+        assert_eq!(
+            h.send(B, tagged(2)).len(),
+            3,
+            "registered, two introductions"
+        );
+        // A stranger with another tag: the room is full.
+        assert!(matches!(
+            h.send(C, tagged(3)).as_slice(),
+            [(
+                _,
+                ServerMessage::Error {
+                    kind: ServerErrorKind::RoomFull,
+                    ..
+                }
+            )]
+        ));
+        // A again, from a new port.
+        let restarted = "198.51.100.1:40001";
+        let replies = h.send(restarted, tagged(1));
+        let new = match replies.first() {
+            Some((to, ServerMessage::Registered { peer_token, .. })) if *to == addr(restarted) => {
+                *peer_token
+            }
+            other => panic!("expected Registered, got {other:?}"),
+        };
+        assert_ne!(new, old);
+        assert!(
+            replies.iter().any(|(to, m)| *to == addr(B)
+                && matches!(m, ServerMessage::Introduce { other_reflexive, .. } if *other_reflexive == addr(restarted))),
+            "B learns A's new address: {replies:?}"
+        );
+        assert_eq!(h.server.peers(), 2);
+        assert!(matches!(
+            h.register(A, Some(old)).as_slice(),
+            [(
+                _,
+                ServerMessage::Error {
+                    kind: ServerErrorKind::BadToken,
+                    ..
+                }
+            )]
+        ));
     }
 
     #[test]
@@ -1278,7 +1356,7 @@ mod tests {
         while bytes.last() == Some(&0) {
             bytes.pop();
         }
-        bytes.extend([0, 0, 0, 0, 0]); // `peer_token`, `claim`, `cookie`, `nat`, `mapped`
+        bytes.extend([0, 0, 0, 0, 0, 0]); // `peer_token`, `claim`, `cookie`, `nat`, `mapped`, `rejoin`
         assert!(h.send_raw(A, &bytes).is_empty());
         assert_eq!(h.server.stats().dropped(DropReason::Unpadded), 1);
     }
@@ -1307,6 +1385,7 @@ mod tests {
                 cookie: None,
                 nat: None,
                 mapped: None,
+                rejoin: Some(RejoinTag([0xff; 16])),
             })
         };
         let a = "[2001:db8:1::1]:65535";

@@ -68,6 +68,7 @@ fn valid_register(rng: &mut StdRng) -> Vec<u8> {
         cookie: None,
         nat: None,
         mapped: None,
+        rejoin: None,
     })
     .encode()
     .unwrap()
@@ -148,6 +149,7 @@ async fn survives_a_flood_of_hostile_datagrams() {
         cookie: None,
         nat: None,
         mapped: None,
+        rejoin: None,
     });
     peer.send_to(&register.encode().unwrap(), target)
         .await

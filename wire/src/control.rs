@@ -71,6 +71,12 @@ pub struct Register {
     /// mapping made with UPnP-IGD, PCP or NAT-PMP). Last, for the same
     /// reason as `cookie`.
     pub mapped: Option<SocketAddr>,
+    /// The same for every run of this peer (its long-term key) in this
+    /// room, and unguessable without that key: a tokenless Register with
+    /// the tag of a member already in the room replaces that member, so a
+    /// process that was killed and started again is not kept out by its
+    /// own lingering registration. Last, for the same reason as `cookie`.
+    pub rejoin: Option<RejoinTag>,
 }
 
 /// How a peer's NAT maps its socket, measured against the rendezvous's two
@@ -94,6 +100,10 @@ pub enum NatMapping {
 /// for a source until that source has shown it receives at its address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AddressCookie(pub [u8; 16]);
+
+/// See [`Register::rejoin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RejoinTag(pub [u8; 16]);
 
 /// Datagrams a peer sends to the rendezvous.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -294,7 +304,7 @@ where
     deserializer.deserialize_seq(BoundedVisitor::<T, MAX>(std::marker::PhantomData))
 }
 
-fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), WireError> {
+pub(crate) fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), WireError> {
     if len > max {
         return Err(WireError::LimitExceeded { field, len, max });
     }
@@ -348,6 +358,7 @@ mod tests {
                 sequential_step: Some(i16::MIN),
             }),
             mapped: Some(v6(2)),
+            rejoin: Some(RejoinTag([0xee; 16])),
         })
     }
 
@@ -504,6 +515,7 @@ mod tests {
             cookie: None,
             nat: None,
             mapped: None,
+            rejoin: None,
         });
         assert!(matches!(
             too_many.encode(),

@@ -35,7 +35,7 @@ mod relay;
 pub mod stun;
 
 pub use control::{
-    AddressCookie, BusyReason, ClientMessage, NatMapping, Register, Role, RoomCode,
+    AddressCookie, BusyReason, ClientMessage, NatMapping, Register, RejoinTag, Role, RoomCode,
     ServerErrorKind, ServerMessage, MAX_HOST_CANDIDATES, MAX_ROOM_CODE, REGISTER_PADDED_LEN,
 };
 pub use data::{DataHeader, PathCheck, SealedKind, DATA_HEADER_LEN, PATH_CHECK_LEN};

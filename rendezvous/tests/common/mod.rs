@@ -13,6 +13,7 @@ pub fn register(room: &str) -> Vec<u8> {
         cookie: None,
         nat: None,
         mapped: None,
+        rejoin: None,
     })
     .encode()
     .unwrap()
