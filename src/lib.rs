@@ -16,6 +16,7 @@
 //!   [`Session`].
 //! - [`candidates`]: this machine's interface addresses.
 //! - [`netcheck`]: how this host's NAT behaves, asked of the rendezvous.
+//! - [`transfer`]: files over a session: offers, checks, resume.
 //!
 //! Protocol logic lives in sans-IO state machines (no sockets, no clock, no
 //! tasks); thin tokio drivers own the sockets and timers. See
@@ -39,6 +40,7 @@ pub mod reliable;
 pub mod rendezvous_client;
 pub mod seal;
 pub mod session;
+pub mod transfer;
 mod udp;
 
 pub use error::ConnectError;

@@ -5,7 +5,10 @@ mod contacts;
 mod demo;
 mod netcheck;
 mod pipe;
+mod progress;
+mod receive;
 mod report;
+mod send;
 mod stun;
 
 use std::net::SocketAddr;
@@ -19,6 +22,7 @@ use natter::contacts::Contacts;
 use natter::identity::{config_dir, Identity, PublicKey};
 use natter::link::LinkConfig;
 use natter::session::{Error, Peer, PeerBuilder, Session};
+use natter::transfer::Refusal;
 use natter::wire::ServerErrorKind;
 use natter::ConnectError;
 use report::Reporter;
@@ -45,6 +49,34 @@ enum Command {
     /// Send stdin to the other peer and write what it sends to stdout,
     /// byte-exact. Exits 0 once both directions have ended.
     Pipe(ConnectArgs),
+    /// Send a file or a directory: prints a code for `natter receive`.
+    /// Exits 0 once the receiver has verified and saved every file.
+    Send {
+        /// The file or directory to send.
+        path: std::path::PathBuf,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
+    /// Receive what `natter send` offers: shows the offer and asks before
+    /// writing. An interrupted transfer resumes when both sides run again
+    /// with the same code (or contact).
+    Receive {
+        /// The code `natter send` printed.
+        #[arg(value_name = "CODE", conflicts_with_all = ["code", "to"])]
+        positional_code: Option<String>,
+        /// Where the files go.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out: std::path::PathBuf,
+        /// Accept the offer without asking.
+        #[arg(long)]
+        yes: bool,
+        /// Replace files that are there already and differ (asked without
+        /// this when not --yes).
+        #[arg(long)]
+        overwrite: bool,
+        #[command(flatten)]
+        session: SessionArgs,
+    },
     /// Run a rendezvous and two peers on loopback in this process, connect
     /// them, exchange messages and a 10 MiB stream, and show the timings.
     Demo,
@@ -89,7 +121,15 @@ struct ConnectArgs {
     /// Without one (and without --to), a new code is made and printed.
     #[arg(value_name = "CODE", conflicts_with_all = ["code", "to"])]
     positional_code: Option<String>,
-    /// Same as the positional CODE.
+    #[command(flatten)]
+    session: SessionArgs,
+}
+
+/// How to reach the other peer, for every command that connects.
+#[derive(Args)]
+struct SessionArgs {
+    /// The pairing code (the positional CODE where a command has one).
+    /// Without one (and without --to), a new code is made and printed.
     #[arg(long, conflicts_with = "to")]
     code: Option<String>,
     /// Connect to a saved contact instead of using a code.
@@ -136,8 +176,41 @@ pub fn main() -> ExitCode {
     };
     let exit = runtime.block_on(async {
         match cli.command {
-            Command::Chat(args) => connect_and(args, chat::run).await,
-            Command::Pipe(args) => connect_and(args, pipe::run).await,
+            Command::Chat(args) => {
+                connect_and(args.positional_code, args.session, "chat", chat::run).await
+            }
+            Command::Pipe(args) => {
+                connect_and(args.positional_code, args.session, "pipe", pipe::run).await
+            }
+            Command::Send { path, session } => {
+                let reporter = Reporter { json: session.json };
+                match send::gather(&path, reporter).await {
+                    Ok(outgoing) => {
+                        connect_and(None, session, "receive", |session, reporter| {
+                            send::run(session, reporter, outgoing)
+                        })
+                        .await
+                    }
+                    Err(error) => report_failure(reporter, Err(error)),
+                }
+            }
+            Command::Receive {
+                positional_code,
+                out,
+                yes,
+                overwrite,
+                session,
+            } => {
+                let options = receive::Options {
+                    out,
+                    yes,
+                    overwrite,
+                };
+                connect_and(positional_code, session, "send", |session, reporter| {
+                    receive::run(session, reporter, options)
+                })
+                .await
+            }
             Command::Demo => report_failure(Reporter { json: false }, demo::run().await),
             Command::Id => report_failure(Reporter { json: false }, print_id()),
             Command::Contacts(command) => {
@@ -179,20 +252,23 @@ pub fn main() -> ExitCode {
     exit
 }
 
-/// Connects as `args` say, then hands the session to `run`.
-async fn connect_and<F, Fut>(args: ConnectArgs, run: F) -> ExitCode
+/// Connects as `args` say (with `code` if the command took one as an
+/// argument), then hands the session to `run`. `peer_command`: what the
+/// other side runs with a code made up here.
+async fn connect_and<F, Fut>(
+    code: Option<String>,
+    args: SessionArgs,
+    peer_command: &str,
+    run: F,
+) -> ExitCode
 where
     F: FnOnce(Session, Reporter) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let reporter = Reporter { json: args.json };
-    match connect(args, reporter).await {
+    match connect(code, args, peer_command, reporter).await {
         Ok(session) => report_failure(reporter, run(session, reporter).await),
-        Err(error) => {
-            let kind = error.downcast_ref::<Error>().map_or("error", error_kind);
-            reporter.error(kind, &format!("{error:#}"));
-            ExitCode::FAILURE
-        }
+        Err(error) => report_failure(reporter, Err(error)),
     }
 }
 
@@ -208,10 +284,15 @@ enum Meeting {
 /// Nameplates tried before giving up when each turns out to be in use.
 const NAMEPLATE_ATTEMPTS: usize = 5;
 
-async fn connect(args: ConnectArgs, reporter: Reporter) -> anyhow::Result<Session> {
+async fn connect(
+    code: Option<String>,
+    args: SessionArgs,
+    peer_command: &str,
+    reporter: Reporter,
+) -> anyhow::Result<Session> {
     let home = config_dir()?;
     let mut contacts = Contacts::load(&home)?;
-    let meeting = match (args.positional_code.or(args.code), &args.to) {
+    let meeting = match (code.or(args.code), &args.to) {
         (_, Some(name)) => Meeting::Contact(contacts.get(name).with_context(|| {
             format!("no contact named {name:?}; `natter contacts list` shows them")
         })?),
@@ -238,7 +319,7 @@ async fn connect(args: ConnectArgs, reporter: Reporter) -> anyhow::Result<Sessio
             Meeting::Generated => {
                 let mut rng = rand::thread_rng();
                 let code = PairingCode::generate(random_nameplate(&mut rng), 2, &mut rng);
-                reporter.code(&code);
+                reporter.code(&code, peer_command);
                 builder.code(code)
             }
         };
@@ -293,7 +374,11 @@ fn report_failure(reporter: Reporter, result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            let kind = error.downcast_ref::<Error>().map_or("error", error_kind);
+            let kind = if let Some(refusal) = error.downcast_ref::<Refusal>() {
+                refusal.kind.as_str()
+            } else {
+                error.downcast_ref::<Error>().map_or("error", error_kind)
+            };
             reporter.error(kind, &format!("{error:#}"));
             ExitCode::FAILURE
         }

@@ -123,10 +123,53 @@ impl Reporter {
         }
     }
 
-    pub fn code(&self, code: &PairingCode) {
+    /// `peer_command`: what the other side runs with the code.
+    pub fn code(&self, code: &PairingCode, peer_command: &str) {
         self.emit(
             json!({"event": "code", "code": code.to_string()}),
-            format!("your code is {code}\nnatter: on the other machine run: natter chat {code}"),
+            format!("your code is {code}\nnatter: on the other machine run: natter {peer_command} {code}"),
+        );
+    }
+
+    /// What a transfer offers: `names` are shown to a person (the first
+    /// few), JSON has the counts.
+    pub fn offer(&self, files: usize, bytes: u64, names: &[&str]) {
+        const SHOWN: usize = 10;
+        let mut listing: String = names
+            .iter()
+            .take(SHOWN)
+            .map(|n| format!("\n  {n}"))
+            .collect();
+        if names.len() > SHOWN {
+            listing += &format!("\n  … and {} more", names.len() - SHOWN);
+        }
+        self.emit(
+            json!({"event": "offer", "files": files, "bytes": bytes}),
+            format!("offer: {files} file(s), {}:{listing}", human_bytes(bytes)),
+        );
+    }
+
+    /// JSON only: the bar shows progress to a person.
+    pub fn progress_bytes(&self, bytes: u64, total: Option<u64>) {
+        if self.json {
+            eprintln!(
+                "{}",
+                json!({"event": "progress", "bytes": bytes, "total": total})
+            );
+        }
+    }
+
+    pub fn resumed(&self, path: &str, offset: u64) {
+        self.emit(
+            json!({"event": "resumed", "path": path, "offset": offset}),
+            format!("resuming {path}: {} already here", human_bytes(offset)),
+        );
+    }
+
+    pub fn saved(&self, path: &str, bytes: u64, blake3: &blake3::Hash) {
+        self.emit(
+            json!({"event": "saved", "path": path, "bytes": bytes, "blake3": blake3.to_hex().as_str()}),
+            format!("saved {path} ({}, BLAKE3 verified)", human_bytes(bytes)),
         );
     }
 
@@ -219,6 +262,22 @@ impl Reporter {
         } else {
             eprintln!("natter: {human}");
         }
+    }
+}
+
+/// `1.5 MiB`, `320 B`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
     }
 }
 

@@ -8,3 +8,4 @@ pub mod binaries;
 pub mod nat_world;
 pub mod netns;
 pub mod pipe_peer;
+pub mod transfer_peer;

@@ -22,6 +22,9 @@
 //! future protocol version yields [`WireError::UnsupportedVersion`], never a
 //! misparse.
 //!
+//! File transfer messages ([`transfer`]) ride inside the encrypted session,
+//! not as datagrams; they are defined here too, with their own version.
+//!
 //! Control and punch bodies are bincode 2 (serde) with a byte limit of [`MAX_DATAGRAM`]:
 //! a hostile length prefix can never make the decoder allocate more than one
 //! datagram's worth. Data frames are laid out by hand because they are on the
@@ -33,6 +36,7 @@ mod handshake;
 mod punch;
 mod relay;
 pub mod stun;
+pub mod transfer;
 
 pub use control::{
     AddressCookie, BusyReason, ClientMessage, NatMapping, Register, RejoinTag, Role, RoomCode,
