@@ -81,6 +81,10 @@ pub enum CloseReason {
     UnknownMessage,
     #[error("the other peer went silent for {} s", after.as_secs())]
     PeerSilent { after: Duration },
+    /// The rendezvous says the other peer is a new process of the same
+    /// peer (it was killed or crashed, and started again).
+    #[error("the other peer started again")]
+    PeerRestarted,
     /// Everything was delivered, but the acknowledgement of this side's
     /// CLOSE never came: the other peer most likely closed and left.
     #[error("closed; the other peer left before confirming")]
@@ -104,6 +108,7 @@ impl CloseReason {
             Self::PeerMessageTooLarge { .. } => "peer_message_too_large",
             Self::UnknownMessage => "unknown_message",
             Self::PeerSilent { .. } => "peer_silent",
+            Self::PeerRestarted => "peer_restarted",
             Self::Unconfirmed => "unconfirmed",
             Self::BeforeConnected => "before_connected",
             Self::EndedBeforeConfirmed => "ended_before_confirmed",

@@ -879,12 +879,14 @@ impl Link {
                     host_candidates,
                     nat,
                     mapped,
+                    restarted,
                 } => {
                     let others = OtherPeer {
                         reflexive,
                         host_candidates,
                         nat,
                         mapped,
+                        restarted,
                     };
                     self.introduced(now, session_id, role, others)
                 }
@@ -997,6 +999,7 @@ impl Link {
             host_candidates,
             nat,
             mapped,
+            restarted,
         } = other;
         let candidates: Vec<_> = host_candidates
             .into_iter()
@@ -1016,6 +1019,12 @@ impl Link {
             // candidates. On the relay, the new relay session is a way
             // through again: what waited for it goes now rather than at the
             // channel's backed-off probe timer.
+            // The other peer started again: its new process cannot read
+            // this session, which is over; it waits for a new one.
+            Phase::Secured(_) | Phase::Draining { .. } if restarted => {
+                let reason = CloseReason::PeerRestarted;
+                return self.finish(LinkEvent::Closed { reason });
+            }
             Phase::Secured(secured) | Phase::Draining { secured, .. } => {
                 secured.paths.add_candidates(now, candidates);
                 if secured.paths.active().route == Route::Relay {
@@ -1187,6 +1196,8 @@ struct OtherPeer {
     host_candidates: Vec<SocketAddr>,
     nat: Option<NatMapping>,
     mapped: Option<SocketAddr>,
+    /// A new process of the other peer: a session with the old one is over.
+    restarted: bool,
 }
 
 /// When to stop waiting for the acknowledgement of our CLOSE once

@@ -83,6 +83,8 @@ pub enum RendezvousEvent {
         nat: Option<NatMapping>,
         /// The other peer's port mapping, if it has one.
         mapped: Option<SocketAddr>,
+        /// The other peer is a restart of the one of the last session.
+        restarted: bool,
     },
     Failed(ConnectError),
 }
@@ -276,6 +278,7 @@ impl RendezvousClient {
                 other_host_candidates,
                 other_nat,
                 other_mapped,
+                other_restarted,
             } if self.state == State::Registered && self.introduced != Some(session_id) => {
                 self.introduced = Some(session_id);
                 self.events.push_back(RendezvousEvent::Introduced {
@@ -285,6 +288,7 @@ impl RendezvousClient {
                     host_candidates: other_host_candidates,
                     nat: other_nat,
                     mapped: other_mapped,
+                    restarted: other_restarted,
                 });
             }
             ServerMessage::Busy {
@@ -636,6 +640,7 @@ mod tests {
             other_host_candidates: vec![],
             other_nat: None,
             other_mapped: None,
+            other_restarted: false,
         }
         .encode()
         .unwrap();
@@ -755,6 +760,7 @@ mod tests {
                 other_host_candidates: vec![],
                 other_nat: None,
                 other_mapped: None,
+                other_restarted: false,
             }
             .encode()
             .unwrap()

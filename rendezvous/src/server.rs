@@ -138,6 +138,8 @@ struct Member {
 struct Room {
     members: Vec<Member>,
     session_id: Option<u64>,
+    /// The member whose restart began this session (see `Register::rejoin`).
+    restarted: Option<usize>,
     /// The session's relay budget, from its first relayed frame.
     relay_budget: Option<Bucket>,
 }
@@ -152,6 +154,7 @@ impl Room {
             sessions.remove(&session_id);
         }
         self.relay_budget = None;
+        self.restarted = None;
         for member in &mut self.members {
             member.relaying = false;
         }
@@ -543,7 +546,9 @@ impl Server {
             let token = member.token;
             self.stats.accepted += 1;
             self.registered(via, from, client_nonce, token);
-            if rebound || newly_mapped {
+            if peer_token.is_none() && rebound {
+                self.introduce_after_restart(&code, index);
+            } else if rebound || newly_mapped {
                 // The peer's NAT gave it a new mapping, or its gateway a
                 // port mapping: both sides must punch again towards the new
                 // address.
@@ -622,11 +627,22 @@ impl Server {
     /// Starts a new session in a full room: both members are told about each
     /// other in the same call, so the driver sends both back to back.
     fn introduce(&mut self, code: &RoomCode) {
+        self.introduce_as(code, None);
+    }
+
+    /// Introduces the pair again after member `index` was replaced by a
+    /// restart of itself: the other is told its session is over.
+    fn introduce_after_restart(&mut self, code: &RoomCode, index: usize) {
+        self.introduce_as(code, Some(index));
+    }
+
+    fn introduce_as(&mut self, code: &RoomCode, restarted: Option<usize>) {
         let session_id = self.rng.gen();
         self.stats.introductions += 1;
         if let Some(room) = self.rooms.get_mut(code) {
             room.end_session(&mut self.sessions);
             room.session_id = Some(session_id);
+            room.restarted = restarted;
             self.sessions.insert(session_id, code.clone());
         }
         for index in 0..2 {
@@ -653,6 +669,7 @@ impl Server {
             other_host_candidates: other.host_candidates.to_vec(),
             other_nat: me.nat.map(|_| other.nat.unwrap_or(NatMapping::Unknown)),
             other_mapped: me.nat.and(other.mapped),
+            other_restarted: me.rejoin.is_some() && room.restarted == Some(1 - index),
         };
         let (via, to) = (me.via, me.reflexive);
         self.send_message(via, to, &message);
@@ -849,6 +866,7 @@ mod tests {
                     other_host_candidates,
                     other_nat: None,
                     other_mapped: None,
+                    other_restarted: false,
                 } => (
                     *to,
                     *session_id,
@@ -984,10 +1002,27 @@ mod tests {
             other => panic!("expected Registered, got {other:?}"),
         };
         assert_ne!(new, old);
-        assert!(
-            replies.iter().any(|(to, m)| *to == addr(B)
-                && matches!(m, ServerMessage::Introduce { other_reflexive, .. } if *other_reflexive == addr(restarted))),
-            "B learns A's new address: {replies:?}"
+        // B learns A's new address, and that its session with the old A is
+        // over; A is told nothing of the kind about B.
+        let restarted_flag = |to: &str| {
+            replies.iter().find_map(|(at, m)| match m {
+                ServerMessage::Introduce {
+                    other_reflexive,
+                    other_restarted,
+                    ..
+                } if *at == addr(to) => Some((*other_reflexive, *other_restarted)),
+                _ => None,
+            })
+        };
+        assert_eq!(
+            restarted_flag(B),
+            Some((addr(restarted), true)),
+            "{replies:?}"
+        );
+        assert_eq!(
+            restarted_flag(restarted),
+            Some((addr(B), false)),
+            "{replies:?}"
         );
         assert_eq!(h.server.peers(), 2);
         assert!(matches!(

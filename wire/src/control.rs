@@ -190,6 +190,11 @@ pub enum ServerMessage {
         /// The other peer's port mapping, if it has one; sent, like
         /// `other_nat`, only to peers that said how their NAT maps.
         other_mapped: Option<SocketAddr>,
+        /// The other peer is a new process that took its old registration's
+        /// place (`Register::rejoin`): a session with the old one is over.
+        /// True only for peers that send a rejoin tag themselves; a build
+        /// from before reads the zero byte of `false` as padding.
+        other_restarted: bool,
     },
     Error {
         client_nonce: u64,
@@ -269,6 +274,51 @@ impl ServerMessage {
 /// before reading them. A plain `Vec` would reserve room for the claimed
 /// length first, letting a short datagram make the decoder allocate for
 /// hundreds of addresses.
+/// A UTF-8 string of at most `MAX` bytes (checked on decode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BoundedString<const MAX: usize>(
+    #[serde(deserialize_with = "bounded_string::<_, MAX>")] pub(crate) String,
+);
+
+impl<const MAX: usize> BoundedString<MAX> {
+    pub fn new(text: impl Into<String>) -> Result<Self, WireError> {
+        let text = text.into();
+        check_len("string", text.len(), MAX)?;
+        Ok(Self(text))
+    }
+
+    /// Cuts `text` to at most `MAX` bytes, at a character boundary.
+    pub fn truncated(text: &str) -> Self {
+        let mut end = text.len().min(MAX);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        Self(text[..end].to_owned())
+    }
+}
+
+impl<const MAX: usize> std::ops::Deref for BoundedString<MAX> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+fn bounded_string<'de, D, const MAX: usize>(deserializer: D) -> Result<String, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let text = String::deserialize(deserializer)?;
+    if text.len() > MAX {
+        return Err(serde::de::Error::invalid_length(
+            text.len(),
+            &"a string within the limit",
+        ));
+    }
+    Ok(text)
+}
+
 pub(crate) fn bounded<'de, T, const MAX: usize, D>(deserializer: D) -> Result<Vec<T>, D::Error>
 where
     T: Deserialize<'de>,
@@ -372,6 +422,7 @@ mod tests {
                 sequential_step: Some(i16::MIN),
             }),
             other_mapped: Some(v6(0xfffe)),
+            other_restarted: false,
         }
     }
 
@@ -493,6 +544,7 @@ mod tests {
             other_host_candidates,
             other_nat: None,
             other_mapped: None,
+            other_restarted: false,
         }
         .encode()
         .unwrap();
