@@ -15,6 +15,7 @@
 //! - [`session`]: the tokio shell: [`Peer::builder`] connects and returns a
 //!   [`Session`].
 //! - [`candidates`]: this machine's interface addresses.
+//! - [`chat`]: numbered, confirmed chat lines and their history (SQLite).
 //! - [`netcheck`]: how this host's NAT behaves, asked of the rendezvous.
 //! - [`transfer`]: files over a session: offers, checks, resume.
 //!
@@ -26,6 +27,7 @@ pub use natter_wire as wire;
 
 pub mod birthday;
 pub mod candidates;
+pub mod chat;
 pub mod code;
 pub mod contacts;
 pub mod error;

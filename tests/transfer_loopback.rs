@@ -13,9 +13,8 @@ use std::time::Duration;
 use natter::code::PairingCode;
 use natter::identity::Identity;
 use natter::session::{Peer, Received, Session};
-use natter_wire::transfer::{
-    AbortKind, BoundedString, Control, Offer, OfferEntry, TransferMessage,
-};
+use natter_wire::transfer::{AbortKind, Control, Offer, OfferEntry, TransferMessage, MAX_PATH};
+use natter_wire::BoundedString;
 use serde_json::Value;
 use support::pipe_peer::{code, runtime, start_rendezvous, Home, NATTER};
 use support::transfer_peer::{event, make_tree, tree_listing, write_random_file, TransferPeer};
@@ -239,7 +238,7 @@ async fn hostile_sender(
     }
 }
 
-fn path(text: &str) -> BoundedString {
+fn path(text: &str) -> BoundedString<MAX_PATH> {
     BoundedString::new(text).unwrap()
 }
 

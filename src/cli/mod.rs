@@ -1,8 +1,11 @@
 //! The `natter` commands: argument parsing, logging set-up, and dispatch.
 
 mod chat;
+mod chat_screen;
 mod contacts;
 mod demo;
+mod dial;
+mod history;
 mod netcheck;
 mod pipe;
 mod progress;
@@ -17,16 +20,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use natter::code::{random_nameplate, PairingCode};
-use natter::contacts::Contacts;
-use natter::identity::{config_dir, Identity, PublicKey};
-use natter::link::LinkConfig;
-use natter::session::{Error, Peer, PeerBuilder, Session};
+use dial::Dialer;
+use natter::identity::{config_dir, Identity};
+use natter::session::{Error, Session};
 use natter::transfer::Refusal;
-use natter::wire::ServerErrorKind;
-use natter::ConnectError;
 use report::Reporter;
-use tokio::sync::mpsc;
 
 #[derive(Parser)]
 #[command(
@@ -44,8 +42,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Interactive line chat with the other peer.
-    Chat(ConnectArgs),
+    /// Chat with the other peer: a terminal UI with delivery ticks that
+    /// reconnects on its own and queues what you type meanwhile; plain
+    /// lines on stdin and stdout when they are not a terminal.
+    Chat {
+        #[command(flatten)]
+        connect: ConnectArgs,
+        /// Keep no history: only lines not yet delivered are kept (so they
+        /// can go out later), and the conversation's numbering.
+        #[arg(long)]
+        no_history: bool,
+    },
+    /// Print the chat history with a contact (or a peer's public key).
+    History {
+        /// A contact's name, or a peer's public key in hex.
+        name: String,
+        /// Only lines from then on: 2026-12-04, 2026-12-04T09:30 (UTC), or
+        /// a time ago such as 90m, 12h, 7d.
+        #[arg(long)]
+        since: Option<String>,
+    },
     /// Send stdin to the other peer and write what it sends to stdout,
     /// byte-exact. Exits 0 once both directions have ended.
     Pipe(ConnectArgs),
@@ -176,22 +192,34 @@ pub fn main() -> ExitCode {
     };
     let exit = runtime.block_on(async {
         match cli.command {
-            Command::Chat(args) => {
-                connect_and(args.positional_code, args.session, "chat", chat::run).await
+            Command::Chat {
+                connect,
+                no_history,
+            } => {
+                chat(
+                    connect,
+                    chat::Options {
+                        history: !no_history,
+                    },
+                )
+                .await
+            }
+            Command::History { name, since } => {
+                report_failure(&Reporter::new(false), history::run(&name, since.as_deref()))
             }
             Command::Pipe(args) => {
                 connect_and(args.positional_code, args.session, "pipe", pipe::run).await
             }
             Command::Send { path, session } => {
-                let reporter = Reporter { json: session.json };
-                match send::gather(&path, reporter).await {
+                let reporter = Reporter::new(session.json);
+                match send::gather(&path, &reporter).await {
                     Ok(outgoing) => {
                         connect_and(None, session, "receive", |session, reporter| {
                             send::run(session, reporter, outgoing)
                         })
                         .await
                     }
-                    Err(error) => report_failure(reporter, Err(error)),
+                    Err(error) => report_failure(&reporter, Err(error)),
                 }
             }
             Command::Receive {
@@ -211,10 +239,10 @@ pub fn main() -> ExitCode {
                 })
                 .await
             }
-            Command::Demo => report_failure(Reporter { json: false }, demo::run().await),
-            Command::Id => report_failure(Reporter { json: false }, print_id()),
+            Command::Demo => report_failure(&Reporter::new(false), demo::run().await),
+            Command::Id => report_failure(&Reporter::new(false), print_id()),
             Command::Contacts(command) => {
-                report_failure(Reporter { json: false }, contacts::run(command))
+                report_failure(&Reporter::new(false), contacts::run(command))
             }
             Command::Completions { shell } => {
                 // Into a buffer first: clap_complete panics when its writer
@@ -223,24 +251,24 @@ pub fn main() -> ExitCode {
                 let mut command = <Cli as clap::CommandFactory>::command();
                 clap_complete::generate(shell, &mut command, "natter", &mut script);
                 report_failure(
-                    Reporter { json: false },
+                    &Reporter::new(false),
                     std::io::Write::write_all(&mut std::io::stdout(), &script)
                         .context("cannot write the completion script"),
                 )
             }
             Command::Man => report_failure(
-                Reporter { json: false },
+                &Reporter::new(false),
                 clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
                     .render(&mut std::io::stdout())
                     .context("cannot write the man page"),
             ),
             Command::Netcheck { rendezvous, json } => {
-                report_failure(Reporter { json }, netcheck::run(&rendezvous, json).await)
+                report_failure(&Reporter::new(json), netcheck::run(&rendezvous, json).await)
             }
             Command::Stun { server, timeout_ms } => {
                 let result = stun::query(&server, Duration::from_millis(timeout_ms)).await;
                 report_failure(
-                    Reporter { json: false },
+                    &Reporter::new(false),
                     result.map(|mapped| println!("{mapped}")),
                 )
             }
@@ -252,114 +280,59 @@ pub fn main() -> ExitCode {
     exit
 }
 
+/// The terminal UI when stdin and stdout are terminals (and not `--json`),
+/// else line mode.
+async fn chat(args: ConnectArgs, options: chat::Options) -> ExitCode {
+    use std::io::IsTerminal;
+    let interactive =
+        std::io::stdin().is_terminal() && std::io::stdout().is_terminal() && !args.session.json;
+    if !interactive {
+        return connect_and(
+            args.positional_code,
+            args.session,
+            "chat",
+            move |session, reporter| chat::line_mode(session, reporter, options),
+        )
+        .await;
+    }
+    let reporter = Reporter::new(false);
+    let result = async {
+        let dialer = Dialer::new(args.positional_code, args.session, "chat")?;
+        chat_screen::run(dialer, options).await
+    };
+    match result.await {
+        Ok(report) => {
+            if let Some(report) = report {
+                reporter.hint(&report);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => report_failure(&reporter, Err(error)),
+    }
+}
+
 /// Connects as `args` say (with `code` if the command took one as an
 /// argument), then hands the session to `run`. `peer_command`: what the
 /// other side runs with a code made up here.
 async fn connect_and<F, Fut>(
     code: Option<String>,
     args: SessionArgs,
-    peer_command: &str,
+    peer_command: &'static str,
     run: F,
 ) -> ExitCode
 where
     F: FnOnce(Session, Reporter) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let reporter = Reporter { json: args.json };
-    match connect(code, args, peer_command, reporter).await {
-        Ok(session) => report_failure(reporter, run(session, reporter).await),
-        Err(error) => report_failure(reporter, Err(error)),
-    }
-}
-
-/// How this run finds the other peer.
-enum Meeting {
-    /// A code the user typed (the other side made it up).
-    Given(PairingCode),
-    /// A code this side makes up and prints; it claims the nameplate.
-    Generated,
-    Contact(PublicKey),
-}
-
-/// Nameplates tried before giving up when each turns out to be in use.
-const NAMEPLATE_ATTEMPTS: usize = 5;
-
-async fn connect(
-    code: Option<String>,
-    args: SessionArgs,
-    peer_command: &str,
-    reporter: Reporter,
-) -> anyhow::Result<Session> {
-    let home = config_dir()?;
-    let mut contacts = Contacts::load(&home)?;
-    let meeting = match (code.or(args.code), &args.to) {
-        (_, Some(name)) => Meeting::Contact(contacts.get(name).with_context(|| {
-            format!("no contact named {name:?}; `natter contacts list` shows them")
-        })?),
-        (Some(code), None) => Meeting::Given(code.parse::<PairingCode>().map_err(Error::from)?),
-        (None, None) => Meeting::Generated,
+    let reporter = Reporter::new(args.json);
+    let connected = async {
+        let mut dialer = Dialer::new(code, args, peer_command)?;
+        dialer.dial(&reporter).await
     };
-    let mut config = LinkConfig::default();
-    config.rendezvous.wait_timeout = Duration::from_secs(args.wait_secs);
-    config.punch.timeout = Duration::from_millis(args.punch_timeout_ms);
-    config.relay = !args.no_relay;
-    config.rendezvous.claim = matches!(meeting, Meeting::Generated);
-    let mut attempt = 0;
-    let session = loop {
-        attempt += 1;
-        let builder = Peer::builder()
-            .rendezvous(args.rendezvous.clone())
-            .bind(args.bind)
-            .port_mapping(!args.no_port_mapping)
-            .config(config.clone())
-            .identity(Identity::load_or_create(&home)?);
-        let builder = match &meeting {
-            Meeting::Given(code) => builder.code(code.clone()),
-            Meeting::Contact(key) => builder.contact(*key),
-            Meeting::Generated => {
-                let mut rng = rand::thread_rng();
-                let code = PairingCode::generate(random_nameplate(&mut rng), 2, &mut rng);
-                reporter.code(&code, peer_command);
-                builder.code(code)
-            }
-        };
-        match connect_reporting(builder, reporter).await {
-            // Someone else uses this nameplate: make up another code.
-            Err(Error::Connect(ConnectError::Refused(ServerErrorKind::RoomTaken)))
-                if attempt < NAMEPLATE_ATTEMPTS && matches!(meeting, Meeting::Generated) => {}
-            result => break result?,
-        }
-    };
-    reporter.connected(&session.path());
-    if !matches!(meeting, Meeting::Contact(_)) {
-        contacts.set_last_paired(session.path().remote_key);
-        contacts.save()?;
-        reporter.hint("to reach this peer later without a code: natter contacts add NAME");
+    match connected.await {
+        Ok(session) => report_failure(&reporter, run(session, reporter.clone()).await),
+        Err(error) => report_failure(&reporter, Err(error)),
     }
-    Ok(session)
-}
-
-/// Connects, reporting registration and introduction as they happen.
-async fn connect_reporting(builder: PeerBuilder, reporter: Reporter) -> Result<Session, Error> {
-    let (progress_tx, mut progress) = mpsc::unbounded_channel();
-    let connecting = builder.progress(progress_tx).connect();
-    tokio::pin!(connecting);
-    let session = loop {
-        tokio::select! {
-            Some(step) = progress.recv() => reporter.progress(&step),
-            result = &mut connecting => break result,
-        }
-    };
-    while let Ok(step) = progress.try_recv() {
-        reporter.progress(&step);
-    }
-    // Path changes are reported for as long as the session runs.
-    tokio::spawn(async move {
-        while let Some(step) = progress.recv().await {
-            reporter.progress(&step);
-        }
-    });
-    session
 }
 
 fn print_id() -> anyhow::Result<()> {
@@ -370,7 +343,7 @@ fn print_id() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn report_failure(reporter: Reporter, result: anyhow::Result<()>) -> ExitCode {
+fn report_failure(reporter: &Reporter, result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -20,7 +20,7 @@ pub async fn run(session: Session, reporter: Reporter) -> Result<()> {
     let started = Instant::now();
     let (mut sender, mut receiver) = session.split();
     // Bytes sent and received together, when stderr is a terminal.
-    let progress = Progress::new(reporter, None, false);
+    let progress = Progress::new(&reporter, None, false);
     let bar = progress.bar().cloned().unwrap_or_else(ProgressBar::hidden);
     let send = async {
         let stdin = bar.wrap_async_read(tokio::io::stdin());

@@ -23,7 +23,7 @@ pub struct Progress {
 impl Progress {
     /// For `total` bytes (unknown: `None`, a spinner with bytes and rate).
     /// `events`: report `progress` events in JSON mode.
-    pub fn new(reporter: Reporter, total: Option<u64>, events: bool) -> Self {
+    pub fn new(reporter: &Reporter, total: Option<u64>, events: bool) -> Self {
         let bar = (!reporter.json && std::io::stderr().is_terminal()).then(|| {
             let (bar, template) = match total {
                 Some(total) => (
@@ -43,7 +43,7 @@ impl Progress {
         });
         Self {
             bar,
-            reporter,
+            reporter: reporter.clone(),
             events: (reporter.json && events).then_some(None),
             total,
         }

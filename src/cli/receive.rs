@@ -29,7 +29,7 @@ const ABORT_DELIVERY: Duration = Duration::from_secs(5);
 
 pub async fn run(session: Session, reporter: Reporter, options: Options) -> Result<()> {
     let (sender, mut receiver) = session.split();
-    match receive(&sender, &mut receiver, reporter, &options).await {
+    match receive(&sender, &mut receiver, &reporter, &options).await {
         Ok(()) => {
             sender.close().await;
             receiver.closed().await?;
@@ -82,7 +82,7 @@ struct Writing {
 async fn receive(
     sender: &SessionSender,
     receiver: &mut SessionReceiver,
-    reporter: Reporter,
+    reporter: &Reporter,
     options: &Options,
 ) -> Result<(), Stop> {
     let offer = match recv_message(receiver).await? {
@@ -216,7 +216,7 @@ async fn saved(
     plan: &Plan,
     current: Writing,
     progress: &Progress,
-    reporter: Reporter,
+    reporter: &Reporter,
 ) -> Result<(), Stop> {
     let file = &plan.files[current.index];
     let partial = current

@@ -7,18 +7,44 @@ use std::time::Duration;
 use natter::birthday::{BirthdayEvent, LocalSocket};
 use natter::code::PairingCode;
 use natter::error::CloseReason;
-use natter::punch::CandidateKind;
+use natter::punch::{CandidateKind, Path};
 use natter::reliable::Stats as ChannelStats;
 use natter::session::{PathInfo, Progress};
 use serde_json::{json, Value};
+use tokio::sync::mpsc;
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Reporter {
     pub json: bool,
+    /// Where human lines go instead of stderr (the chat's screen), with
+    /// path changes as they are.
+    screen: Option<mpsc::UnboundedSender<Note>>,
+}
+
+/// What the reporter tells a screen.
+#[derive(Debug)]
+pub enum Note {
+    Line(String),
+    Path(Path),
 }
 
 impl Reporter {
+    pub fn new(json: bool) -> Self {
+        Self { json, screen: None }
+    }
+
+    /// Human lines (and path changes) go to `screen`, not to stderr.
+    pub fn to_screen(screen: mpsc::UnboundedSender<Note>) -> Self {
+        Self {
+            json: false,
+            screen: Some(screen),
+        }
+    }
+
     pub fn progress(&self, progress: &Progress) {
+        if let (Some(screen), Progress::PathChanged { path, .. }) = (&self.screen, progress) {
+            let _ = screen.send(Note::Path(*path));
+        }
         match progress {
             Progress::Registered { reflexive } => self.emit(
                 json!({"event": "registered", "reflexive": reflexive.to_string()}),
@@ -205,7 +231,7 @@ impl Reporter {
     /// Advice for a person; nothing in JSON mode.
     pub fn hint(&self, text: &str) {
         if !self.json {
-            eprintln!("natter: {text}");
+            self.emit(Value::Null, text.to_owned());
         }
     }
 
@@ -257,7 +283,9 @@ impl Reporter {
     }
 
     fn emit(&self, json: Value, human: String) {
-        if self.json {
+        if let Some(screen) = &self.screen {
+            let _ = screen.send(Note::Line(human));
+        } else if self.json {
             eprintln!("{json}");
         } else {
             eprintln!("natter: {human}");

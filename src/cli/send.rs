@@ -19,7 +19,7 @@ use super::report::Reporter;
 
 /// Hashes everything to offer before connecting, so a missing file fails
 /// before a code is printed.
-pub async fn gather(path: &Path, reporter: Reporter) -> Result<Outgoing> {
+pub async fn gather(path: &Path, reporter: &Reporter) -> Result<Outgoing> {
     let path = path.to_path_buf();
     let outgoing = tokio::task::spawn_blocking(move || Outgoing::gather(&path)).await??;
     for skipped in &outgoing.skipped {
@@ -41,7 +41,7 @@ pub async fn run(session: Session, reporter: Reporter, outgoing: Outgoing) -> Re
             }
         }
     });
-    let result = transfer(&sender, &mut replies, reporter, &outgoing).await;
+    let result = transfer(&sender, &mut replies, &reporter, &outgoing).await;
     // Close gracefully, also after a failure, so what was sent (an abort)
     // arrives: wait until the receiver's side has closed too.
     sender.close().await;
@@ -60,7 +60,7 @@ type Replies = mpsc::UnboundedReceiver<Result<Option<Control>>>;
 async fn transfer(
     sender: &SessionSender,
     replies: &mut Replies,
-    reporter: Reporter,
+    reporter: &Reporter,
     outgoing: &Outgoing,
 ) -> Result<()> {
     let names: Vec<&str> = outgoing.offer.entries.iter().map(|e| e.path()).collect();
@@ -148,7 +148,7 @@ impl Saved {
         reply: Result<Option<Control>>,
         outgoing: &Outgoing,
         progress: &Progress,
-        reporter: Reporter,
+        reporter: &Reporter,
     ) -> Result<()> {
         match reply? {
             Some(Control::Saved { index }) if index as usize == self.count => {

@@ -281,7 +281,8 @@ fn name(control: &Control) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use natter_wire::transfer::{Abort, BoundedString};
+    use natter_wire::transfer::Abort;
+    use natter_wire::BoundedString;
 
     use super::*;
 

@@ -22,7 +22,8 @@ pub use incoming::{Incoming, Plan, PlannedFile, PlannedLink, Step};
 pub use names::RelativePath;
 pub use outgoing::{GatherError, Outgoing, SourceFile};
 
-use natter_wire::transfer::{Abort, AbortKind, BoundedString};
+use natter_wire::transfer::{Abort, AbortKind};
+use natter_wire::BoundedString;
 
 /// Why the receiving side will not go on: sent to the sender as an
 /// [`Abort`], and the receiver's own error.

@@ -6,7 +6,8 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use natter_wire::transfer::{BoundedString, Offer, OfferEntry, ResumePoint, MAX_OFFER_ENTRIES};
+use natter_wire::transfer::{Offer, OfferEntry, ResumePoint, MAX_OFFER_ENTRIES};
+use natter_wire::BoundedString;
 
 use super::names::{check_link_target, RelativePath};
 

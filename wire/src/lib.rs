@@ -30,6 +30,7 @@
 //! datagram's worth. Data frames are laid out by hand because they are on the
 //! hot path and their header is authenticated data for the AEAD seal.
 
+pub mod chat;
 mod control;
 mod data;
 mod handshake;
@@ -39,8 +40,9 @@ pub mod stun;
 pub mod transfer;
 
 pub use control::{
-    AddressCookie, BusyReason, ClientMessage, NatMapping, Register, RejoinTag, Role, RoomCode,
-    ServerErrorKind, ServerMessage, MAX_HOST_CANDIDATES, MAX_ROOM_CODE, REGISTER_PADDED_LEN,
+    AddressCookie, BoundedString, BusyReason, ClientMessage, NatMapping, Register, RejoinTag, Role,
+    RoomCode, ServerErrorKind, ServerMessage, MAX_HOST_CANDIDATES, MAX_ROOM_CODE,
+    REGISTER_PADDED_LEN,
 };
 pub use data::{DataHeader, PathCheck, SealedKind, DATA_HEADER_LEN, PATH_CHECK_LEN};
 pub use handshake::{HandshakeMessage, MAX_HANDSHAKE_MESSAGE};

@@ -24,7 +24,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::control::{bounded, check_len};
+use super::control::{bounded, check_len, BoundedString};
 use super::WireError;
 
 /// The transfer protocol version this build speaks.
@@ -92,17 +92,17 @@ pub struct Offer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OfferEntry {
     File {
-        path: BoundedString,
+        path: BoundedString<MAX_PATH>,
         size: u64,
         /// BLAKE3 of the whole file.
         blake3: [u8; 32],
     },
     Directory {
-        path: BoundedString,
+        path: BoundedString<MAX_PATH>,
     },
     Symlink {
-        path: BoundedString,
-        target: BoundedString,
+        path: BoundedString<MAX_PATH>,
+        target: BoundedString<MAX_PATH>,
     },
 }
 
@@ -173,37 +173,6 @@ impl AbortKind {
     }
 }
 
-/// A UTF-8 string of at most `MAX` bytes (checked on decode).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct BoundedString<const MAX: usize = MAX_PATH>(
-    #[serde(deserialize_with = "bounded_string::<_, MAX>")] String,
-);
-
-impl<const MAX: usize> BoundedString<MAX> {
-    pub fn new(text: impl Into<String>) -> Result<Self, WireError> {
-        let text = text.into();
-        check_len("string", text.len(), MAX)?;
-        Ok(Self(text))
-    }
-
-    /// Cuts `text` to at most `MAX` bytes, at a character boundary.
-    pub fn truncated(text: &str) -> Self {
-        let mut end = text.len().min(MAX);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        Self(text[..end].to_owned())
-    }
-}
-
-impl<const MAX: usize> std::ops::Deref for BoundedString<MAX> {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
 impl TransferMessage {
     pub fn encode(&self) -> Result<Vec<u8>, WireError> {
         match self {
@@ -254,25 +223,11 @@ impl TransferMessage {
     }
 }
 
-fn bounded_string<'de, D, const MAX: usize>(deserializer: D) -> Result<String, D::Error>
-where
-    D: serde::Deserializer<'de>,
-{
-    let text = String::deserialize(deserializer)?;
-    if text.len() > MAX {
-        return Err(serde::de::Error::invalid_length(
-            text.len(),
-            &"a string within the limit",
-        ));
-    }
-    Ok(text)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn path(text: &str) -> BoundedString {
+    fn path(text: &str) -> BoundedString<MAX_PATH> {
         BoundedString::new(text).unwrap()
     }
 

@@ -1,0 +1,479 @@
+//! `natter chat` in a terminal: a status bar (peer, path, round trip,
+//! cipher), the scrollback, and an input line that incoming text never
+//! breaks (ratatui on crossterm). A line gets its tick once the peer has
+//! confirmed it. When the session ends the chat says so and connects again
+//! on its own, with backoff; lines typed meanwhile wait in the queue (on
+//! disk) and go out in order when the peer is back.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use natter::chat::{ChatEvent, OutLine};
+use natter::identity::PublicKey;
+use natter::punch::{CandidateKind, Path};
+use natter::session::{Received, Session, SessionSender};
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+use ratatui::layout::{Constraint, Layout};
+use ratatui::style::{Style, Stylize};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::Paragraph;
+use ratatui::Frame;
+use tokio::sync::mpsc;
+
+use super::chat::{clock, now_ms, Options, Shown, Talk};
+use super::dial::Dialer;
+use super::report::{Note, Reporter};
+
+/// First wait before connecting again after a failure; it doubles up to
+/// [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often the round trip in the status bar is refreshed.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// How long leaving waits for the session to close.
+const CLOSE_WAIT: Duration = Duration::from_secs(3);
+
+/// A line on the screen.
+enum Entry {
+    Mine { seq: u64, at_ms: u64, text: String },
+    Theirs { at_ms: u64, text: String },
+    Notice { at_ms: u64, text: String },
+}
+
+/// Where the connection to the peer stands.
+enum Connection {
+    Dialing,
+    Up {
+        sender: SessionSender,
+        incoming: mpsc::Receiver<Result<Received, natter::Error>>,
+        path: Path,
+        cipher: &'static str,
+        rtt: Option<Duration>,
+    },
+}
+
+struct Screen {
+    peer_name: String,
+    entries: Vec<Entry>,
+    input: String,
+    /// Screen lines scrolled up from the bottom.
+    scroll: usize,
+    /// The peer has every line of ours up to this.
+    delivered_up_to: u64,
+}
+
+pub async fn run(dialer: Dialer, options: Options) -> Result<Option<String>> {
+    let peer_name = dialer
+        .contact()
+        .map(|(name, _)| name.to_owned())
+        .unwrap_or_else(|| "peer".into());
+    let mut talk = match dialer.contact() {
+        Some((_, key)) => Some(Talk::open(key, options)?),
+        None => None,
+    };
+    let mut screen = Screen {
+        peer_name,
+        entries: Vec::new(),
+        input: String::new(),
+        scroll: 0,
+        delivered_up_to: 0,
+    };
+    if let Some(talk) = &talk {
+        show_queued(&mut screen, talk.unconfirmed());
+    }
+    // Lines typed before the peer (met by code) is known.
+    let mut early: Vec<String> = Vec::new();
+
+    let (notes_tx, mut notes) = mpsc::unbounded_channel();
+    let (sessions, redial) = spawn_dialer(dialer, Reporter::to_screen(notes_tx));
+    let mut sessions = sessions;
+    let mut keys = spawn_key_reader();
+    let mut connection = Connection::Dialing;
+    let mut status_tick = tokio::time::interval(STATUS_INTERVAL);
+    let mut terminal = ratatui::init();
+    let result: Result<()> = async {
+        loop {
+            terminal.draw(|frame| draw(frame, &screen, &connection))?;
+            tokio::select! {
+                Some(key) = keys.recv() => {
+                    let Some(action) = screen.key(key) else { continue };
+                    match action {
+                        Action::Quit => break,
+                        Action::Send(text) => match talk.as_mut() {
+                            Some(talk) => {
+                                let line = talk.type_line(&text)?;
+                                screen.mine(&line);
+                                if let Connection::Up { sender, .. } = &connection {
+                                    let _ = talk.flush(sender).await;
+                                }
+                            }
+                            None => {
+                                screen.notice(format!("\"{text}\" will go out once {} is connected", screen.peer_name));
+                                early.push(text);
+                            }
+                        },
+                    }
+                }
+                Some(dialed) = sessions.recv() => match dialed {
+                    Ok(session) => {
+                        let info = session.path();
+                        let talk = match &mut talk {
+                            Some(talk) => talk,
+                            None => {
+                                let opened = talk.insert(Talk::open(info.remote_key, options)?);
+                                show_queued(&mut screen, opened.unconfirmed());
+                                opened
+                            }
+                        };
+                        if screen.peer_name == "peer" {
+                            screen.peer_name = short_fingerprint(&info.remote_key);
+                        }
+                        for text in early.drain(..) {
+                            let line = talk.type_line(&text)?;
+                            screen.mine(&line);
+                        }
+                        let (sender, incoming) = forward_incoming(session);
+                        talk.connected();
+                        let _ = talk.flush(&sender).await;
+                        connection = Connection::Up {
+                            sender,
+                            incoming,
+                            path: info.path,
+                            cipher: info.cipher.name(),
+                            rtt: None,
+                        };
+                    }
+                    Err(error) => screen.notice(format!("{error:#}; trying again")),
+                },
+                Some(received) = next_incoming(&mut connection) => {
+                    let talk = talk.as_mut().expect("a session opens the conversation");
+                    match received {
+                        Ok(Received::Data(bytes)) => {
+                            for shown in talk.handle(&bytes)? {
+                                screen.show(shown);
+                            }
+                            if let Connection::Up { sender, .. } = &connection {
+                                let _ = talk.flush(sender).await;
+                            }
+                        }
+                        Ok(Received::End) => screen.notice(format!("{} stopped typing", screen.peer_name)),
+                        Err(error) => {
+                            let why = match error {
+                                natter::Error::Closed(reason) => reason.to_string(),
+                                other => other.to_string(),
+                            };
+                            screen.notice(format!("{} left ({why}); waiting for {} to come back", screen.peer_name, screen.peer_name));
+                            talk.disconnected();
+                            connection = Connection::Dialing;
+                            let _ = redial.send(()).await;
+                        }
+                    }
+                }
+                Some(note) = notes.recv() => match note {
+                    Note::Line(text) => screen.notice(text),
+                    Note::Path(new) => {
+                        if let Connection::Up { path, .. } = &mut connection {
+                            *path = new;
+                        }
+                    }
+                },
+                _ = status_tick.tick() => {
+                    if let Connection::Up { sender, rtt, .. } = &mut connection {
+                        *rtt = sender.stats().await.map(|stats| stats.smoothed_rtt);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    // Leave: close the session so what was sent arrives, and take the
+    // confirmations that come back meanwhile.
+    if let (
+        Connection::Up {
+            sender, incoming, ..
+        },
+        Some(talk),
+    ) = (&mut connection, &mut talk)
+    {
+        sender.close().await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            while let Some(Ok(Received::Data(bytes))) = incoming.recv().await {
+                let _ = talk.handle(&bytes);
+            }
+        })
+        .await;
+    }
+    ratatui::restore();
+    result?;
+    let mut report = talk
+        .as_ref()
+        .and_then(|talk| talk.leaving_report(&screen.peer_name));
+    if !early.is_empty() {
+        report = Some(format!(
+            "{} line(s) typed before {} connected were not sent (nobody to queue them for yet)",
+            early.len(),
+            screen.peer_name
+        ));
+    }
+    Ok(report)
+}
+
+/// Dials in a task of its own: a session each time the screen asks (after
+/// the previous one ended), with backoff after failures.
+fn spawn_dialer(
+    mut dialer: Dialer,
+    reporter: Reporter,
+) -> (mpsc::Receiver<Result<Session>>, mpsc::Sender<()>) {
+    let (sessions_tx, sessions) = mpsc::channel(1);
+    let (redial, mut redials) = mpsc::channel::<()>(1);
+    tokio::spawn(async move {
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            match dialer.dial(&reporter).await {
+                Ok(session) => {
+                    backoff = FIRST_BACKOFF;
+                    if sessions_tx.send(Ok(session)).await.is_err()
+                        || redials.recv().await.is_none()
+                    {
+                        return;
+                    }
+                }
+                Err(error) => {
+                    if sessions_tx.send(Err(error)).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    });
+    (sessions, redial)
+}
+
+/// The session's incoming messages on a channel the screen can poll with
+/// everything else; the last item is the error that ended it.
+fn forward_incoming(
+    session: Session,
+) -> (
+    SessionSender,
+    mpsc::Receiver<Result<Received, natter::Error>>,
+) {
+    let (sender, mut receiver) = session.split();
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let received = receiver.recv().await;
+            let last = received.is_err();
+            if tx.send(received).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    (sender, rx)
+}
+
+async fn next_incoming(connection: &mut Connection) -> Option<Result<Received, natter::Error>> {
+    match connection {
+        Connection::Up { incoming, .. } => incoming.recv().await,
+        Connection::Dialing => std::future::pending().await,
+    }
+}
+
+/// Key presses from a thread of its own (crossterm's read blocks).
+fn spawn_key_reader() -> mpsc::Receiver<Event> {
+    let (tx, rx) = mpsc::channel(64);
+    std::thread::spawn(move || {
+        while let Ok(event) = event::read() {
+            if tx.blocking_send(event).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+enum Action {
+    Send(String),
+    Quit,
+}
+
+impl Screen {
+    fn key(&mut self, event: Event) -> Option<Action> {
+        let Event::Key(KeyEvent {
+            code,
+            modifiers,
+            kind: KeyEventKind::Press | KeyEventKind::Repeat,
+            ..
+        }) = event
+        else {
+            return None;
+        };
+        let ctrl = modifiers.contains(KeyModifiers::CONTROL);
+        match code {
+            KeyCode::Char('c') if ctrl => return Some(Action::Quit),
+            KeyCode::Char('d') if ctrl && self.input.is_empty() => return Some(Action::Quit),
+            KeyCode::Char(c) if !ctrl => self.input.push(c),
+            KeyCode::Backspace => {
+                self.input.pop();
+            }
+            KeyCode::PageUp => self.scroll += 10,
+            KeyCode::PageDown => self.scroll = self.scroll.saturating_sub(10),
+            KeyCode::Enter => {
+                let text = std::mem::take(&mut self.input);
+                self.scroll = 0;
+                match text.trim() {
+                    "/quit" => return Some(Action::Quit),
+                    "" => {}
+                    _ => return Some(Action::Send(text)),
+                }
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn mine(&mut self, line: &OutLine) {
+        self.entries.push(Entry::Mine {
+            seq: line.seq,
+            at_ms: line.typed_at_ms,
+            text: line.text.clone(),
+        });
+    }
+
+    fn notice(&mut self, text: String) {
+        self.entries.push(Entry::Notice {
+            at_ms: now_ms(),
+            text,
+        });
+    }
+
+    fn show(&mut self, shown: Shown) {
+        match shown {
+            Shown::Event(ChatEvent::Incoming { text, .. }) => self.entries.push(Entry::Theirs {
+                at_ms: now_ms(),
+                text,
+            }),
+            Shown::Event(ChatEvent::Delivered { up_to }) => {
+                self.delivered_up_to = self.delivered_up_to.max(up_to)
+            }
+            Shown::Unreadable(why) => self.notice(format!(
+                "{} sent a message this natter cannot read ({why})",
+                self.peer_name
+            )),
+        }
+    }
+
+    /// The entries as screen lines `width` wide, oldest first.
+    fn lines(&self, width: usize) -> Vec<Line<'_>> {
+        let mut lines = Vec::new();
+        for entry in &self.entries {
+            let (text, style) = match entry {
+                Entry::Mine { seq, at_ms, text } => {
+                    let tick = if *seq <= self.delivered_up_to {
+                        "✓"
+                    } else {
+                        "…"
+                    };
+                    (
+                        format!("[{}] me: {text} {tick}", clock(*at_ms)),
+                        Style::new(),
+                    )
+                }
+                Entry::Theirs { at_ms, text } => (
+                    format!("[{}] {}: {text}", clock(*at_ms), self.peer_name),
+                    Style::new().bold(),
+                ),
+                Entry::Notice { at_ms, text } => {
+                    (format!("[{}] -- {text}", clock(*at_ms)), Style::new().dim())
+                }
+            };
+            let chars: Vec<char> = text.chars().collect();
+            for piece in chars.chunks(width.max(1)) {
+                lines.push(Line::from(Span::styled(
+                    piece.iter().collect::<String>(),
+                    style,
+                )));
+            }
+        }
+        lines
+    }
+}
+
+fn show_queued<'a>(screen: &mut Screen, queued: impl ExactSizeIterator<Item = &'a OutLine>) {
+    if queued.len() > 0 {
+        screen.notice(format!(
+            "{} line(s) from before, not confirmed yet:",
+            queued.len()
+        ));
+        for line in queued {
+            screen.mine(line);
+        }
+    }
+}
+
+fn draw(frame: &mut Frame, screen: &Screen, connection: &Connection) {
+    let [status, body, input] = Layout::vertical([
+        Constraint::Length(1),
+        Constraint::Min(1),
+        Constraint::Length(1),
+    ])
+    .areas(frame.area());
+    let state = match connection {
+        Connection::Dialing => format!("waiting for {}", screen.peer_name),
+        Connection::Up {
+            path, cipher, rtt, ..
+        } => {
+            let route = match path.kind {
+                CandidateKind::Relayed => "relayed".to_owned(),
+                _ if path.remote.is_ipv6() && !is_mapped_v4(path) => "direct IPv6".to_owned(),
+                _ => "direct IPv4".to_owned(),
+            };
+            let rtt = rtt.map_or("RTT …".to_owned(), |rtt| {
+                format!("RTT {:.1} ms", rtt.as_secs_f64() * 1000.0)
+            });
+            format!("connected · {route} · {rtt} · {cipher}")
+        }
+    };
+    frame.render_widget(
+        Paragraph::new(format!(" natter · {} · {state}", screen.peer_name))
+            .style(Style::new().reversed()),
+        status,
+    );
+    let lines = screen.lines(body.width as usize);
+    let height = body.height as usize;
+    let end = lines
+        .len()
+        .saturating_sub(screen.scroll.min(lines.len().saturating_sub(height)));
+    let start = end.saturating_sub(height);
+    frame.render_widget(Paragraph::new(lines[start..end].to_vec()), body);
+    let prompt = format!("> {}", screen.input);
+    // Keep the end of a long input in view.
+    let width = input.width as usize;
+    let shown: String = prompt
+        .chars()
+        .skip(
+            prompt
+                .chars()
+                .count()
+                .saturating_sub(width.saturating_sub(1)),
+        )
+        .collect();
+    let cursor = shown.chars().count() as u16;
+    frame.render_widget(Paragraph::new(shown), input);
+    frame.set_cursor_position((input.x + cursor, input.y));
+}
+
+fn is_mapped_v4(path: &Path) -> bool {
+    match path.remote.ip() {
+        std::net::IpAddr::V6(ip) => ip.to_ipv4_mapped().is_some(),
+        std::net::IpAddr::V4(_) => true,
+    }
+}
+
+/// The first two groups of a fingerprint, to name a peer met by code.
+fn short_fingerprint(key: &PublicKey) -> String {
+    let fingerprint = key.fingerprint();
+    fingerprint.split(' ').take(2).collect::<Vec<_>>().join(" ")
+}
