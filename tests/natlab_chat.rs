@@ -1,7 +1,8 @@
 //! `natter chat`'s terminal UI in real terminals (tmux), across two NATs of
 //! the lab: two saved contacts exchange lines and see their ticks; one
 //! side is killed (SIGKILL) while the other types three lines, and started
-//! again: the three arrive in order, exactly once, ticked; after both quit,
+//! again: the three arrive in order, exactly once, ticked; a file goes from
+//! one to the other with `/send` and `/accept`; after both quit,
 //! `natter history` lists every line once.
 //!
 //! Needs root, `ip`, `nft` (like the other NAT lab tests) and `tmux`.
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use support::binaries::Binaries;
 use support::netns::{find_program, natlab_available, Lab, NsChild};
+use support::transfer_peer::write_random_file;
 
 const RV_PORT: u16 = 7777;
 const STEP: Duration = Duration::from_secs(30);
@@ -179,6 +181,10 @@ fn the_chat_screen_delivers_ticks_and_a_restart_gets_the_queue_once() {
         socket: format!("natter-{}", lab.id()),
     };
     let (a, b) = ("chat:0", "chat:1");
+    // Bob's chat runs in its inbox: files accepted there land there.
+    let inbox = dir.path().join("inbox");
+    std::fs::create_dir_all(&inbox).unwrap();
+    let inbox_arg = inbox.to_str().unwrap();
     tmux.run(&[
         "new-session",
         "-d",
@@ -195,6 +201,8 @@ fn the_chat_screen_delivers_ticks_and_a_restart_gets_the_queue_once() {
         "new-window",
         "-t",
         "chat:1",
+        "-c",
+        inbox_arg,
         "bash",
         script_b.to_str().unwrap(),
     ]);
@@ -205,6 +213,22 @@ fn the_chat_screen_delivers_ticks_and_a_restart_gets_the_queue_once() {
     tmux.type_line(b, "hi alice");
     tmux.wait_for(a, &["me: hello bob ✓", "bob: hi alice"]);
     tmux.wait_for(b, &["me: hi alice ✓", "alice: hello bob"]);
+
+    // A file from inside the chat, into Bob's current directory.
+    let gift = dir.path().join("gift.bin");
+    write_random_file(&gift, 3 << 20, 5);
+    tmux.type_line(a, &format!("/send {}", gift.display()));
+    tmux.wait_for(b, &["alice offers gift.bin (1 file(s), 3.0 MiB)"]);
+    tmux.type_line(b, "/accept");
+    tmux.wait_for(
+        a,
+        &["sent gift.bin (1 file(s), 3.0 MiB): every file saved and verified"],
+    );
+    tmux.wait_for(
+        b,
+        &["received gift.bin (1 file(s), 3.0 MiB): every file saved and verified"],
+    );
+    assert!(std::fs::read(inbox.join("gift.bin")).unwrap() == std::fs::read(&gift).unwrap());
 
     // Bob's process dies; Alice types on.
     let bob_pid = tmux.natter_pid(b);
@@ -223,6 +247,8 @@ fn the_chat_screen_delivers_ticks_and_a_restart_gets_the_queue_once() {
         "-k",
         "-t",
         b,
+        "-c",
+        inbox_arg,
         "bash",
         script_b.to_str().unwrap(),
     ]);

@@ -29,6 +29,11 @@ pub enum ChatEvent {
     },
     /// The peer has every line up to `up_to`.
     Delivered { up_to: u64 },
+    /// The peer offers files, to be met with `code` (see
+    /// [`ChatMessage::FileOffer`]).
+    FileOffer { code: String, summary: String },
+    /// The peer declined the offer made with `code`.
+    FileDeclined { code: String },
 }
 
 /// Where the conversation stands, as kept on disk between runs.
@@ -95,8 +100,37 @@ impl Conversation {
         self.transmits.clear();
     }
 
+    /// Offers files to be fetched with `code`; false when no session is up
+    /// (an offer is not queued: it is for now).
+    pub fn offer_files(&mut self, code: &str, summary: &str) -> bool {
+        if self.connected {
+            self.transmits.push_back(ChatMessage::FileOffer {
+                code: BoundedString::truncated(code),
+                summary: BoundedString::truncated(summary),
+            });
+        }
+        self.connected
+    }
+
+    pub fn decline_files(&mut self, code: &str) {
+        if self.connected {
+            self.transmits.push_back(ChatMessage::FileDeclined {
+                code: BoundedString::truncated(code),
+            });
+        }
+    }
+
     pub fn handle(&mut self, message: ChatMessage) {
         match message {
+            ChatMessage::FileOffer { code, summary } => {
+                self.events.push_back(ChatEvent::FileOffer {
+                    code: code.to_string(),
+                    summary: summary.to_string(),
+                })
+            }
+            ChatMessage::FileDeclined { code } => self.events.push_back(ChatEvent::FileDeclined {
+                code: code.to_string(),
+            }),
             ChatMessage::Line {
                 seq,
                 typed_at_ms,
@@ -165,7 +199,7 @@ mod tests {
         std::iter::from_fn(|| conversation.poll_event())
             .filter_map(|event| match event {
                 ChatEvent::Incoming { text, .. } => Some(text),
-                ChatEvent::Delivered { .. } => None,
+                _ => None,
             })
             .collect()
     }
@@ -228,6 +262,36 @@ mod tests {
         assert_eq!(
             alice.poll_transmit(),
             Some(ChatMessage::Received { up_to: 9 })
+        );
+    }
+
+    #[test]
+    fn a_file_offer_goes_out_only_while_connected_and_is_not_queued() {
+        let mut alice = Conversation::new(Resume::default());
+        let mut bob = Conversation::new(Resume::default());
+        assert!(!alice.offer_files("12-a-b", "x (1 file, 3 B)"));
+        alice.connected();
+        assert!(
+            alice.poll_transmit().is_none(),
+            "nothing queued from before"
+        );
+        assert!(alice.offer_files("12-a-b", "x (1 file, 3 B)"));
+        pump(&mut alice, &mut bob);
+        assert_eq!(
+            bob.poll_event(),
+            Some(ChatEvent::FileOffer {
+                code: "12-a-b".into(),
+                summary: "x (1 file, 3 B)".into()
+            })
+        );
+        bob.connected();
+        bob.decline_files("12-a-b");
+        pump(&mut bob, &mut alice);
+        assert_eq!(
+            alice.poll_event(),
+            Some(ChatEvent::FileDeclined {
+                code: "12-a-b".into()
+            })
         );
     }
 

@@ -84,6 +84,7 @@ impl Talk {
                 ChatEvent::Delivered { up_to } => {
                     self.store.delivered(&self.peer, *up_to, now_ms())?
                 }
+                ChatEvent::FileOffer { .. } | ChatEvent::FileDeclined { .. } => {}
             }
             shown.push(Shown::Event(event));
         }
@@ -99,6 +100,14 @@ impl Talk {
             sender.send(&bytes).await?;
         }
         Ok(())
+    }
+
+    pub fn offer_files(&mut self, code: &str, summary: &str) -> bool {
+        self.conversation.offer_files(code, summary)
+    }
+
+    pub fn decline_files(&mut self, code: &str) {
+        self.conversation.decline_files(code)
     }
 
     pub fn unconfirmed(&self) -> impl ExactSizeIterator<Item = &OutLine> {
@@ -152,7 +161,10 @@ pub async fn line_mode(session: Session, reporter: Reporter, options: Options) -
                             Shown::Event(ChatEvent::Incoming { text, .. }) => {
                                 println!("[{}] peer: {text}", clock(now_ms()));
                             }
-                            Shown::Event(ChatEvent::Delivered { .. }) => {}
+                            Shown::Event(ChatEvent::FileOffer { summary, .. }) => eprintln!(
+                                "natter: the peer offers {summary}; files can be taken in the terminal chat (/accept)"
+                            ),
+                            Shown::Event(_) => {}
                             Shown::Unreadable(why) => eprintln!("natter: the peer sent a message this natter cannot read ({why})"),
                         }
                     }

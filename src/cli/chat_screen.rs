@@ -4,14 +4,22 @@
 //! confirmed it. When the session ends the chat says so and connects again
 //! on its own, with backoff; lines typed meanwhile wait in the queue (on
 //! disk) and go out in order when the peer is back.
+//!
+//! `/send PATH` offers a file or a directory: the peer sees the offer and
+//! `/accept`s (into the current directory) or `/decline`s; the files go
+//! over a session of their own, met with a code made up for it and told
+//! over the chat, exactly as `natter send` and `natter receive` do.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Result;
 use natter::chat::{ChatEvent, OutLine};
+use natter::code::{random_nameplate, PairingCode};
 use natter::identity::PublicKey;
 use natter::punch::{CandidateKind, Path};
 use natter::session::{Received, Session, SessionSender};
+use natter::transfer::Outgoing;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Style, Stylize};
@@ -22,7 +30,8 @@ use tokio::sync::mpsc;
 
 use super::chat::{clock, now_ms, Options, Shown, Talk};
 use super::dial::Dialer;
-use super::report::{Note, Reporter};
+use super::report::{human_bytes, Note, Reporter};
+use super::{receive, send};
 
 /// First wait before connecting again after a failure; it doubles up to
 /// [`MAX_BACKOFF`].
@@ -54,6 +63,9 @@ enum Connection {
 
 struct Screen {
     peer_name: String,
+    /// The peer's file offer waiting for /accept or /decline: its code and
+    /// what it is.
+    offered: Option<(String, String)>,
     entries: Vec<Entry>,
     input: String,
     /// Screen lines scrolled up from the bottom.
@@ -73,6 +85,7 @@ pub async fn run(dialer: Dialer, options: Options) -> Result<Option<String>> {
     };
     let mut screen = Screen {
         peer_name,
+        offered: None,
         entries: Vec::new(),
         input: String::new(),
         scroll: 0,
@@ -85,7 +98,13 @@ pub async fn run(dialer: Dialer, options: Options) -> Result<Option<String>> {
     let mut early: Vec<String> = Vec::new();
 
     let (notes_tx, mut notes) = mpsc::unbounded_channel();
-    let (sessions, redial) = spawn_dialer(dialer, Reporter::to_screen(notes_tx));
+    let files = Files {
+        dialer: dialer.clone(),
+        reporter: Reporter::to_screen(notes_tx.clone(), false),
+        sending: HashMap::new(),
+    };
+    let mut files = files;
+    let (sessions, redial) = spawn_dialer(dialer, Reporter::to_screen(notes_tx, true));
     let mut sessions = sessions;
     let mut keys = spawn_key_reader();
     let mut connection = Connection::Dialing;
@@ -99,6 +118,38 @@ pub async fn run(dialer: Dialer, options: Options) -> Result<Option<String>> {
                     let Some(action) = screen.key(key) else { continue };
                     match action {
                         Action::Quit => break,
+                        Action::SendFiles(path) => {
+                            let up = matches!(connection, Connection::Up { .. });
+                            match (talk.as_mut(), up) {
+                                (Some(talk), true) => {
+                                    if let Err(error) = files.offer(talk, &path, &mut screen).await {
+                                        screen.notice(format!("cannot send {path}: {error:#}"));
+                                    }
+                                    if let Connection::Up { sender, .. } = &connection {
+                                        let _ = talk.flush(sender).await;
+                                    }
+                                }
+                                _ => screen.notice(format!("{} is not connected: offer files once they are", screen.peer_name)),
+                            }
+                        }
+                        Action::Accept => match screen.offered.take() {
+                            Some((code, summary)) => {
+                                if let Err(error) = files.accept(&code, &summary, &mut screen) {
+                                    screen.notice(format!("cannot receive {summary}: {error:#}"));
+                                }
+                            }
+                            None => screen.notice("no files offered to accept".into()),
+                        },
+                        Action::Decline => match (screen.offered.take(), talk.as_mut()) {
+                            (Some((code, summary)), Some(talk)) => {
+                                talk.decline_files(&code);
+                                screen.notice(format!("declined {summary}"));
+                                if let Connection::Up { sender, .. } = &connection {
+                                    let _ = talk.flush(sender).await;
+                                }
+                            }
+                            _ => screen.notice("no files offered to decline".into()),
+                        },
                         Action::Send(text) => match talk.as_mut() {
                             Some(talk) => {
                                 let line = talk.type_line(&text)?;
@@ -150,7 +201,10 @@ pub async fn run(dialer: Dialer, options: Options) -> Result<Option<String>> {
                     match received {
                         Ok(Received::Data(bytes)) => {
                             for shown in talk.handle(&bytes)? {
-                                screen.show(shown);
+                                match shown {
+                                    Shown::Event(ChatEvent::FileDeclined { code }) => files.declined(&code, &mut screen),
+                                    shown => screen.show(shown),
+                                }
                             }
                             if let Connection::Up { sender, .. } = &connection {
                                 let _ = talk.flush(sender).await;
@@ -296,7 +350,98 @@ fn spawn_key_reader() -> mpsc::Receiver<Event> {
 
 enum Action {
     Send(String),
+    /// `/send PATH`
+    SendFiles(String),
+    Accept,
+    Decline,
     Quit,
+}
+
+/// Files offered and taken from within the chat, each over a session of
+/// its own.
+struct Files {
+    /// Dials like the chat, but with a transfer's code.
+    dialer: Dialer,
+    /// Status lines of transfers go to the screen.
+    reporter: Reporter,
+    /// Offers made here, by code: what they are, and the task sending them.
+    sending: HashMap<String, (String, tokio::task::JoinHandle<()>)>,
+}
+
+impl Files {
+    /// Gathers `path`, offers it over the chat with a new code, and waits
+    /// (in a task) for the peer to come for it.
+    async fn offer(&mut self, talk: &mut Talk, path: &str, screen: &mut Screen) -> Result<()> {
+        let local = std::path::PathBuf::from(path);
+        let outgoing = tokio::task::spawn_blocking(move || Outgoing::gather(&local)).await??;
+        let mut rng = rand::thread_rng();
+        let code = PairingCode::generate(random_nameplate(&mut rng), 2, &mut rng);
+        let top = outgoing
+            .offer
+            .entries
+            .first()
+            .map_or("", |entry| entry.path());
+        let summary = format!(
+            "{top} ({} file(s), {})",
+            outgoing.files.len(),
+            human_bytes(outgoing.total_bytes())
+        );
+        if !talk.offer_files(&code.to_string(), &summary) {
+            anyhow::bail!("{} is not connected", screen.peer_name);
+        }
+        screen.notice(format!(
+            "offered {summary}; waiting for {} to accept",
+            screen.peer_name
+        ));
+        let mut dialer = self.dialer.with_code(code.clone(), "receive")?;
+        let reporter = self.reporter.clone();
+        let done = summary.clone();
+        let task = tokio::spawn(async move {
+            let result = async {
+                let session = dialer.dial(&reporter).await?;
+                send::run(session, reporter.clone(), outgoing).await
+            };
+            match result.await {
+                Ok(()) => reporter.hint(&format!("sent {done}: every file saved and verified")),
+                Err(error) => reporter.hint(&format!("sending {done} failed: {error:#}")),
+            }
+        });
+        self.sending.insert(code.to_string(), (summary, task));
+        Ok(())
+    }
+
+    /// The peer's offer with `code`, into the current directory.
+    fn accept(&mut self, code: &str, summary: &str, screen: &mut Screen) -> Result<()> {
+        let code: PairingCode = code.parse().map_err(natter::Error::from)?;
+        let mut dialer = self.dialer.with_code(code, "send")?;
+        let reporter = self.reporter.clone();
+        let out = std::env::current_dir()?;
+        screen.notice(format!("receiving {summary} into {}", out.display()));
+        let done = summary.to_owned();
+        tokio::spawn(async move {
+            let options = receive::Options {
+                out,
+                yes: true,
+                overwrite: false,
+            };
+            let result = async {
+                let session = dialer.dial(&reporter).await?;
+                receive::run(session, reporter.clone(), options).await
+            };
+            match result.await {
+                Ok(()) => reporter.hint(&format!("received {done}: every file saved and verified")),
+                Err(error) => reporter.hint(&format!("receiving {done} failed: {error:#}")),
+            }
+        });
+        Ok(())
+    }
+
+    fn declined(&mut self, code: &str, screen: &mut Screen) {
+        if let Some((summary, task)) = self.sending.remove(code) {
+            task.abort();
+            screen.notice(format!("{} declined {summary}", screen.peer_name));
+        }
+    }
 }
 
 impl Screen {
@@ -325,6 +470,13 @@ impl Screen {
                 self.scroll = 0;
                 match text.trim() {
                     "/quit" => return Some(Action::Quit),
+                    "/accept" => return Some(Action::Accept),
+                    "/decline" => return Some(Action::Decline),
+                    command if command.starts_with("/send ") => {
+                        return Some(Action::SendFiles(
+                            command["/send ".len()..].trim().to_owned(),
+                        ))
+                    }
                     "" => {}
                     _ => return Some(Action::Send(text)),
                 }
@@ -358,6 +510,17 @@ impl Screen {
             Shown::Event(ChatEvent::Delivered { up_to }) => {
                 self.delivered_up_to = self.delivered_up_to.max(up_to)
             }
+            Shown::Event(ChatEvent::FileOffer { code, summary }) => {
+                let here = std::env::current_dir()
+                    .map_or_else(|_| ".".into(), |d| d.display().to_string());
+                self.notice(format!(
+                    "{} offers {summary}: /accept to receive it into {here}, or /decline",
+                    self.peer_name
+                ));
+                self.offered = Some((code, summary));
+            }
+            // Handled by the screen's owner, which knows the offers.
+            Shown::Event(ChatEvent::FileDeclined { .. }) => {}
             Shown::Unreadable(why) => self.notice(format!(
                 "{} sent a message this natter cannot read ({why})",
                 self.peer_name

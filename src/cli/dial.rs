@@ -19,6 +19,7 @@ use super::report::Reporter;
 use super::SessionArgs;
 
 /// How this run finds the other peer.
+#[derive(Clone)]
 enum Meeting {
     /// A code the user typed (the other side made it up), or one made up
     /// here and used once already.
@@ -34,6 +35,7 @@ enum Meeting {
 /// Nameplates tried before giving up when each turns out to be in use.
 const NAMEPLATE_ATTEMPTS: usize = 5;
 
+#[derive(Clone)]
 pub struct Dialer {
     meeting: Meeting,
     args: SessionArgs,
@@ -42,6 +44,9 @@ pub struct Dialer {
     contacts: Contacts,
     /// What the other side runs with a code made up here.
     peer_command: &'static str,
+    /// Say after pairing by code how to save the peer as a contact (not
+    /// for the sessions of files offered in a chat).
+    contact_hint: bool,
 }
 
 impl Dialer {
@@ -67,12 +72,28 @@ impl Dialer {
         config.punch.timeout = Duration::from_millis(args.punch_timeout_ms);
         config.relay = !args.no_relay;
         Ok(Self {
+            contact_hint: !matches!(meeting, Meeting::Contact { .. }),
             meeting,
             args,
             config,
             home,
             contacts,
             peer_command,
+        })
+    }
+
+    /// A dialer like this one (rendezvous, socket, timeouts) that meets
+    /// whoever has `code`: files offered in a chat go over a session of
+    /// their own.
+    pub fn with_code(&self, code: PairingCode, peer_command: &'static str) -> anyhow::Result<Self> {
+        Ok(Self {
+            meeting: Meeting::Given(code),
+            args: self.args.clone(),
+            config: self.config.clone(),
+            home: self.home.clone(),
+            contacts: Contacts::load(&self.home)?,
+            peer_command,
+            contact_hint: false,
         })
     }
 
@@ -120,7 +141,7 @@ impl Dialer {
         if let (Meeting::Generated, Some(code)) = (&self.meeting, code) {
             self.meeting = Meeting::Given(code);
         }
-        if !matches!(self.meeting, Meeting::Contact { .. }) {
+        if self.contact_hint {
             self.contacts.set_last_paired(session.path().remote_key);
             self.contacts.save()?;
             reporter.hint("to reach this peer later without a code: natter contacts add NAME");

@@ -142,7 +142,7 @@ struct ConnectArgs {
 }
 
 /// How to reach the other peer, for every command that connects.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct SessionArgs {
     /// The pairing code (the positional CODE where a command has one).
     /// Without one (and without --to), a new code is made and printed.

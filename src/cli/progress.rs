@@ -24,23 +24,24 @@ impl Progress {
     /// For `total` bytes (unknown: `None`, a spinner with bytes and rate).
     /// `events`: report `progress` events in JSON mode.
     pub fn new(reporter: &Reporter, total: Option<u64>, events: bool) -> Self {
-        let bar = (!reporter.json && std::io::stderr().is_terminal()).then(|| {
-            let (bar, template) = match total {
-                Some(total) => (
-                    ProgressBar::new(total),
-                    "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-                ),
-                None => (
-                    ProgressBar::new_spinner(),
-                    "{spinner} {bytes} {binary_bytes_per_sec} {msg}",
-                ),
-            };
-            bar.set_draw_target(ProgressDrawTarget::stderr_with_hz(4));
-            if let Ok(style) = ProgressStyle::with_template(template) {
-                bar.set_style(style);
-            }
-            bar
-        });
+        let bar = (!reporter.json && !reporter.on_screen() && std::io::stderr().is_terminal())
+            .then(|| {
+                let (bar, template) = match total {
+                    Some(total) => (
+                        ProgressBar::new(total),
+                        "{bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+                    ),
+                    None => (
+                        ProgressBar::new_spinner(),
+                        "{spinner} {bytes} {binary_bytes_per_sec} {msg}",
+                    ),
+                };
+                bar.set_draw_target(ProgressDrawTarget::stderr_with_hz(4));
+                if let Ok(style) = ProgressStyle::with_template(template) {
+                    bar.set_style(style);
+                }
+                bar
+            });
         Self {
             bar,
             reporter: reporter.clone(),

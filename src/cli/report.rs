@@ -16,9 +16,11 @@ use tokio::sync::mpsc;
 #[derive(Clone)]
 pub struct Reporter {
     pub json: bool,
-    /// Where human lines go instead of stderr (the chat's screen), with
-    /// path changes as they are.
+    /// Where human lines go instead of stderr (the chat's screen).
     screen: Option<mpsc::UnboundedSender<Note>>,
+    /// Path changes go to the screen as they are, too (the chat's own
+    /// session, not a transfer's).
+    screen_paths: bool,
 }
 
 /// What the reporter tells a screen.
@@ -30,19 +32,32 @@ pub enum Note {
 
 impl Reporter {
     pub fn new(json: bool) -> Self {
-        Self { json, screen: None }
-    }
-
-    /// Human lines (and path changes) go to `screen`, not to stderr.
-    pub fn to_screen(screen: mpsc::UnboundedSender<Note>) -> Self {
         Self {
-            json: false,
-            screen: Some(screen),
+            json,
+            screen: None,
+            screen_paths: false,
         }
     }
 
+    /// Human lines go to `screen`, not to stderr; with `paths`, path
+    /// changes as they are too.
+    pub fn to_screen(screen: mpsc::UnboundedSender<Note>, paths: bool) -> Self {
+        Self {
+            json: false,
+            screen: Some(screen),
+            screen_paths: paths,
+        }
+    }
+
+    /// Whether a terminal UI owns the terminal (no progress bars then).
+    pub fn on_screen(&self) -> bool {
+        self.screen.is_some()
+    }
+
     pub fn progress(&self, progress: &Progress) {
-        if let (Some(screen), Progress::PathChanged { path, .. }) = (&self.screen, progress) {
+        if let (Some(screen), Progress::PathChanged { path, .. }, true) =
+            (&self.screen, progress, self.screen_paths)
+        {
             let _ = screen.send(Note::Path(*path));
         }
         match progress {

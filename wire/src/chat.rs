@@ -10,7 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::control::BoundedString;
+use super::control::{BoundedString, MAX_ROOM_CODE};
 use super::WireError;
 
 /// The chat protocol version this build speaks.
@@ -20,7 +20,7 @@ pub const CHAT_VERSION: u8 = 1;
 pub const MAX_LINE: usize = 4096;
 
 /// Largest encoded chat message.
-pub const MAX_CHAT_MESSAGE: usize = MAX_LINE + 64;
+pub const MAX_CHAT_MESSAGE: usize = MAX_LINE + MAX_ROOM_CODE + 64;
 
 fn codec() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_CHAT_MESSAGE>()
@@ -38,6 +38,16 @@ pub enum ChatMessage {
     },
     /// Every line up to `seq` has arrived and is kept.
     Received { up_to: u64 },
+    /// The sender offers files (`/send PATH`): they go over a session of
+    /// their own, met with `code` (a pairing code made up for it), as
+    /// `natter send` and `natter receive` do. `summary` says what they are.
+    /// Not numbered: an offer is for now, not for a later session.
+    FileOffer {
+        code: BoundedString<MAX_ROOM_CODE>,
+        summary: BoundedString<MAX_LINE>,
+    },
+    /// The offer made with `code` is declined.
+    FileDeclined { code: BoundedString<MAX_ROOM_CODE> },
 }
 
 impl ChatMessage {
@@ -78,7 +88,19 @@ mod tests {
             typed_at_ms: 1_764_830_000_000,
             text: BoundedString::new("héllo").unwrap(),
         };
-        for message in [line, ChatMessage::Received { up_to: u64::MAX }] {
+        let offer = ChatMessage::FileOffer {
+            code: BoundedString::new("12-tuxedo-orbit").unwrap(),
+            summary: BoundedString::new("photos/ (3 files, 1.2 MiB)").unwrap(),
+        };
+        let declined = ChatMessage::FileDeclined {
+            code: BoundedString::new("12-tuxedo-orbit").unwrap(),
+        };
+        for message in [
+            line,
+            ChatMessage::Received { up_to: u64::MAX },
+            offer,
+            declined,
+        ] {
             assert_eq!(
                 ChatMessage::decode(&message.encode().unwrap()).unwrap(),
                 message

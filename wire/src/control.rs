@@ -549,7 +549,8 @@ mod tests {
         .encode()
         .unwrap();
         assert_eq!(now[..before.len()], before[..]);
-        assert_eq!(now[before.len()..], [0, 0]);
+        // `other_nat`, `other_mapped` and `other_restarted`: zeros, read as padding.
+        assert_eq!(now[before.len()..], [0, 0, 0]);
     }
 
     #[test]
