@@ -46,15 +46,15 @@ const MIGRATIONS: &[&str] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("chat history {}: {source}", path.display())]
+    #[error("chat history {}: {reason}", path.display())]
     Sqlite {
         path: PathBuf,
-        source: rusqlite::Error,
+        reason: rusqlite::Error,
     },
-    #[error("chat history {}: {source}", path.display())]
+    #[error("chat history {}: {reason}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
     #[error("chat history {} has schema version {found}, newer than this natter's {known}; upgrade natter", path.display())]
     TooNew {
@@ -87,14 +87,14 @@ pub struct ChatStore {
 
 impl ChatStore {
     pub fn open(path: &Path, history: bool) -> Result<Self, StoreError> {
-        let io = |source| StoreError::Io {
+        let io = |reason| StoreError::Io {
             path: path.to_path_buf(),
-            source,
+            reason,
         };
         restrict(path).map_err(io)?;
-        let db = Connection::open(path).map_err(|source| StoreError::Sqlite {
+        let db = Connection::open(path).map_err(|reason| StoreError::Sqlite {
             path: path.to_path_buf(),
-            source,
+            reason,
         })?;
         let mut store = Self {
             db,
@@ -106,16 +106,16 @@ impl ChatStore {
     }
 
     fn sqlite(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        move |source| StoreError::Sqlite {
+        move |reason| StoreError::Sqlite {
             path: self.path.clone(),
-            source,
+            reason,
         }
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
-        let sqlite = |source| StoreError::Sqlite {
+        let sqlite = |reason| StoreError::Sqlite {
             path: self.path.clone(),
-            source,
+            reason,
         };
         let version: i64 = self
             .db

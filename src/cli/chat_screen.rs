@@ -306,6 +306,32 @@ fn spawn_dialer(
     (sessions, redial)
 }
 
+/// Dials with `dialer` and runs `transfer` (of `what`) on the session, in
+/// a task; says how it ended (`verbs`: done, and under way).
+fn spawn_transfer<F, Fut>(
+    mut dialer: Dialer,
+    reporter: Reporter,
+    what: &str,
+    [done, doing]: [&'static str; 2],
+    transfer: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnOnce(Session, Reporter) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let what = what.to_owned();
+    tokio::spawn(async move {
+        let result = async {
+            let session = dialer.dial(&reporter).await?;
+            transfer(session, reporter.clone()).await
+        };
+        match result.await {
+            Ok(()) => reporter.hint(&format!("{done} {what}: every file saved and verified")),
+            Err(error) => reporter.hint(&format!("{doing} {what} failed: {error:#}")),
+        }
+    })
+}
+
 /// The session's incoming messages on a channel the screen can poll with
 /// everything else; the last item is the error that ended it.
 fn forward_incoming(
@@ -393,19 +419,14 @@ impl Files {
             "offered {summary}; waiting for {} to accept",
             screen.peer_name
         ));
-        let mut dialer = self.dialer.with_code(code.clone(), "receive")?;
-        let reporter = self.reporter.clone();
-        let done = summary.clone();
-        let task = tokio::spawn(async move {
-            let result = async {
-                let session = dialer.dial(&reporter).await?;
-                send::run(session, reporter.clone(), outgoing).await
-            };
-            match result.await {
-                Ok(()) => reporter.hint(&format!("sent {done}: every file saved and verified")),
-                Err(error) => reporter.hint(&format!("sending {done} failed: {error:#}")),
-            }
-        });
+        let dialer = self.dialer.with_code(code.clone(), "receive")?;
+        let task = spawn_transfer(
+            dialer,
+            self.reporter.clone(),
+            &summary,
+            ["sent", "sending"],
+            |session, reporter| send::run(session, reporter, outgoing),
+        );
         self.sending.insert(code.to_string(), (summary, task));
         Ok(())
     }
@@ -413,26 +434,21 @@ impl Files {
     /// The peer's offer with `code`, into the current directory.
     fn accept(&mut self, code: &str, summary: &str, screen: &mut Screen) -> Result<()> {
         let code: PairingCode = code.parse().map_err(natter::Error::from)?;
-        let mut dialer = self.dialer.with_code(code, "send")?;
-        let reporter = self.reporter.clone();
+        let dialer = self.dialer.with_code(code, "send")?;
         let out = std::env::current_dir()?;
         screen.notice(format!("receiving {summary} into {}", out.display()));
-        let done = summary.to_owned();
-        tokio::spawn(async move {
-            let options = receive::Options {
-                out,
-                yes: true,
-                overwrite: false,
-            };
-            let result = async {
-                let session = dialer.dial(&reporter).await?;
-                receive::run(session, reporter.clone(), options).await
-            };
-            match result.await {
-                Ok(()) => reporter.hint(&format!("received {done}: every file saved and verified")),
-                Err(error) => reporter.hint(&format!("receiving {done} failed: {error:#}")),
-            }
-        });
+        let options = receive::Options {
+            out,
+            yes: true,
+            overwrite: false,
+        };
+        spawn_transfer(
+            dialer,
+            self.reporter.clone(),
+            summary,
+            ["received", "receiving"],
+            |session, reporter| receive::run(session, reporter, options),
+        );
         Ok(())
     }
 

@@ -234,9 +234,12 @@ pub fn main() -> ExitCode {
                     yes,
                     overwrite,
                 };
-                connect_and(positional_code, session, "send", |session, reporter| {
-                    receive::run(session, reporter, options)
-                })
+                connect_and(
+                    positional_code,
+                    session,
+                    "send PATH --code",
+                    |session, reporter| receive::run(session, reporter, options),
+                )
                 .await
             }
             Command::Demo => report_failure(&Reporter::new(false), demo::run().await),

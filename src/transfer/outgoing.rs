@@ -33,8 +33,8 @@ pub struct SourceFile {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatherError {
-    #[error("cannot read {}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
+    #[error("cannot read {}: {reason}", path.display())]
+    Io { path: PathBuf, reason: io::Error },
     #[error("{} has a name that is not UTF-8; natter sends UTF-8 names only", path.display())]
     NotUtf8 { path: PathBuf },
     #[error("{} names no file or directory natter can send", path.display())]
@@ -46,9 +46,9 @@ pub enum GatherError {
 impl Outgoing {
     /// Walks `path` and hashes every file.
     pub fn gather(path: &Path) -> Result<Self, GatherError> {
-        let io_error = |source| GatherError::Io {
+        let io_error = |reason| GatherError::Io {
             path: path.to_path_buf(),
-            source,
+            reason,
         };
         // The name it arrives under: the last component, also for `.`.
         let absolute = fs::canonicalize(path).map_err(io_error)?;
@@ -88,9 +88,9 @@ impl Outgoing {
         if self.offer.entries.len() >= MAX_OFFER_ENTRIES {
             return Err(GatherError::TooMany);
         }
-        let io_error = |source| GatherError::Io {
+        let io_error = |reason| GatherError::Io {
             path: local.to_path_buf(),
-            source,
+            reason,
         };
         let offered = BoundedString::new(name.clone()).map_err(|_| GatherError::Unsendable {
             path: local.to_path_buf(),
@@ -126,9 +126,9 @@ impl Outgoing {
                 })?;
                 let child_name = format!("{name}/{child_name}");
                 let child_metadata =
-                    fs::symlink_metadata(&child).map_err(|source| GatherError::Io {
+                    fs::symlink_metadata(&child).map_err(|reason| GatherError::Io {
                         path: child.clone(),
-                        source,
+                        reason,
                     })?;
                 self.add(&child, child_name, &child_metadata)?;
             }

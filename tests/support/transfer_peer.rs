@@ -2,13 +2,14 @@
 //! loopback or inside a lab namespace), and the file trees they move.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use super::pipe_peer::spawn_stderr_reader;
 
 /// A running `natter send` or `natter receive --json`: its stderr events
 /// arrive on a channel, all of them are kept.
@@ -17,7 +18,6 @@ pub struct TransferPeer {
     events: mpsc::Receiver<Value>,
     seen: Vec<Value>,
     stderr: Arc<Mutex<Vec<String>>>,
-    started: Instant,
 }
 
 impl TransferPeer {
@@ -32,22 +32,12 @@ impl TransferPeer {
             .expect("natter starts");
         let (events_tx, events) = mpsc::channel();
         let stderr = Arc::new(Mutex::new(Vec::new()));
-        let lines = Arc::clone(&stderr);
-        let err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if let Ok(event) = serde_json::from_str::<Value>(&line) {
-                    let _ = events_tx.send(event);
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
+        spawn_stderr_reader(child.stderr.take().unwrap(), events_tx, Arc::clone(&stderr));
         Self {
             child,
             events,
             seen: Vec::new(),
             stderr,
-            started: Instant::now(),
         }
     }
 
@@ -107,10 +97,6 @@ impl TransferPeer {
             self.seen.push(event);
         }
         (status.code().unwrap_or(-1), std::mem::take(&mut self.seen))
-    }
-
-    pub fn elapsed(&self) -> Duration {
-        self.started.elapsed()
     }
 
     pub fn stderr(&self) -> String {
