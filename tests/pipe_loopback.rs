@@ -46,6 +46,26 @@ fn fifty_mib_each_way_arrive_byte_exact() {
     runtime.block_on(server.shutdown()).unwrap();
 }
 
+/// Both ends on one machine with one config directory (one identity): a
+/// user trying natter out. The rendezvous must pair them, not take the
+/// second for a restart of the first.
+#[test]
+fn two_processes_of_one_identity_pair_with_each_other() {
+    let runtime = runtime();
+    let server = start_rendezvous(&runtime);
+    let rendezvous = server.local_addrs[0].to_string();
+    let code = code();
+    let home = Home::new("one-identity");
+    let a = PipePeer::start(&rendezvous, &code, &home, 6, 4096, None);
+    a.wait_event("registered", Duration::from_secs(5));
+    let b = PipePeer::start(&rendezvous, &code, &home, 7, 4096, None);
+    a.wait_event("connected", Duration::from_secs(10));
+    b.wait_event("connected", Duration::from_secs(10));
+    assert_eq!(a.finish(Duration::from_secs(10)), (0, 4096, Stream::hash(7, 4096)));
+    assert_eq!(b.finish(Duration::from_secs(10)), (0, 4096, Stream::hash(6, 4096)));
+    runtime.block_on(server.shutdown()).unwrap();
+}
+
 #[test]
 fn a_peer_starting_three_seconds_later_still_connects() {
     let runtime = runtime();

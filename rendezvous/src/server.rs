@@ -511,14 +511,20 @@ impl Server {
                 None => return self.refuse(via, from, client_nonce, ServerErrorKind::BadToken),
             },
             // A tokenless Register from an address already in the room is
-            // that peer retrying because our reply was lost; one with the
-            // tag of a member is that peer started again.
+            // that peer retrying because our reply was lost. One with the
+            // tag of a member of a full room is that peer started again
+            // (the one heard from least recently, should both have the
+            // tag). Not in a room with space: two processes of one identity
+            // (a user trying natter on one machine) pair with each other.
             None => members
                 .iter()
                 .position(|m| m.reflexive == from)
                 .or_else(|| {
                     let tag = rejoin?;
-                    members.iter().position(|m| m.rejoin == Some(tag))
+                    (occupied >= 2).then_some(())?;
+                    (0..occupied)
+                        .filter(|&i| members[i].rejoin == Some(tag))
+                        .min_by_key(|&i| members[i].last_seen)
                 }),
         };
 
@@ -957,6 +963,25 @@ mod tests {
         assert_eq!(replies.len(), 3);
         h.advance(Duration::from_secs(60));
         assert_eq!((h.server.peers(), h.server.rooms()), (0, 0));
+    }
+
+    /// Two processes of one identity (the same tag) pair with each other
+    /// when the room has space.
+    #[test]
+    fn the_same_tag_twice_in_an_empty_room_is_a_pair() {
+        let mut h = Harness::new();
+        let ClientMessage::Register(mut register) = register("room", None) else {
+            unreachable!()
+        };
+        register.rejoin = Some(RejoinTag([9; 16]));
+        let register = ClientMessage::Register(register);
+        assert_eq!(h.send(A, register.clone()).len(), 1);
+        assert_eq!(
+            h.send(B, register).len(),
+            3,
+            "registered, two introductions"
+        );
+        assert_eq!(h.server.peers(), 2);
     }
 
     /// A peer killed and started again (a new address, no token) takes its
