@@ -4,10 +4,12 @@
 # For each loss rate, a lab with two full-cone NATs and random loss on the
 # public bridge (both directions); in it, one way from host a to host b:
 # `natter pipe` (figure: its `transferred` elapsed time, connected to all
-# acknowledged, with the channel's counters) and `examples/quinn_pipe.rs`
+# acknowledged, with the channel's counters), `examples/natter_mem.rs` (the
+# same library transfer with its bytes made and dropped in memory, as
+# quinn_pipe's are; connected to all acknowledged) and `examples/quinn_pipe.rs`
 # with quinn's Cubic and BBR (figure: connected to the server confirming the
 # byte count). Prints MiB/s for each, the better quinn, and natter's ratio to
-# it; medians of RUNS runs.
+# it (pipe and in memory); medians of RUNS runs.
 #
 # Usage: scripts/natlab-goodput.sh [MIB] [LOSS_PERCENT...]
 #        (default: 64 MiB at 0 1 5 10 %; RUNS=N repeats each case)
@@ -22,11 +24,12 @@ if [[ ${NATLAB_GOODPUT_INNER:-} != 1 ]]; then
     losses=("${@:-0 1 5 10}")
     [[ $# -eq 0 ]] && losses=(0 1 5 10)
     runs=${RUNS:-1}
-    (cd "$root" && cargo build --quiet --workspace --release && cargo build --quiet --release --example quinn_pipe)
+    (cd "$root" && cargo build --quiet --workspace --release && cargo build --quiet --release --example quinn_pipe --example natter_mem)
     export NATLAB_GOODPUT_INNER=1 GOODPUT_MIB=$mib
     export NATTER_BIN=$root/target/release/natter
     export NATTER_RENDEZVOUS_BIN=$root/target/release/natter-rendezvous
     export QUINN_BIN=$root/target/release/examples/quinn_pipe
+    export NATTER_MEM_BIN=$root/target/release/examples/natter_mem
     results=$(mktemp)
     trap 'rm -f "$results"' EXIT
     for loss in "${losses[@]}"; do
@@ -41,13 +44,13 @@ import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 mib = float(sys.argv[2])
 print(f"{mib:.0f} MiB one way through two full-cone NATs, random loss both ways; MiB/s (median of runs)")
-print(f"{'loss':>5} {'natter':>8} {'cubic':>8} {'bbr':>8} {'ratio':>6}  natter: lost (reorder/time/spurious) PTOs cuts")
+print(f"{'loss':>5} {'pipe':>8} {'memory':>8} {'cubic':>8} {'bbr':>8} {'ratio':>6} {'memory':>6}  natter pipe: lost (reorder/time/spurious) PTOs cuts")
 for loss in sorted({r["loss"] for r in rows}, key=float):
     runs = [r for r in rows if r["loss"] == loss]
     rate = lambda key: statistics.median(mib / (r[key] / 1000) for r in runs)
-    natter, cubic, bbr = rate("natter_ms"), rate("cubic_ms"), rate("bbr_ms")
+    natter, memory, cubic, bbr = rate("natter_ms"), rate("memory_ms"), rate("cubic_ms"), rate("bbr_ms")
     c = runs[len(runs) // 2]["channel"]
-    print(f"{loss:>4}% {natter:>8.1f} {cubic:>8.1f} {bbr:>8.1f} {natter / max(cubic, bbr):>5.2f}x"
+    print(f"{loss:>4}% {natter:>8.1f} {memory:>8.1f} {cubic:>8.1f} {bbr:>8.1f} {natter / max(cubic, bbr):>5.2f}x {memory / max(cubic, bbr):>5.2f}x"
           f"  {c['packets_lost']} ({c['lost_by_reordering']}/{c['lost_by_time']}/{c['spurious_losses']})"
           f" {c['probe_timeouts']} {c['congestion_events']}")
 EOF
@@ -73,6 +76,15 @@ in_ns a bash -c "head -c $bytes /dev/zero | '$NATTER_BIN' pipe --code '$code' \
 wait "$receiver"
 natter=$(grep '"transferred"' "$work/a.err") || { cat "$work/a.err" "$work/b.err" >&2; exit 1; }
 
+# natter's library with its bytes in memory.
+code="$((RANDOM % 900 + 100))-goodput-$RANDOM"
+in_ns b "$NATTER_MEM_BIN" receive --code "$code" --rendezvous "$RV_IP:7777" 2>"$work/mb.err" &
+receiver=$!
+in_ns a "$NATTER_MEM_BIN" send --code "$code" --rendezvous "$RV_IP:7777" --bytes "$bytes" \
+    >"$work/ma.out" 2>"$work/ma.err" || { cat "$work/ma.err" "$work/mb.err" >&2; exit 1; }
+wait "$receiver"
+memory=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["elapsed_ms"])' "$work/ma.out")
+
 quinn_ms() { # CC
     in_ns b "$QUINN_BIN" serve --stun "$RV_IP:7777" --cert "$work/cert.der" --cc "$1" \
         >"$work/serve.out" 2>"$work/serve.err" &
@@ -91,10 +103,11 @@ quinn_ms() { # CC
 cubic=$(quinn_ms cubic)
 bbr=$(quinn_ms bbr)
 
-python3 - "$natter" "$cubic" "$bbr" "$GOODPUT_LOSS" <<'EOF'
+python3 - "$natter" "$cubic" "$bbr" "$GOODPUT_LOSS" "$memory" <<'EOF'
 import json, sys
 natter = json.loads(sys.argv[1])
 print(json.dumps({"loss": sys.argv[4], "natter_ms": max(natter["elapsed_ms"], 1),
+                  "memory_ms": max(int(sys.argv[5]), 1),
                   "cubic_ms": max(int(sys.argv[2]), 1), "bbr_ms": max(int(sys.argv[3]), 1),
                   "channel": natter["channel"]}))
 EOF
