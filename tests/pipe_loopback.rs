@@ -61,8 +61,14 @@ fn two_processes_of_one_identity_pair_with_each_other() {
     let b = PipePeer::start(&rendezvous, &code, &home, 7, 4096, None);
     a.wait_event("connected", Duration::from_secs(10));
     b.wait_event("connected", Duration::from_secs(10));
-    assert_eq!(a.finish(Duration::from_secs(10)), (0, 4096, Stream::hash(7, 4096)));
-    assert_eq!(b.finish(Duration::from_secs(10)), (0, 4096, Stream::hash(6, 4096)));
+    assert_eq!(
+        a.finish(Duration::from_secs(10)),
+        (0, 4096, Stream::hash(7, 4096))
+    );
+    assert_eq!(
+        b.finish(Duration::from_secs(10)),
+        (0, 4096, Stream::hash(6, 4096))
+    );
     runtime.block_on(server.shutdown()).unwrap();
 }
 
