@@ -48,6 +48,10 @@ impl Talk {
         })
     }
 
+    pub fn peer(&self) -> PublicKey {
+        self.peer
+    }
+
     /// Numbers and keeps a typed line; it goes out with the next flush.
     pub fn type_line(&mut self, text: &str) -> Result<OutLine> {
         let line = self.conversation.type_line(now_ms(), text);

@@ -168,10 +168,21 @@ pub async fn run(dialer: Dialer, options: Options) -> Result<Option<String>> {
                 Some(dialed) = sessions.recv() => match dialed {
                     Ok(session) => {
                         let info = session.path();
+                        // Met by code, the peer may be another one than
+                        // the last time (someone else with the code, or the
+                        // peer with another key): its own conversation.
                         let talk = match &mut talk {
-                            Some(talk) => talk,
-                            None => {
-                                let opened = talk.insert(Talk::open(info.remote_key, options)?);
+                            Some(talk) if talk.peer() == info.remote_key => talk,
+                            other => {
+                                if other.is_some() {
+                                    // Only by code: a contact's key is pinned.
+                                    screen.notice(format!(
+                                        "this is another peer than before (fingerprint {})",
+                                        info.remote_key.fingerprint()
+                                    ));
+                                    screen.peer_name = short_fingerprint(&info.remote_key);
+                                }
+                                let opened = other.insert(Talk::open(info.remote_key, options)?);
                                 show_queued(&mut screen, opened.unconfirmed());
                                 opened
                             }
@@ -568,12 +579,16 @@ impl Screen {
                     (format!("[{}] -- {text}", clock(*at_ms)), Style::new().dim())
                 }
             };
-            let chars: Vec<char> = text.chars().collect();
-            for piece in chars.chunks(width.max(1)) {
-                lines.push(Line::from(Span::styled(
-                    piece.iter().collect::<String>(),
-                    style,
-                )));
+            // A notice may hold several lines (an offer's names); each is
+            // wrapped at the width.
+            for text_line in text.split('\n') {
+                let chars: Vec<char> = text_line.chars().collect();
+                for piece in chars.chunks(width.max(1)) {
+                    lines.push(Line::from(Span::styled(
+                        piece.iter().collect::<String>(),
+                        style,
+                    )));
+                }
             }
         }
         lines
