@@ -95,8 +95,7 @@ async fn receive(
         }
     };
     let plan = Plan::check(&offer)?;
-    let names: Vec<String> = offer.entries.iter().map(|e| e.path().to_owned()).collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let names: Vec<&str> = offer.entries.iter().map(|e| e.path()).collect();
     reporter.offer(plan.files.len(), plan.total_bytes(), &names);
     let destination = Destination::open(&options.out)
         .map_err(|e| Refusal::new(AbortKind::Io, format!("{}: {e}", options.out.display())))?;
