@@ -133,6 +133,8 @@ pub enum PunchEvent {
 struct Candidate {
     report: CandidateReport,
     rtt: Option<Duration>,
+    /// When a probe or nomination last came from it.
+    last_heard: Option<Instant>,
 }
 
 /// Probes in flight are remembered to pair acknowledgements with them and
@@ -329,7 +331,7 @@ impl Puncher {
         let session_id = self.session_id;
         match message {
             PunchMessage::Probe { nonce, .. } => {
-                let index = self.find_or_learn(from);
+                let index = self.find_or_learn(now, from);
                 if let Some(index) = index {
                     self.candidates[index].report.probes_received += 1;
                 }
@@ -349,7 +351,7 @@ impl Puncher {
                 let ack = PunchMessage::NominateAck { session_id, nonce };
                 self.transmits.push_back((from, ack, None));
                 if self.role == Role::Controlled && self.state == State::Probing {
-                    let index = self.find_or_learn(from);
+                    let index = self.find_or_learn(now, from);
                     let kind = index.map_or(CandidateKind::PeerReflexive, |i| {
                         self.candidates[i].report.kind
                     });
@@ -493,11 +495,33 @@ impl Puncher {
         z ^ (z >> 31)
     }
 
-    fn find_or_learn(&mut self, addr: SocketAddr) -> Option<usize> {
-        self.candidates
+    fn find_or_learn(&mut self, now: Instant, addr: SocketAddr) -> Option<usize> {
+        let index = self
+            .candidates
             .iter()
             .position(|c| c.report.addr == addr)
             .or_else(|| self.add_candidate(addr, CandidateKind::PeerReflexive))
+            .or_else(|| self.replace_stale(addr))?;
+        self.candidates[index].last_heard = Some(now);
+        Some(index)
+    }
+
+    /// With the table full, `addr` takes the place of the peer-reflexive
+    /// candidate heard from least recently that never answered a probe.
+    /// Port prediction's fan needs it: each of the other side's sockets
+    /// probes once and all but one close, and the one left, whose probes
+    /// keep coming, must still be learned and answered.
+    fn replace_stale(&mut self, addr: SocketAddr) -> Option<usize> {
+        let (index, _) = self
+            .candidates
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| {
+                c.report.kind == CandidateKind::PeerReflexive && c.report.acks_received == 0
+            })
+            .min_by_key(|(_, c)| c.last_heard)?;
+        self.candidates[index] = Candidate::new(addr, CandidateKind::PeerReflexive);
+        Some(index)
     }
 
     fn add_candidate(&mut self, addr: SocketAddr, kind: CandidateKind) -> Option<usize> {
@@ -507,7 +531,14 @@ impl Puncher {
         if self.candidates.len() == MAX_CANDIDATES {
             return None;
         }
-        self.candidates.push(Candidate {
+        self.candidates.push(Candidate::new(addr, kind));
+        Some(self.candidates.len() - 1)
+    }
+}
+
+impl Candidate {
+    fn new(addr: SocketAddr, kind: CandidateKind) -> Self {
+        Self {
             report: CandidateReport {
                 addr,
                 kind,
@@ -516,8 +547,8 @@ impl Puncher {
                 probes_received: 0,
             },
             rtt: None,
-        });
-        Some(self.candidates.len() - 1)
+            last_heard: None,
+        }
     }
 }
 
@@ -732,5 +763,57 @@ mod tests {
             puncher.poll_transmit();
         }
         assert_eq!(puncher.candidates.len(), MAX_CANDIDATES);
+    }
+
+    /// The public-peer × symmetric case of the NAT lab: the other side's
+    /// port-prediction fan fills the table with addresses that probe once,
+    /// then the one socket it keeps probes on; that address is learned and
+    /// probed, and a candidate that answered is never displaced.
+    #[test]
+    fn an_address_that_keeps_probing_displaces_one_heard_once_in_a_full_table() {
+        let t0 = Instant::now();
+        let mut puncher = Puncher::new(t0, PunchConfig::default(), 1, Role::Controlled, [], 0);
+        let probe = PunchMessage::Probe {
+            session_id: 1,
+            nonce: 0,
+        };
+        let fan = |port: u16| SocketAddr::from(([203, 0, 113, 11], port));
+        for port in 1..=MAX_CANDIDATES as u16 {
+            puncher.handle_message(t0 + Duration::from_micros(port.into()), fan(port), probe);
+        }
+        while puncher.poll_transmit().is_some() {}
+        // The first fan address answers a probe of ours: it stays.
+        puncher.handle_timeout(t0 + Duration::from_millis(1));
+        let nonce = std::iter::from_fn(|| puncher.poll_transmit())
+            .find_map(|(to, message, _)| match message {
+                PunchMessage::Probe { nonce, .. } if to == fan(1) => Some(nonce),
+                _ => None,
+            })
+            .expect("the learned addresses are probed");
+        let kept = fan(1);
+        let answer = PunchMessage::ProbeAck {
+            session_id: 1,
+            nonce,
+            observed: kept,
+        };
+        puncher.handle_message(t0 + Duration::from_millis(2), kept, answer);
+
+        let winner = fan(60_000);
+        let later = t0 + Duration::from_millis(3);
+        puncher.handle_message(later, winner, probe);
+        assert!(puncher.heard_from(winner));
+        assert!(puncher.heard_from(kept));
+        assert!(
+            !puncher.heard_from(fan(2)),
+            "the one heard from least recently made way"
+        );
+        assert_eq!(puncher.candidates.len(), MAX_CANDIDATES);
+        puncher.handle_timeout(later + Duration::from_secs(1));
+        assert!(
+            std::iter::from_fn(|| puncher.poll_transmit())
+                .any(|(to, message, _)| to == winner
+                    && matches!(message, PunchMessage::Probe { .. })),
+            "the new address is probed"
+        );
     }
 }
