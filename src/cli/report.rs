@@ -284,6 +284,7 @@ impl Reporter {
                 "spurious_losses": c.losses.spurious,
                 "probe_timeouts": c.probe_timeouts,
                 "congestion_events": c.congestion_events,
+                "rtt_drains": c.rtt_drains,
                 "duplicate_packets": c.duplicate_packets,
                 "cwnd": c.cwnd,
                 "max_payload": c.max_payload,

@@ -5,18 +5,28 @@
 //!
 //! NewReno halves its window on every loss, as if every loss were a full
 //! queue. On Wi-Fi and mobile paths many are not, and halving then cuts
-//! throughput to a few percent of the link at 1 % random loss. Westwood+
-//! instead estimates the rate at which the path delivers (bytes acknowledged
-//! per round trip) and after a loss sets the window to that rate times the
-//! minimum round trip: the path's capacity without a queue. Here a loss
+//! throughput to a few percent of the link at 1 % random loss. Here a loss
 //! counts only when the round trips show a queue (every sample of the last
-//! round trip or two above the minimum) or the window far overshoots what
-//! the path delivers; a random loss on an empty queue changes nothing, in
-//! slow start too. The estimate is the largest of the
+//! round trip or two above the minimum), and then the window halves as
+//! Reno's, so that flows sharing a queue stay even; or when the window far
+//! overshoots what the path delivers, and then, as Westwood+ does after
+//! every loss, the window becomes the rate at which the path delivers
+//! (bytes acknowledged per round trip) times the minimum round trip: the
+//! path's capacity without a queue. A random loss on an empty queue
+//! changes nothing, in slow start too. The estimate is the largest of the
 //! last [`BANDWIDTH_SAMPLES`] per-round-trip samples, as BBR filters its
 //! delivery rate, rather than Westwood+'s moving average: an average lags a
 //! growing window, so each loss would trim the window to its own past.
 //! Windows are in bytes of datagram payload.
+//!
+//! The minimum round trip both tests lean on is BBR's: the smallest sample
+//! of the last [`MIN_RTT_EXPIRY`], measured again by holding the window at
+//! half for a moment when none came lower in that time. A flow that
+//! starts while another keeps the queue full sees that queue in every
+//! sample; with a minimum that never expired it took the queue for the
+//! path, every loss for a random one, and kept growing (two natter flows
+//! through a 50 ms queue: the later one took 0.72 of the link).
+//! Draining its own part of the queue shows it what the others leave.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -60,6 +70,33 @@ const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
 /// packets, 307 probe timeouts in a 64 MiB transfer).
 const MIN_WINDOW_RTT: Duration = Duration::from_millis(1);
 
+/// How long the minimum round trip stands without a sample at or below it
+/// (BBR's min_rtt filter window).
+const MIN_RTT_EXPIRY: Duration = Duration::from_secs(10);
+
+/// The window while the minimum is measured again is this fraction of
+/// the window (BBRv2's ProbeRTT halves; BBRv1 goes to four packets, which
+/// empties the queue and shows every other flow the bare path: a TCP BBR
+/// flow then sized its window for no queue and natter took 0.76 of the
+/// link from it), and never under the minimum window.
+const DRAIN_WINDOW_DIVISOR: u64 = 2;
+
+/// How long the small window holds once the queue had a round trip to
+/// drain (BBR's 200 ms).
+const DRAIN_HOLD: Duration = Duration::from_millis(200);
+
+/// The minimum round trip and how it is kept fresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MinRtt {
+    /// No sample yet.
+    Unknown,
+    /// `rtt` is the smallest sample since `since`.
+    Measured { rtt: Duration, since: Instant },
+    /// The window is held small until `until` so that queues drain; `rtt`
+    /// is the smallest sample since that began.
+    Draining { rtt: Duration, until: Instant },
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Westwood {
     max_datagram: u64,
@@ -75,6 +112,9 @@ pub(crate) struct Westwood {
     /// The current bandwidth sample: since when, and bytes acked since.
     sample_start: Option<Instant>,
     sample_bytes: u64,
+    min_rtt: MinRtt,
+    /// Times the window was held small to measure the minimum again.
+    drains: u64,
 }
 
 /// Whether the round trips show a queue; both below [`MIN_WINDOW_RTT`]
@@ -98,11 +138,73 @@ impl Westwood {
             bandwidth_samples: VecDeque::with_capacity(BANDWIDTH_SAMPLES),
             sample_start: None,
             sample_bytes: 0,
+            min_rtt: MinRtt::Unknown,
+            drains: 0,
         }
     }
 
+    /// What may be in flight: the window, or half of it while the minimum
+    /// round trip is measured again.
     pub fn window(&self) -> u64 {
-        self.window
+        match self.min_rtt {
+            MinRtt::Draining { .. } => {
+                (self.window / DRAIN_WINDOW_DIVISOR).max(self.minimum_window())
+            }
+            MinRtt::Unknown | MinRtt::Measured { .. } => self.window,
+        }
+    }
+
+    /// Times the window was held small to measure the minimum round trip.
+    pub fn drains(&self) -> u64 {
+        self.drains
+    }
+
+    /// The smallest round trip of the last [`MIN_RTT_EXPIRY`] (or of the
+    /// drain under way), `fallback` before any sample.
+    fn min_rtt(&self, fallback: Duration) -> Duration {
+        match self.min_rtt {
+            MinRtt::Unknown => fallback,
+            MinRtt::Measured { rtt, .. } | MinRtt::Draining { rtt, .. } => rtt,
+        }
+    }
+
+    /// A round-trip sample taken at `now` (`smoothed`: the smoothed round
+    /// trip, which a drain waits out before it holds).
+    fn on_rtt_sample(&mut self, now: Instant, sample: Duration, smoothed: Duration) {
+        self.min_rtt = match self.min_rtt {
+            MinRtt::Unknown => MinRtt::Measured {
+                rtt: sample,
+                since: now,
+            },
+            MinRtt::Measured { rtt, .. } if sample <= rtt => MinRtt::Measured {
+                rtt: sample,
+                since: now,
+            },
+            // Both tests round a minimum up to MIN_WINDOW_RTT: a sample under
+            // it is as good as the minimum, and a LAN path need not drain
+            // to find its jitter's lowest point again.
+            MinRtt::Measured { rtt, .. } if sample <= MIN_WINDOW_RTT => {
+                MinRtt::Measured { rtt, since: now }
+            }
+            MinRtt::Measured { rtt, since }
+                if now.saturating_duration_since(since) >= MIN_RTT_EXPIRY =>
+            {
+                self.drains += 1;
+                MinRtt::Draining {
+                    rtt,
+                    until: now + smoothed + DRAIN_HOLD,
+                }
+            }
+            MinRtt::Draining { rtt, until } if now >= until => MinRtt::Measured {
+                rtt: rtt.min(sample),
+                since: now,
+            },
+            MinRtt::Draining { rtt, until } => MinRtt::Draining {
+                rtt: rtt.min(sample),
+                until,
+            },
+            measured @ MinRtt::Measured { .. } => measured,
+        };
     }
 
     fn minimum_window(&self) -> u64 {
@@ -113,11 +215,19 @@ impl Westwood {
         self.recovery_start.is_some_and(|start| time_sent <= start)
     }
 
-    /// An ACK arrived at `now`: closes a bandwidth sample once it spans a
-    /// round trip (`min_rtt`), as Westwood+ samples once per RTT so that
-    /// bunched ACKs do not inflate the estimate. Call after the packets it
-    /// acknowledged were reported.
-    pub fn on_ack(&mut self, now: Instant, min_rtt: Duration) {
+    /// An ACK arrived at `now`, with the round trip's `latest` and
+    /// `smoothed` figures: keeps the minimum round trip fresh and closes a
+    /// bandwidth sample once it spans one (Westwood+ samples once per RTT
+    /// so that bunched ACKs do not inflate the estimate). Call after the
+    /// packets it acknowledged were reported.
+    pub fn on_ack(&mut self, now: Instant, latest: Duration, smoothed: Duration) {
+        self.on_rtt_sample(now, latest, smoothed);
+        if matches!(self.min_rtt, MinRtt::Draining { .. }) {
+            // What a drained window delivers says nothing of the path.
+            self.sample_start = None;
+            return;
+        }
+        let min_rtt = self.min_rtt(latest);
         let Some(start) = self.sample_start else {
             self.sample_start = Some(now);
             self.sample_bytes = 0;
@@ -141,7 +251,8 @@ impl Westwood {
     /// application-limited sender must not grow it (RFC 9002 §7.8).
     pub fn on_packet_acked(&mut self, time_sent: Instant, size: u64, window_limited: bool) {
         self.sample_bytes += size;
-        if self.in_recovery(time_sent) || !window_limited {
+        let draining = matches!(self.min_rtt, MinRtt::Draining { .. });
+        if self.in_recovery(time_sent) || !window_limited || draining {
             return;
         }
         if self.window < self.slow_start_threshold {
@@ -157,42 +268,47 @@ impl Westwood {
 
     /// Packets were lost, the latest of them sent at `latest_lost_sent`.
     /// Once per recovery period, if the loss came with a queue (the round
-    /// trips of the last one or two all above the minimum) or with a window far beyond
-    /// what the path delivers, the window becomes the estimated
-    /// bandwidth-delay product (half the window before the first estimate)
-    /// and slow start ends there. Any other loss is random: nothing changes,
-    /// slow start included, so a random loss early in a transfer does not
-    /// leave it to grow one packet per round trip. True when the window was
-    /// cut.
+    /// trips of the last one or two all above the minimum) the window
+    /// halves; if it came with a window far beyond what the path delivers
+    /// and no queue, the window becomes the estimated bandwidth-delay
+    /// product; slow start ends there. Any other loss is random: nothing
+    /// changes, slow start included, so a random loss early in a transfer
+    /// does not leave it to grow one packet per round trip. True when the
+    /// window was cut.
     pub fn on_congestion_event(
         &mut self,
         now: Instant,
         latest_lost_sent: Instant,
-        min_rtt: Duration,
         recent_min_rtt: Duration,
     ) -> bool {
         if self.in_recovery(latest_lost_sent) {
             return false;
         }
+        let min_rtt = self.min_rtt(recent_min_rtt);
         let bandwidth = self.bandwidth_samples.iter().copied().reduce(f64::max);
         let target = match bandwidth {
             Some(bandwidth) => (bandwidth * min_rtt.max(MIN_WINDOW_RTT).as_secs_f64()) as u64,
             None => self.window / 2,
         }
         .max(self.minimum_window());
+        let queued = queue_building(min_rtt, recent_min_rtt);
         let overshoot = target < self.window / OVERSHOOT;
-        if !queue_building(min_rtt, recent_min_rtt) && !overshoot {
+        if !queued && !overshoot {
             return false;
         }
-        // Behind a queue, never below half, as Reno: against a flow that
-        // keeps the queue full, the product without a queue is a sliver of
-        // the window (20 Mbit/s behind a 200 ms queue in the NAT lab: natter
-        // 0.34 of the link against TCP Reno, 0.68 with this floor). An
-        // overshoot without a queue goes to the product.
-        let target = if overshoot {
-            target
+        // Behind a queue, half, as Reno: flows that share a queue then
+        // give up the same part of their windows whatever minimum each one
+        // measured. Cutting to the product without a queue (never below
+        // half) favoured the flow whose minimum included others' queue
+        // (two natter flows through a 50 ms queue: 0.32-0.39 of the link
+        // to the first), and against a flow that keeps a deep queue full
+        // the product is a sliver (natter 0.28-0.38 against TCP Reno while
+        // a deep queue's overshoot went to it). An overshoot without a
+        // queue (a policer) goes to the product.
+        let target = if queued {
+            (self.window / 2).max(self.minimum_window())
         } else {
-            target.max(self.window / 2)
+            target
         };
         self.slow_start_threshold = self.window.min(target);
         if target >= self.window {
@@ -229,7 +345,7 @@ mod tests {
         for _ in 0..round_trips * 100 {
             now += RTT / 100;
             cc.on_packet_acked(start, 1000, false);
-            cc.on_ack(now, RTT);
+            cc.on_ack(now, RTT, RTT);
         }
         now
     }
@@ -240,7 +356,7 @@ mod tests {
         let mut cc = Westwood::new(MTU);
         cc.window = 100_000;
         let now = deliver_steadily(&mut cc, start, 40);
-        assert!(!cc.on_congestion_event(now, now, RTT, RTT));
+        assert!(!cc.on_congestion_event(now, now, RTT));
         assert_eq!(cc.window(), 100_000);
     }
 
@@ -252,7 +368,7 @@ mod tests {
         // so the round trip is twice the minimum.
         cc.window = 200_000;
         let now = deliver_steadily(&mut cc, start, 40);
-        assert!(cc.on_congestion_event(now, now, RTT, 2 * RTT));
+        assert!(cc.on_congestion_event(now, now, 2 * RTT));
         let window = cc.window();
         assert!((95_000..=100_000).contains(&window), "{window}");
         assert_eq!(cc.slow_start_threshold, window);
@@ -276,11 +392,12 @@ mod tests {
         let start = Instant::now();
         let later = start + Duration::from_millis(100);
         let mut cc = Westwood::new(MTU);
+        cc.on_ack(start, RTT, RTT);
         let queued = 2 * RTT;
-        cc.on_congestion_event(later, start, RTT, queued);
+        cc.on_congestion_event(later, start, queued);
         assert_eq!(cc.window(), 5_000);
         // A second loss of a packet sent before recovery began: no change.
-        cc.on_congestion_event(later + Duration::from_millis(1), start, RTT, queued);
+        cc.on_congestion_event(later + Duration::from_millis(1), start, queued);
         assert_eq!(cc.window(), 5_000);
         // ACKs of packets from before recovery do not grow the window.
         cc.on_packet_acked(start, 1000, true);
@@ -292,7 +409,7 @@ mod tests {
         }
         assert_eq!(cc.window(), 6_000);
         // A loss of a packet sent after recovery began halves again.
-        cc.on_congestion_event(after + Duration::from_millis(5), after, RTT, queued);
+        cc.on_congestion_event(after + Duration::from_millis(5), after, queued);
         assert_eq!(cc.window(), 3_000);
     }
 
@@ -303,7 +420,7 @@ mod tests {
         // Slow start: the delivery rate is half the doubling window's.
         cc.window = 200_000;
         let now = deliver_steadily(&mut cc, start, 40);
-        assert!(!cc.on_congestion_event(now, now, RTT, RTT));
+        assert!(!cc.on_congestion_event(now, now, RTT));
         for _ in 0..10 {
             cc.on_packet_acked(now, 1000, true);
         }
@@ -317,8 +434,95 @@ mod tests {
         // A policer: five times the product in flight, no queue to see.
         cc.window = 500_000;
         let now = deliver_steadily(&mut cc, start, 40);
-        assert!(cc.on_congestion_event(now, now, RTT, RTT));
+        assert!(cc.on_congestion_event(now, now, RTT));
         assert!((95_000..=100_000).contains(&cc.window()), "{}", cc.window());
+    }
+
+    #[test]
+    fn behind_a_deep_queue_a_loss_halves_even_a_window_far_beyond_the_product() {
+        let start = Instant::now();
+        let mut cc = Westwood::new(MTU);
+        // Another flow keeps a queue of 20 round trips full: the window is
+        // five times the product and the round trips show the queue.
+        cc.window = 500_000;
+        let now = deliver_steadily(&mut cc, start, 40);
+        assert!(cc.on_congestion_event(now, now, 20 * RTT));
+        assert_eq!(cc.window(), 250_000);
+    }
+
+    #[test]
+    fn a_flow_that_started_behind_a_queue_finds_the_lower_minimum_by_draining() {
+        let start = Instant::now();
+        let mut cc = Westwood::new(MTU);
+        cc.window = 1_000_000;
+        // Another flow kept a queue of 4 RTT full from the start: every
+        // sample is 5 RTT, so a loss there reads as random...
+        let queued = 5 * RTT;
+        cc.on_ack(start, queued, queued);
+        let jittered = queued + RTT / 10;
+        let mut now = start;
+        while now < start + MIN_RTT_EXPIRY - RTT {
+            now += RTT;
+            // 10 MB/s delivered: the window is no overshoot.
+            cc.on_packet_acked(start, 100_000, false);
+            cc.on_ack(now, jittered, queued);
+        }
+        assert!(!cc.on_congestion_event(now, now, jittered));
+        assert_eq!(cc.window(), 1_000_000);
+        // ...until the minimum is ten seconds old: the window halves for a
+        // round trip and 200 ms.
+        now += RTT;
+        cc.on_ack(now, jittered, queued);
+        assert_eq!(cc.window(), 500_000);
+        assert_eq!(cc.drains(), 1);
+        // With this flow's part of the queue gone, the others leave 3 RTT.
+        let drained = 3 * RTT;
+        let end = now + queued + DRAIN_HOLD;
+        while now < end {
+            now += RTT;
+            cc.on_ack(now, drained, queued);
+        }
+        now += RTT;
+        cc.on_ack(now, queued, queued);
+        assert_eq!(cc.window(), 1_000_000, "the window is back");
+        assert_eq!(cc.min_rtt(RTT), drained, "the lower minimum");
+        // A loss with the queue back at 5 RTT now reads as congestion.
+        assert!(cc.on_congestion_event(now, now, queued));
+        assert_eq!(cc.window(), 500_000);
+    }
+
+    #[test]
+    fn a_drain_that_sees_only_the_queue_keeps_the_old_minimum() {
+        let start = Instant::now();
+        let mut cc = Westwood::new(MTU);
+        cc.on_ack(start, RTT, RTT);
+        let queued = 5 * RTT;
+        let mut now = start;
+        while now < start + MIN_RTT_EXPIRY + queued + DRAIN_HOLD + RTT {
+            now += RTT;
+            cc.on_ack(now, queued, queued);
+        }
+        assert_eq!(cc.drains(), 1);
+        assert_eq!(
+            cc.min_rtt(queued),
+            RTT,
+            "a queue another flow holds is not the path"
+        );
+    }
+
+    #[test]
+    fn a_path_under_a_millisecond_does_not_drain() {
+        let start = Instant::now();
+        let mut cc = Westwood::new(MTU);
+        let us = Duration::from_micros(1);
+        cc.on_ack(start, 40 * us, 40 * us);
+        let mut now = start;
+        while now < start + 3 * MIN_RTT_EXPIRY {
+            now += Duration::from_millis(1);
+            cc.on_ack(now, 300 * us, 300 * us);
+        }
+        assert_eq!(cc.drains(), 0);
+        assert_eq!(cc.min_rtt(RTT), 40 * us);
     }
 
     #[test]
@@ -335,7 +539,7 @@ mod tests {
         let mut cc = Westwood::new(MTU);
         cc.on_persistent_congestion();
         assert_eq!(cc.window(), 2_000);
-        cc.on_congestion_event(Instant::now(), Instant::now(), RTT, 2 * RTT);
+        cc.on_congestion_event(Instant::now(), Instant::now(), 2 * RTT);
         assert_eq!(cc.window(), 2_000, "never below the minimum");
     }
 

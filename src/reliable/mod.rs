@@ -198,6 +198,9 @@ pub struct Stats {
     /// Losses that reduced the congestion window (once per recovery
     /// period at most).
     pub congestion_events: u64,
+    /// Times the window was held at a few packets to measure the minimum
+    /// round trip again (none came at or below it for ten seconds).
+    pub rtt_drains: u64,
     /// Packets received twice and ignored.
     pub duplicate_packets: u64,
     /// Packets below the acknowledgement floor, ignored.
@@ -413,6 +416,7 @@ impl Connection {
             smoothed_rtt: self.recovery.rtt().smoothed(),
             min_rtt: self.recovery.rtt().min(),
             losses: self.recovery.losses(),
+            rtt_drains: self.congestion.drains(),
             send_buffered: self.send.buffered(),
             receive_buffered: self.recv.buffered(),
             stream_sent: self.send.unsent(),
@@ -562,7 +566,8 @@ impl Connection {
                 .on_packet_acked(packet.time_sent, packet.size, window_limited);
         }
         if !verdict.acked.is_empty() {
-            self.congestion.on_ack(now, self.recovery.rtt().min());
+            let rtt = self.recovery.rtt();
+            self.congestion.on_ack(now, rtt.latest(), rtt.smoothed());
         }
         if let Some(largest) = verdict.ack_only_largest {
             self.ack.forget_through(largest);
@@ -581,7 +586,7 @@ impl Connection {
             let rtt = self.recovery.rtt();
             if self
                 .congestion
-                .on_congestion_event(now, latest, rtt.min(), rtt.recent_min())
+                .on_congestion_event(now, latest, rtt.recent_min())
             {
                 self.stats.congestion_events += 1;
             }

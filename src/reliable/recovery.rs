@@ -117,6 +117,11 @@ impl RttEstimator {
         self.smoothed = (self.smoothed * 7 + adjusted) / 8;
     }
 
+    /// The latest sample.
+    pub fn latest(&self) -> Duration {
+        self.latest
+    }
+
     pub fn smoothed(&self) -> Duration {
         self.smoothed
     }
