@@ -12,7 +12,9 @@
 # it (pipe and in memory); medians of RUNS runs.
 #
 # Usage: scripts/natlab-goodput.sh [MIB] [LOSS_PERCENT...]
-#        (default: 64 MiB at 0 1 5 10 %; RUNS=N repeats each case)
+#        (default: 64 MiB at 0 1 5 10 %; RUNS=N repeats each case;
+#        RATE=MBIT [QUEUE_MS=MS] puts a tc tbf bottleneck on each router's
+#        WAN, with a queue of MS ms, default 200)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -36,14 +38,15 @@ if [[ ${NATLAB_GOODPUT_INNER:-} != 1 ]]; then
         for run in $(seq "$runs"); do
             echo "loss $loss %, run $run of $runs" >&2
             GOODPUT_LOSS=$loss "$here/natlab.sh" run --nat-a full-cone --nat-b full-cone \
-                --loss "$loss" -- "$0" >>"$results"
+                --loss "$loss" ${RATE:+--rate "$RATE" --queue-ms "${QUEUE_MS:-200}"} -- "$0" >>"$results"
         done
     done
-    python3 - "$results" "$mib" <<'EOF'
+    bottleneck=${RATE:+, a ${RATE} Mbit/s tbf bottleneck with a ${QUEUE_MS:-200} ms queue}
+    python3 - "$results" "$mib" "$bottleneck" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 mib = float(sys.argv[2])
-print(f"{mib:.0f} MiB one way through two full-cone NATs, random loss both ways; MiB/s (median of runs)")
+print(f"{mib:.0f} MiB one way through two full-cone NATs{sys.argv[3]}, random loss both ways; MiB/s (median of runs)")
 print(f"{'loss':>5} {'pipe':>8} {'memory':>8} {'cubic':>8} {'bbr':>8} {'ratio':>6} {'memory':>6}  natter pipe: lost (reorder/time/spurious) PTOs cuts")
 for loss in sorted({r["loss"] for r in rows}, key=float):
     runs = [r for r in rows if r["loss"] == loss]

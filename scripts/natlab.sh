@@ -87,6 +87,7 @@ Options:
                     (hosts then segment UDP batches before sending, so it is
                     per datagram)
   --rate MBIT       cap each router's WAN egress to MBIT Mbit/s (tc tbf)
+  --queue-ms MS     with --rate: the cap's queue holds MS ms of traffic (default 200)
   --router-hop      a router between the NATs: router B sits on a second
                     segment ($NET_FAR.0/24) behind host "hop", one hop away
                     from everything else (probes with a small TTL die there)
@@ -350,7 +351,7 @@ validate_type() {
 
 parse_opts() {
     NAT_A=port-restricted NAT_B=port-restricted NAT_CGN=port-restricted
-    PUBLIC_PEER=0 SAME_NAT=0 DOUBLE_NAT=0 LOSS=0 RATE="" IPV6=0 ROUTER_HOP=0 INPUT_FIREWALL=1 PORT_MAPPING=
+    PUBLIC_PEER=0 SAME_NAT=0 DOUBLE_NAT=0 LOSS=0 RATE="" QUEUE_MS=200 IPV6=0 ROUTER_HOP=0 INPUT_FIREWALL=1 PORT_MAPPING=
     while [[ $# -gt 0 ]]; do
         case $1 in
             --nat-a) [[ $# -ge 2 ]] || die "--nat-a needs a TYPE"; validate_type "$2"; NAT_A=$2; shift 2 ;;
@@ -361,6 +362,7 @@ parse_opts() {
             --double-nat) DOUBLE_NAT=1; shift ;;
             --loss) [[ $# -ge 2 && $2 =~ ^[0-9]+$ && $2 -le 100 ]] || die "--loss needs a percentage 0-100"; LOSS=$2; shift 2 ;;
             --rate) [[ $# -ge 2 && $2 =~ ^[0-9]+$ && $2 -ge 1 ]] || die "--rate needs a whole number of Mbit/s >= 1"; RATE=$2; shift 2 ;;
+            --queue-ms) [[ $# -ge 2 && $2 =~ ^[0-9]+$ && $2 -ge 1 ]] || die "--queue-ms needs a whole number of milliseconds >= 1"; QUEUE_MS=$2; shift 2 ;;
             --ipv6) IPV6=1; shift ;;
             --router-hop) ROUTER_HOP=1; shift ;;
             --port-mapping)
@@ -498,7 +500,7 @@ EOF
     if [[ -n $RATE ]]; then
         local r
         for r in "$RA" "$RB" ${CGN:+"$CGN"}; do
-            ip netns exec "$r" tc qdisc replace dev wan0 root tbf rate "${RATE}mbit" burst 32kbit latency 200ms
+            ip netns exec "$r" tc qdisc replace dev wan0 root tbf rate "${RATE}mbit" burst 32kbit latency "${QUEUE_MS}ms"
         done
     fi
 
@@ -557,6 +559,7 @@ EOF
     echo "PORT_MAPPING=$PORT_MAPPING"
     echo "LOSS_PCT=$LOSS"
     echo "RATE_MBIT=${RATE:-0}"
+    echo "QUEUE_MS=$QUEUE_MS"
 }
 
 # ---------------------------------------------------------------- commands --
