@@ -9,6 +9,7 @@
 //! and opened as a session does, to show what encryption costs.
 
 mod netsim;
+mod quic_sim;
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use natter::reliable::{Config, Connection, Event, SendError, Stats};
 use natter::seal::{DataCipher, Opener, Sealer};
 use natter::wire::SealedKind;
 use netsim::{Link, LinkParams, Net, WIRE_OVERHEAD};
+use quic_sim::Controller;
 
 const MIB: u64 = 1024 * 1024;
 /// Natter header plus the AEAD tag reserve, per datagram.
@@ -213,6 +215,46 @@ fn realistic(loss: f64) -> LinkParams {
     }
 }
 
+/// The simulator's delay cases, natter beside quinn-proto (Cubic and BBR)
+/// on the same links: each way `mbit` Mbit/s behind a drop-tail queue of
+/// one bandwidth-delay product, `rtt` round trip, random `loss` each way.
+fn delay_cases() {
+    let total = 16 * MIB;
+    println!(
+        "delay cases, {} MiB one way, queue of one bandwidth-delay product, beside quinn-proto \
+         on the same simulated links (quinn timed from its handshake's end):",
+        total / MIB
+    );
+    println!(
+        "  rate        RTT  loss   natter  quinn Cubic  quinn BBR  natter/best quinn   (MB/s)"
+    );
+    for (mbit, rtt_ms) in [(10, 20), (10, 100), (100, 20), (100, 100)] {
+        for loss in [0.0, 0.01] {
+            let rtt = Duration::from_millis(rtt_ms);
+            let rate = mbit * 1_000_000 / 8;
+            let link = LinkParams {
+                loss,
+                delay: rtt / 2,
+                bandwidth: Some(rate),
+                queue_bytes: (rate as f64 * rtt.as_secs_f64()) as u64,
+                ..LinkParams::ideal()
+            };
+            let natter = bulk(net(link.clone(), link.clone()), total, 64 * 1024, None);
+            let natter = natter.delivered as f64 / natter.virtual_time.as_secs_f64() / 1e6;
+            let quinn = |controller| {
+                let time = quic_sim::bulk(link.clone(), link.clone(), total, controller);
+                total as f64 / time.as_secs_f64() / 1e6
+            };
+            let (cubic, bbr) = (quinn(Controller::Cubic), quinn(Controller::Bbr));
+            println!(
+                "  {mbit:>3} Mbit/s {rtt_ms:>4} ms {:>4.0}%  {natter:>7.2}  {cubic:>11.2}  {bbr:>9.2}  {:>10.2}x",
+                loss * 100.0,
+                natter / cubic.max(bbr),
+            );
+        }
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -292,6 +334,9 @@ fn main() {
             t.a.smoothed_rtt,
         );
     }
+    println!();
+
+    delay_cases();
     println!();
 
     fairness();

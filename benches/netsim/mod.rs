@@ -86,12 +86,19 @@ impl Link {
         }
     }
 
+    /// Sends a channel payload, which costs [`WIRE_OVERHEAD`] more on the
+    /// bottleneck.
     pub fn send(&mut self, now: Instant, payload: Vec<u8>) {
+        self.send_sized(now, payload, WIRE_OVERHEAD);
+    }
+
+    /// Sends a datagram that costs `overhead` bytes more on the bottleneck.
+    pub fn send_sized(&mut self, now: Instant, payload: Vec<u8>, overhead: usize) {
         let mut departs = now;
         if let Some(rate) = self.params.bandwidth {
             let start = self.busy_until.map_or(now, |busy| busy.max(now));
             let backlog = (start - now).as_secs_f64() * rate as f64;
-            let size = (payload.len() + WIRE_OVERHEAD) as u64;
+            let size = (payload.len() + overhead) as u64;
             if backlog as u64 + size > self.params.queue_bytes {
                 self.stats.queue_drops += 1;
                 return;
