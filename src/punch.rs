@@ -249,9 +249,14 @@ impl Puncher {
     /// Another technique (port prediction) found the other peer at `addr`:
     /// probe it at once rather than at the next round.
     pub fn learn(&mut self, now: Instant, addr: SocketAddr, kind: CandidateKind) {
-        let Some(index) = self.add_candidate(addr, kind) else {
+        let Some(index) = self
+            .add_candidate(addr, kind)
+            .or_else(|| self.replace_stale(addr, kind))
+        else {
             return;
         };
+        // Its answer just came: the freshest candidate there is.
+        self.candidates[index].last_heard = Some(now);
         if self.state == State::Probing {
             self.probe(now, index);
         }
@@ -501,17 +506,17 @@ impl Puncher {
             .iter()
             .position(|c| c.report.addr == addr)
             .or_else(|| self.add_candidate(addr, CandidateKind::PeerReflexive))
-            .or_else(|| self.replace_stale(addr))?;
+            .or_else(|| self.replace_stale(addr, CandidateKind::PeerReflexive))?;
         self.candidates[index].last_heard = Some(now);
         Some(index)
     }
 
-    /// With the table full, `addr` takes the place of the peer-reflexive
-    /// candidate heard from least recently that never answered a probe.
-    /// Port prediction's fan needs it: each of the other side's sockets
-    /// probes once and all but one close, and the one left, whose probes
-    /// keep coming, must still be learned and answered.
-    fn replace_stale(&mut self, addr: SocketAddr) -> Option<usize> {
+    /// With the table full, `addr` (of `kind`) takes the place of the
+    /// peer-reflexive candidate heard from least recently that never
+    /// answered a probe. Port prediction's fan needs it: each of the other
+    /// side's sockets probes once and all but one close, and the one left,
+    /// whose probes keep coming, must still be learned and answered.
+    fn replace_stale(&mut self, addr: SocketAddr, kind: CandidateKind) -> Option<usize> {
         let (index, _) = self
             .candidates
             .iter()
@@ -520,7 +525,7 @@ impl Puncher {
                 c.report.kind == CandidateKind::PeerReflexive && c.report.acks_received == 0
             })
             .min_by_key(|(_, c)| c.last_heard)?;
-        self.candidates[index] = Candidate::new(addr, CandidateKind::PeerReflexive);
+        self.candidates[index] = Candidate::new(addr, kind);
         Some(index)
     }
 
@@ -814,6 +819,36 @@ mod tests {
                 .any(|(to, message, _)| to == winner
                     && matches!(message, PunchMessage::Probe { .. })),
             "the new address is probed"
+        );
+    }
+
+    #[test]
+    fn a_path_port_prediction_found_is_learned_into_a_full_table() {
+        let t0 = Instant::now();
+        let mut puncher = Puncher::new(t0, PunchConfig::default(), 1, Role::Controlled, [], 0);
+        let probe = PunchMessage::Probe {
+            session_id: 1,
+            nonce: 0,
+        };
+        for port in 1..=MAX_CANDIDATES as u16 {
+            let from = SocketAddr::from(([203, 0, 113, 11], port));
+            puncher.handle_message(t0, from, probe);
+        }
+        while puncher.poll_transmit().is_some() {}
+        let found = addr("203.0.113.11:50000");
+        puncher.learn(
+            t0 + Duration::from_millis(1),
+            found,
+            CandidateKind::Reflexive,
+        );
+        assert!(puncher
+            .candidates()
+            .any(|(a, kind)| a == found && kind == CandidateKind::Reflexive));
+        assert!(
+            std::iter::from_fn(|| puncher.poll_transmit()).any(
+                |(to, message, _)| to == found && matches!(message, PunchMessage::Probe { .. })
+            ),
+            "it is probed at once"
         );
     }
 }

@@ -19,14 +19,15 @@
 //! growing window, so each loss would trim the window to its own past.
 //! Windows are in bytes of datagram payload.
 //!
-//! The minimum round trip both tests lean on is BBR's: the smallest sample
-//! of the last [`MIN_RTT_EXPIRY`], measured again by holding the window at
-//! half for a moment when none came lower in that time. A flow that
-//! starts while another keeps the queue full sees that queue in every
-//! sample; with a minimum that never expired it took the queue for the
-//! path, every loss for a random one, and kept growing (two natter flows
-//! through a 50 ms queue: the later one took 0.72 of the link).
-//! Draining its own part of the queue shows it what the others leave.
+//! The minimum round trip both tests lean on is the smallest sample seen,
+//! checked as BBR checks its own: when none came at or below it for
+//! [`MIN_RTT_EXPIRY`], the window is held at half for a moment, and a
+//! smaller sample then lowers it. A flow that starts while another keeps
+//! the queue full sees that queue in every sample; with a minimum found
+//! only by chance it took the queue for the path, every loss for a random
+//! one, and kept growing (two natter flows through a 50 ms queue: the
+//! later one took 0.72 of the link). Draining its own part of the queue
+//! shows it what the others leave.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -71,7 +72,7 @@ const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
 const MIN_WINDOW_RTT: Duration = Duration::from_millis(1);
 
 /// How long the minimum round trip stands without a sample at or below it
-/// (BBR's min_rtt filter window).
+/// before a drain checks it (BBR's min_rtt filter window).
 const MIN_RTT_EXPIRY: Duration = Duration::from_secs(10);
 
 /// The window while the minimum is measured again is this fraction of
@@ -93,7 +94,7 @@ enum MinRtt {
     /// `rtt` is the smallest sample since `since`.
     Measured { rtt: Duration, since: Instant },
     /// The window is held small until `until` so that queues drain; `rtt`
-    /// is the smallest sample since that began.
+    /// is the minimum before, lowered by any smaller sample since.
     Draining { rtt: Duration, until: Instant },
 }
 
@@ -159,8 +160,7 @@ impl Westwood {
         self.drains
     }
 
-    /// The smallest round trip of the last [`MIN_RTT_EXPIRY`] (or of the
-    /// drain under way), `fallback` before any sample.
+    /// The minimum round trip, `fallback` before any sample.
     fn min_rtt(&self, fallback: Duration) -> Duration {
         match self.min_rtt {
             MinRtt::Unknown => fallback,
