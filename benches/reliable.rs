@@ -259,11 +259,43 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// The benchmark's parts; `cargo bench --bench reliable -- delay latency`
+/// runs only those named.
+const SECTIONS: [(&str, fn()); 5] = [
+    ("memory", in_memory),
+    ("bulk", bulk_loss),
+    ("delay", delay_cases),
+    ("fairness", fairness),
+    ("latency", latency_cases),
+];
+
 fn main() {
+    let chosen: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with("--"))
+        .collect();
+    if let Some(unknown) = chosen
+        .iter()
+        .find(|name| SECTIONS.iter().all(|(section, _)| section != name))
+    {
+        let names: Vec<&str> = SECTIONS.iter().map(|(name, _)| *name).collect();
+        eprintln!("unknown section {unknown:?}; the sections are {names:?}");
+        std::process::exit(2);
+    }
     println!("reliable channel benchmark (simulated network, virtual time unless noted)");
     println!("max payload {} bytes", Config::default().max_payload);
     println!();
+    for (name, run) in SECTIONS {
+        if chosen.is_empty() || chosen.iter().any(|c| c == name) {
+            run();
+            println!();
+        }
+    }
+}
 
+/// Goodput, wire bytes and CPU time of a lossless in-memory transfer,
+/// bare and sealed.
+fn in_memory() {
     let total = 256 * MIB;
     let t = bulk(
         net(LinkParams::ideal(), LinkParams::ideal()),
@@ -299,8 +331,10 @@ fn main() {
     for cipher in [DataCipher::Aes256Gcm, DataCipher::ChaCha20Poly1305] {
         sealed_in_memory(&t, total, cipher);
     }
-    println!();
+}
 
+/// A bulk transfer over the realistic link at 0-10 % loss.
+fn bulk_loss() {
     let link_rate = 100_000_000.0 / 8.0;
     let ceiling = 1160.0 / (Config::default().max_payload + WIRE_OVERHEAD) as f64;
     println!(
@@ -334,14 +368,10 @@ fn main() {
             t.a.smoothed_rtt,
         );
     }
-    println!();
+}
 
-    delay_cases();
-    println!();
-
-    fairness();
-    println!();
-
+/// Small-message latency over the realistic link at 0-5 % loss.
+fn latency_cases() {
     let count = 10_000;
     println!(
         "latency, {count} messages of 100 bytes, one per ms, 20 ms RTT (one-way floor 0.5 RTT):"

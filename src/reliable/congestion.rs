@@ -32,6 +32,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use super::recovery::RttEstimator;
+
 /// Initial window, in full packets (RFC 9002 §7.2: ten, capped at 14 720
 /// bytes or two packets, whichever is larger).
 const INITIAL_WINDOW_PACKETS: u64 = 10;
@@ -86,16 +88,17 @@ const DRAIN_WINDOW_DIVISOR: u64 = 2;
 /// drain (BBR's 200 ms).
 const DRAIN_HOLD: Duration = Duration::from_millis(200);
 
-/// The minimum round trip and how it is kept fresh.
+/// When the minimum round trip was last confirmed, or when the window it
+/// is measured again with ends. The minimum itself is the estimator's: a
+/// drain never raises it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum MinRtt {
+enum MinRttCheck {
     /// No sample yet.
     Unknown,
-    /// `rtt` is the smallest sample since `since`.
-    Measured { rtt: Duration, since: Instant },
-    /// The window is held small until `until` so that queues drain; `rtt`
-    /// is the minimum before, lowered by any smaller sample since.
-    Draining { rtt: Duration, until: Instant },
+    /// The latest sample at or below the minimum came at `since`.
+    Confirmed { since: Instant },
+    /// The window is held small until `until` so that queues drain.
+    Draining { until: Instant },
 }
 
 #[derive(Debug, Clone)]
@@ -113,7 +116,7 @@ pub(crate) struct Westwood {
     /// The current bandwidth sample: since when, and bytes acked since.
     sample_start: Option<Instant>,
     sample_bytes: u64,
-    min_rtt: MinRtt,
+    min_rtt_check: MinRttCheck,
     /// Times the window was held small to measure the minimum again.
     drains: u64,
 }
@@ -139,7 +142,7 @@ impl Westwood {
             bandwidth_samples: VecDeque::with_capacity(BANDWIDTH_SAMPLES),
             sample_start: None,
             sample_bytes: 0,
-            min_rtt: MinRtt::Unknown,
+            min_rtt_check: MinRttCheck::Unknown,
             drains: 0,
         }
     }
@@ -147,11 +150,10 @@ impl Westwood {
     /// What may be in flight: the window, or half of it while the minimum
     /// round trip is measured again.
     pub fn window(&self) -> u64 {
-        match self.min_rtt {
-            MinRtt::Draining { .. } => {
-                (self.window / DRAIN_WINDOW_DIVISOR).max(self.minimum_window())
-            }
-            MinRtt::Unknown | MinRtt::Measured { .. } => self.window,
+        if self.draining() {
+            (self.window / DRAIN_WINDOW_DIVISOR).max(self.minimum_window())
+        } else {
+            self.window
         }
     }
 
@@ -160,50 +162,33 @@ impl Westwood {
         self.drains
     }
 
-    /// The minimum round trip, `fallback` before any sample.
-    fn min_rtt(&self, fallback: Duration) -> Duration {
-        match self.min_rtt {
-            MinRtt::Unknown => fallback,
-            MinRtt::Measured { rtt, .. } | MinRtt::Draining { rtt, .. } => rtt,
-        }
+    fn draining(&self) -> bool {
+        matches!(self.min_rtt_check, MinRttCheck::Draining { .. })
     }
 
-    /// A round-trip sample taken at `now` (`smoothed`: the smoothed round
-    /// trip, which a drain waits out before it holds).
-    fn on_rtt_sample(&mut self, now: Instant, sample: Duration, smoothed: Duration) {
-        self.min_rtt = match self.min_rtt {
-            MinRtt::Unknown => MinRtt::Measured {
-                rtt: sample,
-                since: now,
-            },
-            MinRtt::Measured { rtt, .. } if sample <= rtt => MinRtt::Measured {
-                rtt: sample,
-                since: now,
-            },
-            // Both tests round a minimum up to MIN_WINDOW_RTT: a sample under
-            // it is as good as the minimum, and a LAN path need not drain
-            // to find its jitter's lowest point again.
-            MinRtt::Measured { rtt, .. } if sample <= MIN_WINDOW_RTT => {
-                MinRtt::Measured { rtt, since: now }
-            }
-            MinRtt::Measured { rtt, since }
+    /// A round-trip sample was taken at `now`: it confirms the minimum, or
+    /// after [`MIN_RTT_EXPIRY`] without one starts a drain, which waits out
+    /// the smoothed round trip before it holds.
+    fn check_min_rtt(&mut self, now: Instant, rtt: &RttEstimator) {
+        // Both tests round a minimum up to MIN_WINDOW_RTT: a sample under
+        // it is as good as the minimum, and a LAN path need not drain to
+        // find its jitter's lowest point again.
+        let confirms = rtt.latest() <= rtt.min().max(MIN_WINDOW_RTT);
+        self.min_rtt_check = match self.min_rtt_check {
+            MinRttCheck::Unknown => MinRttCheck::Confirmed { since: now },
+            MinRttCheck::Confirmed { .. } if confirms => MinRttCheck::Confirmed { since: now },
+            MinRttCheck::Confirmed { since }
                 if now.saturating_duration_since(since) >= MIN_RTT_EXPIRY =>
             {
                 self.drains += 1;
-                MinRtt::Draining {
-                    rtt,
-                    until: now + smoothed + DRAIN_HOLD,
+                MinRttCheck::Draining {
+                    until: now + rtt.smoothed() + DRAIN_HOLD,
                 }
             }
-            MinRtt::Draining { rtt, until } if now >= until => MinRtt::Measured {
-                rtt: rtt.min(sample),
-                since: now,
-            },
-            MinRtt::Draining { rtt, until } => MinRtt::Draining {
-                rtt: rtt.min(sample),
-                until,
-            },
-            measured @ MinRtt::Measured { .. } => measured,
+            MinRttCheck::Draining { until } if now >= until => {
+                MinRttCheck::Confirmed { since: now }
+            }
+            unchanged => unchanged,
         };
     }
 
@@ -215,26 +200,24 @@ impl Westwood {
         self.recovery_start.is_some_and(|start| time_sent <= start)
     }
 
-    /// An ACK arrived at `now`, with the round trip's `latest` and
-    /// `smoothed` figures: keeps the minimum round trip fresh and closes a
-    /// bandwidth sample once it spans one (Westwood+ samples once per RTT
-    /// so that bunched ACKs do not inflate the estimate). Call after the
-    /// packets it acknowledged were reported.
-    pub fn on_ack(&mut self, now: Instant, latest: Duration, smoothed: Duration) {
-        self.on_rtt_sample(now, latest, smoothed);
-        if matches!(self.min_rtt, MinRtt::Draining { .. }) {
+    /// An ACK arrived at `now`, with `rtt` updated by it: keeps the minimum
+    /// round trip fresh and closes a bandwidth sample once it spans one
+    /// (Westwood+ samples once per RTT so that bunched ACKs do not inflate
+    /// the estimate). Call after the packets it acknowledged were reported.
+    pub fn on_ack(&mut self, now: Instant, rtt: &RttEstimator) {
+        self.check_min_rtt(now, rtt);
+        if self.draining() {
             // What a drained window delivers says nothing of the path.
             self.sample_start = None;
             return;
         }
-        let min_rtt = self.min_rtt(latest);
         let Some(start) = self.sample_start else {
             self.sample_start = Some(now);
             self.sample_bytes = 0;
             return;
         };
         let elapsed = now.saturating_duration_since(start);
-        if elapsed < min_rtt.max(MIN_SAMPLE_INTERVAL) {
+        if elapsed < rtt.min().max(MIN_SAMPLE_INTERVAL) {
             return;
         }
         if self.bandwidth_samples.len() == BANDWIDTH_SAMPLES {
@@ -251,8 +234,7 @@ impl Westwood {
     /// application-limited sender must not grow it (RFC 9002 §7.8).
     pub fn on_packet_acked(&mut self, time_sent: Instant, size: u64, window_limited: bool) {
         self.sample_bytes += size;
-        let draining = matches!(self.min_rtt, MinRtt::Draining { .. });
-        if self.in_recovery(time_sent) || !window_limited || draining {
+        if self.in_recovery(time_sent) || !window_limited || self.draining() {
             return;
         }
         if self.window < self.slow_start_threshold {
@@ -279,19 +261,19 @@ impl Westwood {
         &mut self,
         now: Instant,
         latest_lost_sent: Instant,
-        recent_min_rtt: Duration,
+        rtt: &RttEstimator,
     ) -> bool {
         if self.in_recovery(latest_lost_sent) {
             return false;
         }
-        let min_rtt = self.min_rtt(recent_min_rtt);
+        let min_rtt = rtt.min();
         let bandwidth = self.bandwidth_samples.iter().copied().reduce(f64::max);
         let target = match bandwidth {
             Some(bandwidth) => (bandwidth * min_rtt.max(MIN_WINDOW_RTT).as_secs_f64()) as u64,
             None => self.window / 2,
         }
         .max(self.minimum_window());
-        let queued = queue_building(min_rtt, recent_min_rtt);
+        let queued = queue_building(min_rtt, rtt.recent_min());
         let overshoot = target < self.window / OVERSHOOT;
         if !queued && !overshoot {
             return false;
@@ -341,13 +323,20 @@ mod tests {
     /// trip (10 MB/s, a bandwidth-delay product of 100 000 bytes) for
     /// `round_trips`, starting at `start`; returns the time after.
     fn deliver_steadily(cc: &mut Westwood, start: Instant, round_trips: u32) -> Instant {
+        let mut rtt = RttEstimator::new(RTT);
         let mut now = start;
         for _ in 0..round_trips * 100 {
             now += RTT / 100;
             cc.on_packet_acked(start, 1000, false);
-            cc.on_ack(now, RTT, RTT);
+            rtt.update(now, RTT, Duration::ZERO);
+            cc.on_ack(now, &rtt);
         }
         now
+    }
+
+    /// A path whose minimum is `min` with a queue of `recent - min` standing.
+    fn path(min: Duration, recent: Duration) -> RttEstimator {
+        RttEstimator::queued(min, recent)
     }
 
     #[test]
@@ -356,7 +345,7 @@ mod tests {
         let mut cc = Westwood::new(MTU);
         cc.window = 100_000;
         let now = deliver_steadily(&mut cc, start, 40);
-        assert!(!cc.on_congestion_event(now, now, RTT));
+        assert!(!cc.on_congestion_event(now, now, &path(RTT, RTT)));
         assert_eq!(cc.window(), 100_000);
     }
 
@@ -368,7 +357,7 @@ mod tests {
         // so the round trip is twice the minimum.
         cc.window = 200_000;
         let now = deliver_steadily(&mut cc, start, 40);
-        assert!(cc.on_congestion_event(now, now, 2 * RTT));
+        assert!(cc.on_congestion_event(now, now, &path(RTT, 2 * RTT)));
         let window = cc.window();
         assert!((95_000..=100_000).contains(&window), "{window}");
         assert_eq!(cc.slow_start_threshold, window);
@@ -392,12 +381,12 @@ mod tests {
         let start = Instant::now();
         let later = start + Duration::from_millis(100);
         let mut cc = Westwood::new(MTU);
-        cc.on_ack(start, RTT, RTT);
+        cc.on_ack(start, &path(RTT, RTT));
         let queued = 2 * RTT;
-        cc.on_congestion_event(later, start, queued);
+        cc.on_congestion_event(later, start, &path(RTT, queued));
         assert_eq!(cc.window(), 5_000);
         // A second loss of a packet sent before recovery began: no change.
-        cc.on_congestion_event(later + Duration::from_millis(1), start, queued);
+        cc.on_congestion_event(later + Duration::from_millis(1), start, &path(RTT, queued));
         assert_eq!(cc.window(), 5_000);
         // ACKs of packets from before recovery do not grow the window.
         cc.on_packet_acked(start, 1000, true);
@@ -409,7 +398,7 @@ mod tests {
         }
         assert_eq!(cc.window(), 6_000);
         // A loss of a packet sent after recovery began halves again.
-        cc.on_congestion_event(after + Duration::from_millis(5), after, queued);
+        cc.on_congestion_event(after + Duration::from_millis(5), after, &path(RTT, queued));
         assert_eq!(cc.window(), 3_000);
     }
 
@@ -420,7 +409,7 @@ mod tests {
         // Slow start: the delivery rate is half the doubling window's.
         cc.window = 200_000;
         let now = deliver_steadily(&mut cc, start, 40);
-        assert!(!cc.on_congestion_event(now, now, RTT));
+        assert!(!cc.on_congestion_event(now, now, &path(RTT, RTT)));
         for _ in 0..10 {
             cc.on_packet_acked(now, 1000, true);
         }
@@ -434,7 +423,7 @@ mod tests {
         // A policer: five times the product in flight, no queue to see.
         cc.window = 500_000;
         let now = deliver_steadily(&mut cc, start, 40);
-        assert!(cc.on_congestion_event(now, now, RTT));
+        assert!(cc.on_congestion_event(now, now, &path(RTT, RTT)));
         assert!((95_000..=100_000).contains(&cc.window()), "{}", cc.window());
     }
 
@@ -446,7 +435,7 @@ mod tests {
         // five times the product and the round trips show the queue.
         cc.window = 500_000;
         let now = deliver_steadily(&mut cc, start, 40);
-        assert!(cc.on_congestion_event(now, now, 20 * RTT));
+        assert!(cc.on_congestion_event(now, now, &path(RTT, 20 * RTT)));
         assert_eq!(cc.window(), 250_000);
     }
 
@@ -456,58 +445,67 @@ mod tests {
         let mut cc = Westwood::new(MTU);
         cc.window = 1_000_000;
         // Another flow kept a queue of 4 RTT full from the start: every
-        // sample is 5 RTT, so a loss there reads as random...
+        // sample is about 5 RTT, so a loss there reads as random...
         let queued = 5 * RTT;
-        cc.on_ack(start, queued, queued);
+        let mut rtt = RttEstimator::new(RTT);
+        rtt.update(start, queued, Duration::ZERO);
+        cc.on_ack(start, &rtt);
         let jittered = queued + RTT / 10;
         let mut now = start;
         while now < start + MIN_RTT_EXPIRY - RTT {
             now += RTT;
             // 10 MB/s delivered: the window is no overshoot.
             cc.on_packet_acked(start, 100_000, false);
-            cc.on_ack(now, jittered, queued);
+            rtt.update(now, jittered, Duration::ZERO);
+            cc.on_ack(now, &rtt);
         }
-        assert!(!cc.on_congestion_event(now, now, jittered));
+        assert!(!cc.on_congestion_event(now, now, &rtt));
         assert_eq!(cc.window(), 1_000_000);
         // ...until the minimum is ten seconds old: the window halves for a
         // round trip and 200 ms.
         now += RTT;
-        cc.on_ack(now, jittered, queued);
+        rtt.update(now, jittered, Duration::ZERO);
+        cc.on_ack(now, &rtt);
         assert_eq!(cc.window(), 500_000);
         assert_eq!(cc.drains(), 1);
         // With this flow's part of the queue gone, the others leave 3 RTT.
         let drained = 3 * RTT;
-        let end = now + queued + DRAIN_HOLD;
+        let end = now + jittered + DRAIN_HOLD;
         while now < end {
             now += RTT;
-            cc.on_ack(now, drained, queued);
+            rtt.update(now, drained, Duration::ZERO);
+            cc.on_ack(now, &rtt);
         }
         now += RTT;
-        cc.on_ack(now, queued, queued);
+        rtt.update(now, queued, Duration::ZERO);
+        cc.on_ack(now, &rtt);
         assert_eq!(cc.window(), 1_000_000, "the window is back");
-        assert_eq!(cc.min_rtt(RTT), drained, "the lower minimum");
         // A loss with the queue back at 5 RTT now reads as congestion.
-        assert!(cc.on_congestion_event(now, now, queued));
+        assert!(cc.on_congestion_event(now, now, &path(rtt.min(), queued)));
         assert_eq!(cc.window(), 500_000);
     }
 
     #[test]
-    fn a_drain_that_sees_only_the_queue_keeps_the_old_minimum() {
+    fn a_drain_that_sees_only_the_queue_still_reads_it_as_a_queue() {
         let start = Instant::now();
         let mut cc = Westwood::new(MTU);
-        cc.on_ack(start, RTT, RTT);
+        let mut rtt = RttEstimator::new(RTT);
+        rtt.update(start, RTT, Duration::ZERO);
+        cc.on_ack(start, &rtt);
         let queued = 5 * RTT;
         let mut now = start;
         while now < start + MIN_RTT_EXPIRY + queued + DRAIN_HOLD + RTT {
             now += RTT;
-            cc.on_ack(now, queued, queued);
+            rtt.update(now, queued, Duration::ZERO);
+            cc.on_ack(now, &rtt);
         }
         assert_eq!(cc.drains(), 1);
-        assert_eq!(
-            cc.min_rtt(queued),
-            RTT,
+        let window = cc.window();
+        assert!(
+            cc.on_congestion_event(now, now, &rtt),
             "a queue another flow holds is not the path"
         );
+        assert_eq!(cc.window(), window / 2);
     }
 
     #[test]
@@ -515,14 +513,16 @@ mod tests {
         let start = Instant::now();
         let mut cc = Westwood::new(MTU);
         let us = Duration::from_micros(1);
-        cc.on_ack(start, 40 * us, 40 * us);
+        let mut rtt = RttEstimator::new(RTT);
+        rtt.update(start, 40 * us, Duration::ZERO);
+        cc.on_ack(start, &rtt);
         let mut now = start;
         while now < start + 3 * MIN_RTT_EXPIRY {
             now += Duration::from_millis(1);
-            cc.on_ack(now, 300 * us, 300 * us);
+            rtt.update(now, 300 * us, Duration::ZERO);
+            cc.on_ack(now, &rtt);
         }
         assert_eq!(cc.drains(), 0);
-        assert_eq!(cc.min_rtt(RTT), 40 * us);
     }
 
     #[test]
@@ -539,7 +539,7 @@ mod tests {
         let mut cc = Westwood::new(MTU);
         cc.on_persistent_congestion();
         assert_eq!(cc.window(), 2_000);
-        cc.on_congestion_event(Instant::now(), Instant::now(), 2 * RTT);
+        cc.on_congestion_event(Instant::now(), Instant::now(), &path(RTT, 2 * RTT));
         assert_eq!(cc.window(), 2_000, "never below the minimum");
     }
 

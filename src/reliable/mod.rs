@@ -566,8 +566,7 @@ impl Connection {
                 .on_packet_acked(packet.time_sent, packet.size, window_limited);
         }
         if !verdict.acked.is_empty() {
-            let rtt = self.recovery.rtt();
-            self.congestion.on_ack(now, rtt.latest(), rtt.smoothed());
+            self.congestion.on_ack(now, self.recovery.rtt());
         }
         if let Some(largest) = verdict.ack_only_largest {
             self.ack.forget_through(largest);
@@ -583,10 +582,9 @@ impl Connection {
             self.requeue(&packet.content);
         }
         if let Some(latest) = verdict.lost.iter().map(|p| p.time_sent).max() {
-            let rtt = self.recovery.rtt();
             if self
                 .congestion
-                .on_congestion_event(now, latest, rtt.recent_min())
+                .on_congestion_event(now, latest, self.recovery.rtt())
             {
                 self.stats.congestion_events += 1;
             }

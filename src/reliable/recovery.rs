@@ -79,6 +79,23 @@ impl RttEstimator {
         }
     }
 
+    /// An estimator whose path has `min` as its minimum and `recent` as
+    /// every other figure, as if a queue of `recent - min` had stood for
+    /// the last round trips.
+    #[cfg(test)]
+    pub fn queued(min: Duration, recent: Duration) -> Self {
+        Self {
+            latest: recent,
+            smoothed: recent,
+            variance: recent / 2,
+            min,
+            has_sample: true,
+            round_min: recent,
+            previous_round_min: recent,
+            round_start: None,
+        }
+    }
+
     /// Folds in one sample taken at `now`; `ack_delay` is the peer's
     /// reported hold time, already capped at its max_ack_delay.
     pub fn update(&mut self, now: Instant, sample: Duration, ack_delay: Duration) {
