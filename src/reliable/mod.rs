@@ -582,10 +582,12 @@ impl Connection {
             self.requeue(&packet.content);
         }
         if let Some(latest) = verdict.lost.iter().map(|p| p.time_sent).max() {
-            if self
-                .congestion
-                .on_congestion_event(now, latest, self.recovery.rtt())
-            {
+            if self.congestion.on_congestion_event(
+                now,
+                latest,
+                verdict.lost.len() as u64,
+                self.recovery.rtt(),
+            ) {
                 self.stats.congestion_events += 1;
             }
         }
