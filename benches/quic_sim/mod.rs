@@ -40,11 +40,13 @@ enum Upload {
 
 /// Sends `total` bytes through `a_to_b` (acknowledgements come back through
 /// `b_to_a`) with quinn's `controller`; returns the virtual time it took.
+/// `seed` picks the links' random losses, as natter's benchmark does.
 pub fn bulk(
     a_to_b: LinkParams,
     b_to_a: LinkParams,
     total: u64,
     controller: Controller,
+    seed: u64,
 ) -> Duration {
     let start = Instant::now();
     let (server_config, client_config) = configs(controller);
@@ -57,8 +59,8 @@ pub fn bulk(
         .connect(start, client_config, server_addr, "sim")
         .expect("the client config is valid");
     let mut b: Option<(ConnectionHandle, Connection)> = None;
-    let mut forth = Link::new(a_to_b, 0xa);
-    let mut back = Link::new(b_to_a, 0xb);
+    let mut forth = Link::new(a_to_b, 0xa + 2 * seed);
+    let mut back = Link::new(b_to_a, 0xb + 2 * seed);
     let mut now = start;
     let mut upload = Upload::NotOpen;
     let mut download = None;

@@ -215,6 +215,11 @@ impl Westwood {
         }
     }
 
+    /// Whether the window still doubles every round trip.
+    pub fn in_slow_start(&self) -> bool {
+        self.window < self.slow_start_threshold
+    }
+
     /// Times the window was held small to measure the minimum round trip.
     pub fn drains(&self) -> u64 {
         self.drains
@@ -300,7 +305,7 @@ impl Westwood {
         if self.in_recovery(time_sent) || !window_limited || self.draining() {
             return;
         }
-        if self.window < self.slow_start_threshold {
+        if self.in_slow_start() {
             self.window += size;
             return;
         }
@@ -380,7 +385,7 @@ impl Westwood {
     /// flows sharing a queue: counting those losses as random let the
     /// first take 0.64 of the link).
     fn measures_random_loss(&self, rtt: &RttEstimator) -> bool {
-        self.window >= self.slow_start_threshold && !queue_building(rtt.min(), rtt.recent_min())
+        !self.in_slow_start() && !queue_building(rtt.min(), rtt.recent_min())
     }
 
     /// Adds `lost` to the round trip's losses behind a queue; true when

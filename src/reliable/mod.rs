@@ -24,12 +24,14 @@
 //! - `ack`: range sets, and what the receiver acknowledges when;
 //! - `recovery`: RTT estimation, loss detection, probe timeouts;
 //! - `congestion`: NewReno with Westwood+'s response to loss;
+//! - `pacing`: spreads each window over the round trip;
 //! - `send` / `recv`: the send queue and the reassembly and flow control.
 //!
 //! The wire format and the constants are described in `docs/RELIABLE.md`.
 
 mod ack;
 mod congestion;
+mod pacing;
 mod packet;
 mod recovery;
 mod recv;
@@ -40,6 +42,7 @@ use std::time::{Duration, Instant};
 
 use ack::{AckTracker, Arrival};
 use congestion::Westwood;
+use pacing::{Pacer, PacingInput};
 use packet::{Frame, Packet};
 pub use recovery::LossCounts;
 use recovery::{PacketContent, Recovery, SentPacket, Timeout, Verdict};
@@ -265,6 +268,10 @@ pub struct Connection {
     ack: AckTracker,
     recovery: Recovery,
     congestion: Westwood,
+    pacer: Pacer,
+    /// Packets wait for the pacer until then (set by the last
+    /// `poll_transmit` that had one to send).
+    paced_until: Option<Instant>,
     send: SendStream,
     recv: RecvStream,
     /// The peer lets us send stream bytes below this.
@@ -300,6 +307,8 @@ impl Connection {
             ack: AckTracker::new(config.max_ack_delay),
             recovery: Recovery::new(config.initial_rtt, config.max_ack_delay, config.min_pto),
             congestion: Westwood::new(config.max_payload),
+            pacer: Pacer::new(),
+            paced_until: None,
             send: SendStream::new(config.send_buffer),
             recv: RecvStream::new(window, config.max_message_size as u64),
             peer_limit: INITIAL_CREDIT,
@@ -329,6 +338,7 @@ impl Connection {
         self.config.max_payload = max_payload.max(MIN_PAYLOAD);
         if new_path {
             self.congestion = Westwood::new(self.config.max_payload);
+            self.pacer = Pacer::new();
         }
     }
 
@@ -748,6 +758,7 @@ impl Connection {
                 [
                     self.ack.timer(),
                     self.recovery.timer(),
+                    self.paced_until,
                     keepalive,
                     self.idle_deadline(),
                 ]
@@ -773,7 +784,14 @@ impl Connection {
         } else {
             self.window_allowance()
         };
-        let may_elicit = sending_data && size_limit > 0 && self.has_ack_eliciting_work();
+        let mut may_elicit = sending_data && size_limit > 0 && self.has_ack_eliciting_work();
+        self.paced_until = None;
+        if may_elicit && !probe {
+            self.paced_until = self
+                .pacer
+                .release_time(now, size_limit as u64, self.pacing_input());
+            may_elicit = self.paced_until.is_none();
+        }
         if !may_elicit && !self.ack.is_due(now) {
             return None;
         }
@@ -830,6 +848,7 @@ impl Connection {
             self.stats.packets_retransmitted += 1;
         }
         if ack_eliciting {
+            self.pacer.on_sent(out.len() as u64);
             self.recovery.on_ack_eliciting_sent(SentPacket {
                 number,
                 time_sent: now,
@@ -867,6 +886,15 @@ impl Connection {
             room as usize
         } else {
             0
+        }
+    }
+
+    fn pacing_input(&self) -> PacingInput {
+        PacingInput {
+            window: self.congestion.window(),
+            smoothed_rtt: self.recovery.rtt().smoothed(),
+            max_datagram: self.config.max_payload as u64,
+            slow_start: self.congestion.in_slow_start(),
         }
     }
 

@@ -1,0 +1,174 @@
+//! Pacing: spreads a window's packets over the round trip instead of
+//! sending them back to back, so that a window opening at once does not
+//! arrive at the bottleneck as one burst and overflow its queue (RFC 9002
+//! §7.7).
+//!
+//! A token bucket. Tokens accrue at the window per smoothed round trip
+//! times a gain (twice that in slow start, whose window doubles each round
+//! trip; 5/4 after, as Linux's TCP paces), and a packet goes when the
+//! bucket holds its size. The bucket holds what accrues in
+//! [`BURST_INTERVAL`]: a sender woken by a millisecond timer then sends
+//! what accrued while it slept, so a LAN path whose round trip is shorter
+//! than the timer is not throttled by it.
+
+use std::time::{Duration, Instant};
+
+/// How much sending time the bucket holds. Twice the millisecond of timer
+/// granularity the drivers work with.
+const BURST_INTERVAL: Duration = Duration::from_millis(2);
+
+/// The bucket never holds fewer packets than this, so a small window is
+/// sent as it always was.
+const MIN_BURST_PACKETS: u64 = 10;
+
+/// The pacing rate is the window per round trip times this, as a fraction
+/// (numerator, denominator).
+const SLOW_START_GAIN: (u64, u64) = (2, 1);
+const AVOIDANCE_GAIN: (u64, u64) = (5, 4);
+
+/// What the pacer needs of the path, at the moment of a send.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PacingInput {
+    pub window: u64,
+    pub smoothed_rtt: Duration,
+    pub max_datagram: u64,
+    pub slow_start: bool,
+}
+
+impl PacingInput {
+    /// Bytes per second the pacer lets out.
+    fn rate(&self) -> f64 {
+        let (numerator, denominator) = if self.slow_start {
+            SLOW_START_GAIN
+        } else {
+            AVOIDANCE_GAIN
+        };
+        let rtt = self.smoothed_rtt.as_secs_f64().max(f64::MIN_POSITIVE);
+        self.window as f64 / rtt * numerator as f64 / denominator as f64
+    }
+
+    /// The bucket's size: a burst interval's worth at the pacing rate, at
+    /// least [`MIN_BURST_PACKETS`], never more than the window.
+    fn capacity(&self) -> u64 {
+        let interval = (self.rate() * BURST_INTERVAL.as_secs_f64()) as u64;
+        interval
+            .max(MIN_BURST_PACKETS * self.max_datagram)
+            .min(self.window.max(self.max_datagram))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Pacer {
+    /// Bytes that may go now, as of `updated` (fractional: a bucket that
+    /// dropped what accrued under a byte between two looks would wait in
+    /// nanosecond steps forever).
+    tokens: f64,
+    updated: Option<Instant>,
+}
+
+impl Pacer {
+    pub fn new() -> Self {
+        Self {
+            tokens: f64::INFINITY,
+            updated: None,
+        }
+    }
+
+    /// When a packet of `size` bytes may go: `None` for now, else the
+    /// instant enough tokens will have accrued.
+    pub fn release_time(&mut self, now: Instant, size: u64, path: PacingInput) -> Option<Instant> {
+        let capacity = path.capacity() as f64;
+        let rate = path.rate();
+        if let Some(updated) = self.updated {
+            self.tokens += now.saturating_duration_since(updated).as_secs_f64() * rate;
+        }
+        self.tokens = self.tokens.min(capacity);
+        self.updated = Some(now);
+        let size = (size as f64).min(capacity);
+        if self.tokens >= size {
+            return None;
+        }
+        // Rounded up to whole microseconds, so that the tokens are there
+        // when the time comes.
+        let wait_us = ((size - self.tokens) / rate * 1e6).ceil();
+        Some(now + Duration::from_micros(wait_us as u64))
+    }
+
+    /// A packet of `size` bytes went.
+    pub fn on_sent(&mut self, size: u64) {
+        self.tokens = (self.tokens - size as f64).max(0.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MTU: u64 = 1000;
+
+    fn path(window: u64, rtt: Duration) -> PacingInput {
+        PacingInput {
+            window,
+            smoothed_rtt: rtt,
+            max_datagram: MTU,
+            slow_start: false,
+        }
+    }
+
+    #[test]
+    fn a_window_goes_out_over_the_round_trip_not_at_once() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new();
+        // 100 packets per 20 ms round trip: 6.25 MB/s paced, a bucket of
+        // 12.5 packets.
+        let path = path(100 * MTU, Duration::from_millis(20));
+        let mut now = start;
+        let mut sent = 0;
+        while sent < 100 {
+            match pacer.release_time(now, MTU, path) {
+                None => {
+                    pacer.on_sent(MTU);
+                    sent += 1;
+                }
+                Some(at) => {
+                    assert!(at > now);
+                    now = at;
+                }
+            }
+        }
+        let took = now - start;
+        // The first 12 go at once, the other 88 at 5/4 of 100 per 20 ms.
+        assert!(
+            (Duration::from_millis(13)..=Duration::from_millis(15)).contains(&took),
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn an_idle_bucket_fills_to_a_burst_interval_and_no_more() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new();
+        let path = path(1_000 * MTU, Duration::from_millis(20));
+        assert_eq!(pacer.release_time(start, MTU, path), None);
+        pacer.on_sent(MTU);
+        let later = start + Duration::from_secs(1);
+        let mut burst = 0;
+        while pacer.release_time(later, MTU, path).is_none() {
+            pacer.on_sent(MTU);
+            burst += 1;
+        }
+        // 2 ms at 5/4 of 1000 packets per 20 ms.
+        assert_eq!(burst, 125);
+    }
+
+    #[test]
+    fn a_sub_millisecond_round_trip_is_not_paced_below_its_window() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new();
+        let path = path(300 * MTU, Duration::from_micros(100));
+        for _ in 0..300 {
+            assert_eq!(pacer.release_time(start, MTU, path), None);
+            pacer.on_sent(MTU);
+        }
+    }
+}
