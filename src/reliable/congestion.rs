@@ -216,7 +216,7 @@ impl Westwood {
     }
 
     /// Whether the window still doubles every round trip.
-    pub fn in_slow_start(&self) -> bool {
+    fn in_slow_start(&self) -> bool {
         self.window < self.slow_start_threshold
     }
 

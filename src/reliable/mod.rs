@@ -893,8 +893,8 @@ impl Connection {
         PacingInput {
             window: self.congestion.window(),
             smoothed_rtt: self.recovery.rtt().smoothed(),
+            min_rtt: self.recovery.rtt().min(),
             max_datagram: self.config.max_payload as u64,
-            slow_start: self.congestion.in_slow_start(),
         }
     }
 

@@ -3,13 +3,22 @@
 //! arrive at the bottleneck as one burst and overflow its queue (RFC 9002
 //! §7.7).
 //!
-//! A token bucket. Tokens accrue at the window per smoothed round trip
-//! times a gain (twice that in slow start, whose window doubles each round
-//! trip; 5/4 after, as Linux's TCP paces), and a packet goes when the
-//! bucket holds its size. The bucket holds what accrues in
-//! [`BURST_INTERVAL`]: a sender woken by a millisecond timer then sends
-//! what accrued while it slept, so a LAN path whose round trip is shorter
-//! than the timer is not throttled by it.
+//! A token bucket. Tokens accrue at 5/4 of the window per smoothed round
+//! trip, and a packet goes when the bucket holds its size. The margin lets
+//! a window that grows during the round trip be sent within it. (Linux's
+//! TCP paces slow start at twice the window per round trip; in the
+//! simulator that made no difference to goodput beyond the spread across
+//! seeds, and two flows sharing a queue split it less evenly: Jain index
+//! 0.958-0.973 against 0.997-1.000.) The bucket holds what accrues in
+//! [`BURST_INTERVAL`]: a sender woken late by a millisecond timer then
+//! sends what accrued while it slept.
+//!
+//! A path whose minimum round trip is under [`UNPACED_RTT`] is not paced.
+//! The drivers' timers tick in milliseconds, so gaps between packets there
+//! are timer ticks, not the path's pace; and a smoothed round trip raised
+//! by the host's own delays then held the window back: a 64 MiB transfer
+//! through the NAT lab at 5 % loss ran at 17.7 MiB/s in one paced run,
+//! against 98.6 MiB/s (the median of three) before pacing.
 
 use std::time::{Duration, Instant};
 
@@ -21,30 +30,27 @@ const BURST_INTERVAL: Duration = Duration::from_millis(2);
 /// sent as it always was.
 const MIN_BURST_PACKETS: u64 = 10;
 
-/// The pacing rate is the window per round trip times this, as a fraction
-/// (numerator, denominator).
-const SLOW_START_GAIN: (u64, u64) = (2, 1);
-const AVOIDANCE_GAIN: (u64, u64) = (5, 4);
+/// The pacing rate is the window per round trip times this fraction.
+const GAIN_NUMERATOR: f64 = 5.0;
+const GAIN_DENOMINATOR: f64 = 4.0;
+
+/// Paths whose minimum round trip is shorter are not paced.
+const UNPACED_RTT: Duration = Duration::from_millis(1);
 
 /// What the pacer needs of the path, at the moment of a send.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PacingInput {
     pub window: u64,
     pub smoothed_rtt: Duration,
+    pub min_rtt: Duration,
     pub max_datagram: u64,
-    pub slow_start: bool,
 }
 
 impl PacingInput {
     /// Bytes per second the pacer lets out.
     fn rate(&self) -> f64 {
-        let (numerator, denominator) = if self.slow_start {
-            SLOW_START_GAIN
-        } else {
-            AVOIDANCE_GAIN
-        };
         let rtt = self.smoothed_rtt.as_secs_f64().max(f64::MIN_POSITIVE);
-        self.window as f64 / rtt * numerator as f64 / denominator as f64
+        self.window as f64 / rtt * GAIN_NUMERATOR / GAIN_DENOMINATOR
     }
 
     /// The bucket's size: a burst interval's worth at the pacing rate, at
@@ -77,6 +83,9 @@ impl Pacer {
     /// When a packet of `size` bytes may go: `None` for now, else the
     /// instant enough tokens will have accrued.
     pub fn release_time(&mut self, now: Instant, size: u64, path: PacingInput) -> Option<Instant> {
+        if path.min_rtt < UNPACED_RTT {
+            return None;
+        }
         let capacity = path.capacity() as f64;
         let rate = path.rate();
         if let Some(updated) = self.updated {
@@ -110,8 +119,8 @@ mod tests {
         PacingInput {
             window,
             smoothed_rtt: rtt,
+            min_rtt: rtt,
             max_datagram: MTU,
-            slow_start: false,
         }
     }
 
@@ -162,11 +171,16 @@ mod tests {
     }
 
     #[test]
-    fn a_sub_millisecond_round_trip_is_not_paced_below_its_window() {
+    fn a_path_under_a_millisecond_is_not_paced() {
         let start = Instant::now();
         let mut pacer = Pacer::new();
-        let path = path(300 * MTU, Duration::from_micros(100));
-        for _ in 0..300 {
+        // The window is sized for a millisecond; the host's delays put the
+        // smoothed round trip at 30 ms.
+        let path = PacingInput {
+            min_rtt: Duration::from_micros(100),
+            ..path(300 * MTU, Duration::from_millis(30))
+        };
+        for _ in 0..1_000 {
             assert_eq!(pacer.release_time(start, MTU, path), None);
             pacer.on_sent(MTU);
         }
