@@ -237,7 +237,8 @@ fn delay_cases() {
         total / MIB
     );
     println!(
-        "  rate        RTT  loss   natter  quinn Cubic  quinn BBR  natter/best quinn   (MB/s)"
+        "  rate        RTT  loss   natter  quinn Cubic  quinn BBR  natter/best  (MB/s)  \
+         wire/byte: natter  best quinn"
     );
     // Both at the datagram size their path MTU discovery reaches on an
     // Ethernet path: quinn's default upper bound, 1452 bytes, which natter's
@@ -260,10 +261,12 @@ fn delay_cases() {
             // One seed decides where the random losses fall, and at 1 % one
             // cut more or less moves a row by a tenth: the median of a few.
             let seeds = if loss > 0.0 { DELAY_CASE_SEEDS } else { 1 };
-            let median = |rate_of: &dyn Fn(u64) -> f64| {
-                let mut rates: Vec<f64> = (0..seeds).map(rate_of).collect();
-                rates.sort_by(f64::total_cmp);
-                rates[rates.len() / 2]
+            // (MB/s, wire bytes per byte delivered) of the run with the
+            // median goodput.
+            let median = |run: &dyn Fn(u64) -> (f64, f64)| {
+                let mut runs: Vec<(f64, f64)> = (0..seeds).map(run).collect();
+                runs.sort_by(|x, y| x.0.total_cmp(&y.0));
+                runs[runs.len() / 2]
             };
             let natter = median(&|seed| {
                 let link = link.clone();
@@ -273,19 +276,32 @@ fn delay_cases() {
                     64 * 1024,
                     None,
                 );
-                t.delivered as f64 / t.virtual_time.as_secs_f64() / 1e6
+                let wire = t.a.bytes_sent + t.a.packets_sent * WIRE_OVERHEAD as u64;
+                (
+                    t.delivered as f64 / t.virtual_time.as_secs_f64() / 1e6,
+                    wire as f64 / t.delivered as f64,
+                )
             });
             let quinn = |controller| {
                 median(&|seed| {
-                    let time = quic_sim::bulk(link.clone(), link.clone(), total, controller, seed);
-                    total as f64 / time.as_secs_f64() / 1e6
+                    let t = quic_sim::bulk(link.clone(), link.clone(), total, controller, seed);
+                    (
+                        total as f64 / t.time.as_secs_f64() / 1e6,
+                        t.wire_bytes as f64 / total as f64,
+                    )
                 })
             };
             let (cubic, bbr) = (quinn(Controller::Cubic), quinn(Controller::Bbr));
+            let best = if cubic.0 >= bbr.0 { cubic } else { bbr };
             println!(
-                "  {mbit:>3} Mbit/s {rtt_ms:>4} ms {:>4.0}%  {natter:>7.2}  {cubic:>11.2}  {bbr:>9.2}  {:>10.2}x",
+                "  {mbit:>3} Mbit/s {rtt_ms:>4} ms {:>4.0}%  {:>7.2}  {:>11.2}  {:>9.2}  {:>10.2}x  {:>11.4}  {:>10.4}",
                 loss * 100.0,
-                natter / cubic.max(bbr),
+                natter.0,
+                cubic.0,
+                bbr.0,
+                natter.0 / best.0,
+                natter.1,
+                best.1,
             );
         }
     }

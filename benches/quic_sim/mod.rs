@@ -38,16 +38,24 @@ enum Upload {
     Finished,
 }
 
+/// What one transfer took.
+pub struct QuicTransfer {
+    /// Virtual time from the handshake's end to the last byte's arrival.
+    pub time: Duration,
+    /// The client's datagrams on the bottleneck, with UDP/IP headers.
+    pub wire_bytes: u64,
+}
+
 /// Sends `total` bytes through `a_to_b` (acknowledgements come back through
-/// `b_to_a`) with quinn's `controller`; returns the virtual time it took.
-/// `seed` picks the links' random losses, as natter's benchmark does.
+/// `b_to_a`) with quinn's `controller`. `seed` picks the links' random
+/// losses, as natter's benchmark does.
 pub fn bulk(
     a_to_b: LinkParams,
     b_to_a: LinkParams,
     total: u64,
     controller: Controller,
     seed: u64,
-) -> Duration {
+) -> QuicTransfer {
     let start = Instant::now();
     let (server_config, client_config) = configs(controller);
     let client_addr = SocketAddr::from((Ipv4Addr::new(10, 0, 0, 1), 4433));
@@ -148,7 +156,11 @@ pub fn bulk(
             }
         }
     }
-    now - connected_at.expect("the data went after the handshake")
+    let sent = a.stats().udp_tx;
+    QuicTransfer {
+        time: now - connected_at.expect("the data went after the handshake"),
+        wire_bytes: sent.bytes + sent.datagrams * UDP_IP_OVERHEAD as u64,
+    }
 }
 
 /// Writes as much of the upload as the stream takes, opening it first and
