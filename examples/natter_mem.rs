@@ -9,7 +9,17 @@
 //! natter_mem send --rendezvous RV:7777 --code CODE --bytes N
 //!     prints {"bytes", "elapsed_ms"}: from connected to the peer having
 //!     acknowledged everything
+//! natter_mem chat-send --rendezvous RV:7777 --code CODE --messages N --interval-ms MS
+//!     sends N messages of 100 bytes, one every MS ms, each stamped with
+//!     the time it was sent
+//! natter_mem chat-receive --rendezvous RV:7777 --code CODE
+//!     prints {"messages", "min_ms", "p50_ms", "p99_ms", "max_ms"}: from
+//!     each message's send to its delivery
 //! ```
+//!
+//! The chat modes are for `scripts/natlab-latency.sh`. Their stamps are
+//! CLOCK_MONOTONIC, which every network namespace of the lab shares, so the
+//! receiver can take a one-way latency from them.
 
 use std::time::Instant;
 
@@ -19,10 +29,27 @@ use natter::session::{Peer, Received};
 
 const CHUNK: usize = 64 * 1024;
 
+/// A chat line's size: a timestamp and padding.
+const CHAT_MESSAGE: usize = 100;
+
+/// CLOCK_MONOTONIC in nanoseconds: the same clock in every namespace.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec it is given.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime failed");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 fn usage() -> ! {
     eprintln!(
         "usage: natter_mem receive --rendezvous ADDR --code CODE\n       \
-         natter_mem send --rendezvous ADDR --code CODE --bytes N"
+         natter_mem send --rendezvous ADDR --code CODE --bytes N\n       \
+         natter_mem chat-send --rendezvous ADDR --code CODE --messages N --interval-ms MS\n       \
+         natter_mem chat-receive --rendezvous ADDR --code CODE"
     );
     std::process::exit(2)
 }
@@ -62,6 +89,47 @@ async fn main() {
             session.finish().await.expect("finishes");
             let elapsed_ms = started.elapsed().as_millis();
             println!("{{\"bytes\": {bytes}, \"elapsed_ms\": {elapsed_ms}}}");
+            let _ = session.close().await;
+        }
+        Some("chat-send") => {
+            let messages: u64 = arg(&args, "--messages").parse().unwrap_or_else(|_| usage());
+            let interval_ms: u64 = arg(&args, "--interval-ms")
+                .parse()
+                .unwrap_or_else(|_| usage());
+            let mut ticks =
+                tokio::time::interval(std::time::Duration::from_millis(interval_ms.max(1)));
+            let mut message = vec![0u8; CHAT_MESSAGE];
+            for _ in 0..messages {
+                ticks.tick().await;
+                message[..8].copy_from_slice(&monotonic_ns().to_be_bytes());
+                session.send(&message).await.expect("sends");
+            }
+            session.finish().await.expect("finishes");
+            let _ = session.close().await;
+        }
+        Some("chat-receive") => {
+            let mut latencies_ns = Vec::new();
+            while let Received::Data(data) = session.recv().await.expect("receives") {
+                let stamp: [u8; 8] = data[..8].try_into().expect("a chat message has a stamp");
+                latencies_ns.push(monotonic_ns().saturating_sub(u64::from_be_bytes(stamp)));
+            }
+            if latencies_ns.is_empty() {
+                eprintln!("no chat messages arrived");
+                std::process::exit(1);
+            }
+            latencies_ns.sort_unstable();
+            let ms = |p: f64| {
+                let i = ((latencies_ns.len() - 1) as f64 * p).round() as usize;
+                latencies_ns[i] as f64 / 1e6
+            };
+            println!(
+                "{{\"messages\": {}, \"min_ms\": {:.3}, \"p50_ms\": {:.3}, \"p99_ms\": {:.3}, \"max_ms\": {:.3}}}",
+                latencies_ns.len(),
+                ms(0.0),
+                ms(0.5),
+                ms(0.99),
+                ms(1.0),
+            );
             let _ = session.close().await;
         }
         Some("receive") => {

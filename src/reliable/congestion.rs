@@ -7,8 +7,10 @@
 //! queue. On Wi-Fi and mobile paths many are not, and halving then cuts
 //! throughput to a few percent of the link at 1 % random loss. Here a loss
 //! counts only when the round trips show a queue (every sample of the last
-//! round trip or two above the minimum), and then the window halves as
-//! Reno's, so that flows sharing a queue stay even; or when the window far
+//! round trip or two above the minimum) and the round trip's losses are
+//! more than the path's random loss (measured while no queue stood)
+//! explains, and then the window halves as Reno's, so that flows sharing
+//! a queue stay even; or when the window far
 //! overshoots what the path delivers, and then, as Westwood+ does after
 //! every loss, the window becomes the rate at which the path delivers
 //! (bytes acknowledged per round trip) times the minimum round trip: the
@@ -83,9 +85,9 @@ const RANDOM_LOSS_MEMORY: u64 = 16_384;
 const RANDOM_LOSS_PRIOR: u64 = 1_000;
 
 /// A round trip's losses behind a queue count as congestion beyond the
-/// random losses expected of it plus this many standard deviations (a
-/// random round exceeds that about once in a thousand round trips at 1 %
-/// loss and a window of 400 packets).
+/// random losses expected of it plus this many standard deviations (at 1 %
+/// loss and a window of 400 packets, more than 10: random loss alone gets
+/// there about once in 350 round trips).
 const RANDOM_LOSS_DEVIATIONS: f64 = 3.0;
 
 /// How long the minimum round trip stands without a sample at or below it
