@@ -8,7 +8,7 @@
 //! throughput to a few percent of the link at 1 % random loss. Here a loss
 //! counts only when the round trips show a queue (every sample of the last
 //! round trip or two above the minimum) and the round trip's losses are
-//! more than the path's random loss (measured while no queue stood)
+//! more than the path's random loss (the losses that did not cut it)
 //! explains, and then the window halves as Reno's, so that flows sharing
 //! a queue stay even; or when the window far
 //! overshoots what the path delivers, and then, as Westwood+ does after
@@ -118,8 +118,8 @@ enum MinRttCheck {
     Draining { until: Instant },
 }
 
-/// The path's random loss: packets lost and packets whose fate is known,
-/// counted only while the path showed no queue.
+/// The path's random loss: packets lost without cutting the window, and
+/// packets whose fate is known, counted in congestion avoidance.
 #[derive(Debug, Clone, Copy, Default)]
 struct RandomLoss {
     lost: u64,
@@ -272,7 +272,7 @@ impl Westwood {
     pub fn on_ack(&mut self, now: Instant, rtt: &RttEstimator) {
         self.check_min_rtt(now, rtt);
         let acked = std::mem::take(&mut self.acked_packets);
-        if self.measures_random_loss(rtt) {
+        if !self.in_slow_start() {
             self.random_loss.record(0, acked);
         }
         if self.draining() {
@@ -345,12 +345,10 @@ impl Westwood {
             None => self.window / 2,
         }
         .max(self.minimum_window());
-        if self.measures_random_loss(rtt) {
-            self.random_loss.record(lost, 0);
-        }
         let queued = queue_building(min_rtt, rtt.recent_min());
         let overshoot = target < self.window / OVERSHOOT;
         if !queued && !overshoot {
+            self.record_random_loss(lost);
             return false;
         }
         // Behind a queue, half, as Reno: flows that share a queue then
@@ -364,6 +362,7 @@ impl Westwood {
         // queue (a policer) goes to the product.
         let target = if queued {
             if !self.round_losses_exceed_random(now, lost, rtt.smoothed()) {
+                self.record_random_loss(lost);
                 return false;
             }
             (self.window / 2).max(self.minimum_window())
@@ -381,13 +380,18 @@ impl Westwood {
         true
     }
 
-    /// Whether packet fates now tell the path's random loss: in congestion
-    /// avoidance without a queue. Slow start's overshoot fills a queue
+    /// Counts losses that did not cut the window toward the path's random
+    /// loss rate, beside every packet acknowledged in congestion
+    /// avoidance. Slow start's do not count: its overshoot fills a queue
     /// within a round trip, before the round trips show it (two simulated
     /// flows sharing a queue: counting those losses as random let the
-    /// first take 0.64 of the link).
-    fn measures_random_loss(&self, rtt: &RttEstimator) -> bool {
-        !self.in_slow_start() && !queue_building(rtt.min(), rtt.recent_min())
+    /// first take 0.64 of the link). Losses that cut the window do not
+    /// count either, so on a path without random loss the rate stays 0 and
+    /// every loss behind a queue halves.
+    fn record_random_loss(&mut self, lost: u64) {
+        if !self.in_slow_start() {
+            self.random_loss.record(lost, 0);
+        }
     }
 
     /// Adds `lost` to the round trip's losses behind a queue; true when
