@@ -319,6 +319,14 @@ impl Link {
         self.secured().map(|s| s.channel.stats())
     }
 
+    /// Whether the channel owes an ACK that shows a lost packet: worth
+    /// sending before reading more (see
+    /// [`reliable::Connection::owes_an_ack_with_a_hole`]).
+    pub fn owes_an_ack_with_a_hole(&self) -> bool {
+        self.secured()
+            .is_some_and(|s| s.channel.owes_an_ack_with_a_hole())
+    }
+
     /// The paths' counters, once the session is secured.
     pub fn path_stats(&self) -> Option<&PathStats> {
         self.secured().map(|s| s.paths.stats())

@@ -124,12 +124,14 @@ impl Socket {
     }
 
     /// Hands each datagram waiting in the socket to `handle`, with its
-    /// source (IPv4-mapped addresses made plain IPv4), up to a budget; never
-    /// waits.
-    pub fn receive(&mut self, mut handle: impl FnMut(SocketAddr, &[u8])) {
+    /// source (IPv4-mapped addresses made plain IPv4), up to a budget, or
+    /// until the end of a batch in which `handle` returned true (something
+    /// should be sent first); never waits.
+    pub fn receive(&mut self, mut handle: impl FnMut(SocketAddr, &[u8]) -> bool) {
         let mut handled = 0;
+        let mut send_first = false;
         let count = self.recv_buf.len() / self.slot_len;
-        while handled < RECV_BUDGET {
+        while handled < RECV_BUDGET && !send_first {
             let mut meta = [RecvMeta::default(); BATCH_SIZE];
             let mut slots = self.recv_buf.chunks_mut(self.slot_len);
             let mut bufs: [IoSliceMut<'_>; BATCH_SIZE] =
@@ -154,14 +156,14 @@ impl Socket {
                 let data = &buf[..meta.len];
                 if data.is_empty() {
                     // Not natter's, but the link counts it as such.
-                    handle(from, data);
+                    send_first |= handle(from, data);
                     handled += 1;
                     continue;
                 }
                 // One datagram, or a GRO run of `stride`-byte datagrams
                 // (the last maybe shorter).
                 for datagram in data.chunks(meta.stride.max(1)) {
-                    handle(from, datagram);
+                    send_first |= handle(from, datagram);
                     handled += 1;
                 }
             }

@@ -148,6 +148,9 @@ pub(crate) struct AckTracker {
     deadline: Option<Instant>,
     /// Anything received since the last ACK, worth piggybacking.
     news: bool,
+    /// A packet arrived out of order since the last ACK: the sender's loss
+    /// detection waits for the ACK that shows the hole.
+    hole: bool,
     max_ack_delay: Duration,
 }
 
@@ -161,6 +164,7 @@ impl AckTracker {
             immediate: false,
             deadline: None,
             news: false,
+            hole: false,
             max_ack_delay,
         }
     }
@@ -194,6 +198,7 @@ impl AckTracker {
         if !ack_eliciting {
             return;
         }
+        self.hole |= out_of_order;
         self.unacked_eliciting += 1;
         if urgent || out_of_order || self.unacked_eliciting >= ACK_ELICITING_THRESHOLD {
             self.immediate = true;
@@ -205,6 +210,11 @@ impl AckTracker {
     /// Whether an ACK must be sent now, even alone in a packet.
     pub fn is_due(&self, now: Instant) -> bool {
         self.immediate || self.deadline.is_some_and(|d| d <= now)
+    }
+
+    /// Whether the ACK owed shows a hole or its filling.
+    pub fn shows_a_hole(&self) -> bool {
+        self.hole
     }
 
     /// Whether an ACK is worth adding to a packet that goes out anyway.
@@ -250,6 +260,7 @@ impl AckTracker {
             self.deadline = None;
             self.unacked_eliciting = 0;
             self.news = false;
+            self.hole = false;
         }
         written.then(|| ranges[0].end - 1)
     }
@@ -342,6 +353,24 @@ mod tests {
         // An ACK-only packet is acknowledged only in passing.
         t.on_packet(2, false, false, now);
         assert!(!t.is_pending() && t.has_news());
+    }
+
+    #[test]
+    fn an_ack_owed_for_a_hole_says_so_until_it_is_written() {
+        let now = Instant::now();
+        let mut t = AckTracker::new(Duration::from_millis(5));
+        t.on_packet(0, true, false, now);
+        t.on_packet(1, true, false, now);
+        assert!(!t.shows_a_hole(), "in order");
+        t.on_packet(3, false, false, now);
+        assert!(
+            !t.shows_a_hole(),
+            "an ACK-only packet is not acknowledged alone"
+        );
+        t.on_packet(5, true, false, now);
+        assert!(t.shows_a_hole());
+        ack_of(&mut t, now);
+        assert!(!t.shows_a_hole());
     }
 
     #[test]

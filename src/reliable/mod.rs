@@ -349,6 +349,15 @@ impl Connection {
         self.config.max_payload = max_payload.max(MIN_PAYLOAD);
     }
 
+    /// Whether the ACK owed shows a packet that arrived out of order. The
+    /// peer finds its losses by such ACKs, so a shell reading a batch of
+    /// datagrams should send before it reads more: at 10 % loss through
+    /// the NAT lab, one ACK per 38 packets (a receive round's worth) let
+    /// whole windows go unacknowledged into 30 ms probe timeouts.
+    pub fn owes_an_ack_with_a_hole(&self) -> bool {
+        self.ack.shows_a_hole()
+    }
+
     /// The smoothed round trip.
     pub fn smoothed_rtt(&self) -> Duration {
         self.recovery.rtt().smoothed()

@@ -131,10 +131,13 @@ impl Driver {
             // amount: ACKs then open the window promptly instead of piling
             // up (and overflowing) in the socket behind a whole window of
             // sends.
+            // A batch that leaves an ACK showing a hole ends the read: the
+            // peer's loss detection waits for that ACK.
             socket.receive(|from, datagram| {
                 state
                     .link
-                    .handle_datagram(Instant::now().into_std(), from, datagram)
+                    .handle_datagram(Instant::now().into_std(), from, datagram);
+                state.link.owes_an_ack_with_a_hole()
             });
             // After the read, whose ACKs may have made room for it.
             if let Some((message, acked)) = unsent.take() {
