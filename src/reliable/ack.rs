@@ -148,8 +148,8 @@ pub(crate) struct AckTracker {
     deadline: Option<Instant>,
     /// Anything received since the last ACK, worth piggybacking.
     news: bool,
-    /// A packet arrived out of order since the last ACK: the sender's loss
-    /// detection waits for the ACK that shows the hole.
+    /// An ack-eliciting packet arrived out of order since the last ACK:
+    /// the sender's loss detection waits for the ACK that shows the hole.
     hole: bool,
     max_ack_delay: Duration,
 }

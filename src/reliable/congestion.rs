@@ -442,19 +442,22 @@ mod tests {
     const MTU: usize = 1000;
     const RTT: Duration = Duration::from_millis(10);
 
-    /// Acknowledges a steady 100 packets of 1000 bytes per 10 ms round
-    /// trip (10 MB/s, a bandwidth-delay product of 100 000 bytes) for
-    /// `round_trips`, starting at `start`; returns the time after.
-    fn deliver_steadily(cc: &mut Westwood, start: Instant, round_trips: u32) -> Instant {
+    /// A controller with `window` that saw a steady 100 packets of 1000
+    /// bytes acknowledged per 10 ms round trip (10 MB/s, a bandwidth-delay
+    /// product of 100 000 bytes) for 40 round trips; and the time after.
+    fn delivering_steadily(window: u64) -> (Westwood, Instant) {
+        let start = Instant::now();
+        let mut cc = Westwood::new(MTU);
+        cc.window = window;
         let mut rtt = RttEstimator::new(RTT);
         let mut now = start;
-        for _ in 0..round_trips * 100 {
+        for _ in 0..40 * 100 {
             now += RTT / 100;
             cc.on_packet_acked(start, 1000, false);
             rtt.update(now, RTT, Duration::ZERO);
             cc.on_ack(now, &rtt);
         }
-        now
+        (cc, now)
     }
 
     /// A path whose minimum is `min` with a queue of `recent - min` standing.
@@ -464,22 +467,16 @@ mod tests {
 
     #[test]
     fn a_random_loss_keeps_the_window_at_the_bandwidth_delay_product() {
-        let start = Instant::now();
-        let mut cc = Westwood::new(MTU);
-        cc.window = 100_000;
-        let now = deliver_steadily(&mut cc, start, 40);
+        let (mut cc, now) = delivering_steadily(100_000);
         assert!(!cc.on_congestion_event(now, now, 1, &path(RTT, RTT)));
         assert_eq!(cc.window(), 100_000);
     }
 
     #[test]
     fn a_loss_from_a_queue_shrinks_the_window_to_the_path_without_it() {
-        let start = Instant::now();
-        let mut cc = Westwood::new(MTU);
         // Twice the bandwidth-delay product in flight: half of it queued,
         // so the round trip is twice the minimum.
-        cc.window = 200_000;
-        let now = deliver_steadily(&mut cc, start, 40);
+        let (mut cc, now) = delivering_steadily(200_000);
         assert!(cc.on_congestion_event(now, now, 1, &path(RTT, 2 * RTT)));
         let window = cc.window();
         assert!((95_000..=100_000).contains(&window), "{window}");
@@ -537,11 +534,8 @@ mod tests {
 
     #[test]
     fn a_random_loss_in_slow_start_leaves_slow_start_going() {
-        let start = Instant::now();
-        let mut cc = Westwood::new(MTU);
         // Slow start: the delivery rate is half the doubling window's.
-        cc.window = 200_000;
-        let now = deliver_steadily(&mut cc, start, 40);
+        let (mut cc, now) = delivering_steadily(200_000);
         assert!(!cc.on_congestion_event(now, now, 1, &path(RTT, RTT)));
         for _ in 0..10 {
             cc.on_packet_acked(now, 1000, true);
@@ -551,23 +545,17 @@ mod tests {
 
     #[test]
     fn a_window_far_beyond_what_the_path_delivers_is_cut_without_a_queue() {
-        let start = Instant::now();
-        let mut cc = Westwood::new(MTU);
         // A policer: five times the product in flight, no queue to see.
-        cc.window = 500_000;
-        let now = deliver_steadily(&mut cc, start, 40);
+        let (mut cc, now) = delivering_steadily(500_000);
         assert!(cc.on_congestion_event(now, now, 1, &path(RTT, RTT)));
         assert!((95_000..=100_000).contains(&cc.window()), "{}", cc.window());
     }
 
     #[test]
     fn behind_a_deep_queue_a_loss_halves_even_a_window_far_beyond_the_product() {
-        let start = Instant::now();
-        let mut cc = Westwood::new(MTU);
         // Another flow keeps a queue of 20 round trips full: the window is
         // five times the product and the round trips show the queue.
-        cc.window = 500_000;
-        let now = deliver_steadily(&mut cc, start, 40);
+        let (mut cc, now) = delivering_steadily(500_000);
         assert!(cc.on_congestion_event(now, now, 1, &path(RTT, 20 * RTT)));
         assert_eq!(cc.window(), 250_000);
     }

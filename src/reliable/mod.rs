@@ -201,8 +201,8 @@ pub struct Stats {
     /// Losses that reduced the congestion window (once per recovery
     /// period at most).
     pub congestion_events: u64,
-    /// Times the window was held at a few packets to measure the minimum
-    /// round trip again (none came at or below it for ten seconds).
+    /// Times the window was held at half to measure the minimum round trip
+    /// again (no sample came at or below it for ten seconds).
     pub rtt_drains: u64,
     /// Packets received twice and ignored.
     pub duplicate_packets: u64,
