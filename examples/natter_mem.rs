@@ -7,8 +7,8 @@
 //! natter_mem receive --rendezvous RV:7777 --code CODE
 //!     counts what arrives until the end of the stream
 //! natter_mem send --rendezvous RV:7777 --code CODE --bytes N
-//!     prints {"bytes", "elapsed_ms"}: from connected to the peer having
-//!     acknowledged everything
+//!     prints {"bytes", "elapsed_ms", "channel"}: from connected to the peer
+//!     having acknowledged everything, and the channel's loss counters
 //! natter_mem chat-send --rendezvous RV:7777 --code CODE --messages N --interval-ms MS
 //!     sends N messages of 100 bytes, one every MS ms, each stamped with
 //!     the time it was sent
@@ -77,19 +77,30 @@ async fn main() {
     match args.get(1).map(String::as_str) {
         Some("send") => {
             let bytes: u64 = arg(&args, "--bytes").parse().unwrap_or_else(|_| usage());
+            let (sender, receiver) = session.split();
             let started = Instant::now();
             let chunk = vec![0u8; CHUNK];
             let mut left = bytes;
             while left > 0 {
                 let n = left.min(CHUNK as u64) as usize;
-                session.send(&chunk[..n]).await.expect("sends");
+                sender.send(&chunk[..n]).await.expect("sends");
                 left -= n as u64;
             }
             // Completes once the peer has acknowledged everything.
-            session.finish().await.expect("finishes");
+            sender.finish().await.expect("finishes");
             let elapsed_ms = started.elapsed().as_millis();
-            println!("{{\"bytes\": {bytes}, \"elapsed_ms\": {elapsed_ms}}}");
-            let _ = session.close().await;
+            let c = sender.stats().await.expect("the session is open");
+            println!(
+                "{{\"bytes\": {bytes}, \"elapsed_ms\": {elapsed_ms}, \"channel\": {{\"packets_lost\": {}, \"lost_by_reordering\": {}, \"lost_by_time\": {}, \"spurious_losses\": {}, \"probe_timeouts\": {}, \"congestion_events\": {}}}}}",
+                c.packets_lost,
+                c.losses.by_reordering,
+                c.losses.by_time,
+                c.losses.spurious,
+                c.probe_timeouts,
+                c.congestion_events,
+            );
+            sender.close().await;
+            let _ = receiver.closed().await;
         }
         Some("chat-send") => {
             let messages: u64 = arg(&args, "--messages").parse().unwrap_or_else(|_| usage());

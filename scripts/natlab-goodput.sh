@@ -9,7 +9,8 @@
 # quinn_pipe's are; connected to all acknowledged) and `examples/quinn_pipe.rs`
 # with quinn's Cubic and BBR (figure: connected to the server confirming the
 # byte count). Prints MiB/s for each, the better quinn, and natter's ratio to
-# it (pipe and in memory); medians of RUNS runs.
+# it (pipe and in memory); medians of RUNS runs, with the pipe's counters in
+# its median run and the probe timeouts of every in-memory run.
 #
 # Usage: scripts/natlab-goodput.sh [MIB] [LOSS_PERCENT...]
 #        (default: 64 MiB at 0 1 5 10 %; RUNS=N repeats each case;
@@ -47,7 +48,7 @@ import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 mib = float(sys.argv[2])
 print(f"{mib:.0f} MiB one way through two full-cone NATs{sys.argv[3]}, random loss both ways; MiB/s (median of runs)")
-print(f"{'loss':>5} {'pipe':>8} {'memory':>8} {'cubic':>8} {'bbr':>8} {'ratio':>6} {'memory':>6}  natter pipe: lost (reorder/time/spurious) PTOs cuts")
+print(f"{'loss':>5} {'pipe':>8} {'memory':>8} {'cubic':>8} {'bbr':>8} {'ratio':>6} {'memory':>6}  natter pipe: lost (reorder/time/spurious) PTOs cuts; in memory: PTOs per run")
 for loss in sorted({r["loss"] for r in rows}, key=float):
     runs = [r for r in rows if r["loss"] == loss]
     rate = lambda key: statistics.median(mib / (r[key] / 1000) for r in runs)
@@ -55,7 +56,8 @@ for loss in sorted({r["loss"] for r in rows}, key=float):
     c = runs[len(runs) // 2]["channel"]
     print(f"{loss:>4}% {natter:>8.1f} {memory:>8.1f} {cubic:>8.1f} {bbr:>8.1f} {natter / max(cubic, bbr):>5.2f}x {memory / max(cubic, bbr):>5.2f}x"
           f"  {c['packets_lost']} ({c['lost_by_reordering']}/{c['lost_by_time']}/{c['spurious_losses']})"
-          f" {c['probe_timeouts']} {c['congestion_events']}")
+          f" {c['probe_timeouts']} {c['congestion_events']};"
+          f" {' '.join(str(r['memory_channel']['probe_timeouts']) for r in runs)}")
 EOF
     exit 0
 fi
@@ -86,7 +88,7 @@ receiver=$!
 in_ns a "$NATTER_MEM_BIN" send --code "$code" --rendezvous "$RV_IP:7777" --bytes "$bytes" \
     >"$work/ma.out" 2>"$work/ma.err" || { cat "$work/ma.err" "$work/mb.err" >&2; exit 1; }
 wait "$receiver"
-memory=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["elapsed_ms"])' "$work/ma.out")
+memory=$(cat "$work/ma.out")
 
 quinn_ms() { # CC
     in_ns b "$QUINN_BIN" serve --stun "$RV_IP:7777" --cert "$work/cert.der" --cc "$1" \
@@ -108,9 +110,9 @@ bbr=$(quinn_ms bbr)
 
 python3 - "$natter" "$cubic" "$bbr" "$GOODPUT_LOSS" "$memory" <<'EOF'
 import json, sys
-natter = json.loads(sys.argv[1])
+natter, memory = json.loads(sys.argv[1]), json.loads(sys.argv[5])
 print(json.dumps({"loss": sys.argv[4], "natter_ms": max(natter["elapsed_ms"], 1),
-                  "memory_ms": max(int(sys.argv[5]), 1),
+                  "memory_ms": max(memory["elapsed_ms"], 1), "memory_channel": memory["channel"],
                   "cubic_ms": max(int(sys.argv[2]), 1), "bbr_ms": max(int(sys.argv[3]), 1),
                   "channel": natter["channel"]}))
 EOF
