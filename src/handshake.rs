@@ -66,6 +66,11 @@ pub struct SessionKeys {
     pub remote_path_checks: bool,
     /// The other peer's long-term public key, authenticated.
     pub remote_static: [u8; 32],
+    /// The round trip from our last Noise message to the answer that
+    /// completed the handshake, if neither was repeated (Karn's rule): a
+    /// first sample for the channel on a path the punch did not time (the
+    /// relay).
+    pub rtt: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -107,6 +112,10 @@ pub struct Handshake {
     our_pake: Option<Vec<u8>>,
     /// Our latest handshake message and its step, for retransmission.
     last_sent: Option<(u8, Vec<u8>)>,
+    /// When that message went out, until it is repeated: the answer to it
+    /// times a round trip.
+    last_sent_at: Option<Instant>,
+    rtt: Option<Duration>,
     /// Our reply to the peer's latest step, repeated on a duplicate of it.
     reply_to: Option<(u8, (u8, Vec<u8>))>,
     /// This side refused the peer's Noise message (wrong code).
@@ -135,6 +144,8 @@ impl Handshake {
             phase: Phase::Failed,
             our_pake: None,
             last_sent: None,
+            last_sent_at: None,
+            rtt: None,
             reply_to: None,
             rejected: false,
             deadline: now + HANDSHAKE_TIMEOUT,
@@ -156,7 +167,7 @@ impl Handshake {
                 });
                 handshake.our_pake = Some(message);
             }
-            Trust::Pinned(_) => handshake.start_noise(None),
+            Trust::Pinned(_) => handshake.start_noise(now, None),
         }
         handshake
     }
@@ -195,6 +206,7 @@ impl Handshake {
                 });
             }
             if let Some((step, message)) = &self.last_sent {
+                self.last_sent_at = None;
                 self.transmits.push_back(HandshakeMessage::Noise {
                     session_id: self.session_id,
                     step: *step,
@@ -207,10 +219,10 @@ impl Handshake {
 
     /// A handshake message from the path's remote address. Messages of
     /// other sessions are the caller's to filter.
-    pub fn handle_message(&mut self, message: HandshakeMessage) {
+    pub fn handle_message(&mut self, now: Instant, message: HandshakeMessage) {
         match message {
-            HandshakeMessage::Pake { message, .. } => self.handle_pake(&message),
-            HandshakeMessage::Noise { step, message, .. } => self.handle_noise(step, &message),
+            HandshakeMessage::Pake { message, .. } => self.handle_pake(now, &message),
+            HandshakeMessage::Noise { step, message, .. } => self.handle_noise(now, step, &message),
             HandshakeMessage::Reject { .. } => {
                 if matches!(self.phase, Phase::Pake(_) | Phase::Noise(_))
                     && matches!(self.trust, Trust::Code(_))
@@ -221,7 +233,7 @@ impl Handshake {
         }
     }
 
-    fn handle_pake(&mut self, message: &[u8]) {
+    fn handle_pake(&mut self, now: Instant, message: &[u8]) {
         if !matches!(self.phase, Phase::Pake(_)) {
             return;
         }
@@ -232,7 +244,7 @@ impl Handshake {
             Ok(key) => {
                 let mut psk = [0u8; 32];
                 psk.copy_from_slice(&key[..32]);
-                self.start_noise(Some(psk));
+                self.start_noise(now, Some(psk));
             }
             Err(error) => self.fail(HandshakeError::Protocol(format!(
                 "bad SPAKE2 message: {error:?}"
@@ -240,7 +252,7 @@ impl Handshake {
         }
     }
 
-    fn start_noise(&mut self, psk: Option<[u8; 32]>) {
+    fn start_noise(&mut self, now: Instant, psk: Option<[u8; 32]>) {
         let pattern = if psk.is_some() {
             CODE_PATTERN
         } else {
@@ -262,14 +274,14 @@ impl Handshake {
             Ok(state) => {
                 self.phase = Phase::Noise(Box::new(state));
                 if self.role == Role::Controlling {
-                    self.write_step(1);
+                    self.write_step(now, 1);
                 }
             }
             Err(error) => self.fail(HandshakeError::Protocol(error.to_string())),
         }
     }
 
-    fn handle_noise(&mut self, step: u8, message: &[u8]) {
+    fn handle_noise(&mut self, now: Instant, step: u8, message: &[u8]) {
         if self.rejected {
             // Our Reject was lost: the responder is still retransmitting.
             self.transmits.push_back(HandshakeMessage::Reject {
@@ -281,6 +293,7 @@ impl Handshake {
         if let Some((seen, reply)) = &self.reply_to {
             if *seen == step {
                 let (reply_step, reply) = reply.clone();
+                self.last_sent_at = None;
                 self.transmits.push_back(HandshakeMessage::Noise {
                     session_id: self.session_id,
                     step: reply_step,
@@ -327,13 +340,18 @@ impl Handshake {
         if let Some(error) = self.check_pin() {
             return self.fail(error);
         }
+        if step >= 2 {
+            self.rtt = self
+                .last_sent_at
+                .map(|sent| now.saturating_duration_since(sent));
+        }
         match step {
             1 => {
-                self.write_step(2);
+                self.write_step(now, 2);
                 self.reply_to = self.last_sent.clone().map(|sent| (1, sent));
             }
             2 => {
-                self.write_step(3);
+                self.write_step(now, 3);
                 self.reply_to = self.last_sent.clone().map(|sent| (2, sent));
                 self.finish();
             }
@@ -354,7 +372,7 @@ impl Handshake {
         })
     }
 
-    fn write_step(&mut self, step: u8) {
+    fn write_step(&mut self, now: Instant, step: u8) {
         let Phase::Noise(state) = &mut self.phase else {
             return;
         };
@@ -375,6 +393,7 @@ impl Handshake {
                     message: message.clone(),
                 });
                 self.last_sent = Some((step, message));
+                self.last_sent_at = Some(now);
                 // Once Noise runs, the SPAKE2 message is no longer needed.
                 if step >= 2 {
                     self.our_pake = None;
@@ -406,6 +425,7 @@ impl Handshake {
             cipher: DataCipher::agree(self.local_fast_aes, self.remote_flags & FLAG_FAST_AES != 0),
             remote_path_checks: self.remote_flags & FLAG_PATH_CHECKS != 0,
             remote_static,
+            rtt: self.rtt,
         }));
     }
 
@@ -467,13 +487,13 @@ mod tests {
                 while let Some(message) = hs_a.poll_transmit() {
                     moved = true;
                     if delivered() && b_live {
-                        hs_b.handle_message(message);
+                        hs_b.handle_message(now, message);
                     }
                 }
                 while let Some(message) = hs_b.poll_transmit() {
                     moved = true;
                     if delivered() && a_live {
-                        hs_a.handle_message(message);
+                        hs_a.handle_message(now, message);
                     }
                 }
                 out_a = out_a.or_else(|| hs_a.poll_event());
@@ -558,6 +578,53 @@ mod tests {
                 "seed {seed}: {ea:?} {eb:?}"
             );
         }
+    }
+
+    /// Delivers everything `from` has to send to `to` at `at`.
+    fn deliver(from: &mut Handshake, to: &mut Handshake, at: Instant) {
+        while let Some(message) = from.poll_transmit() {
+            to.handle_message(at, message);
+        }
+    }
+
+    fn rtt(handshake: &mut Handshake) -> Option<Duration> {
+        match handshake.poll_event() {
+            Some(HandshakeEvent::Done(keys)) => keys.rtt,
+            other => panic!("not done: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_last_round_trip_is_timed_unless_a_message_was_repeated() {
+        let ((a, a_pub), (b, b_pub)) = (keypair(), keypair());
+        let one_way = Duration::from_millis(15);
+        let start = Instant::now();
+        let pair = || {
+            (
+                Handshake::new(start, 5, Role::Controlling, Trust::Pinned(b_pub), a, true),
+                Handshake::new(start, 5, Role::Controlled, Trust::Pinned(a_pub), b, true),
+            )
+        };
+
+        // Message 1 at 0, 2 at 15 ms, 3 at 30 ms, arriving at 45 ms.
+        let (mut hs_a, mut hs_b) = pair();
+        deliver(&mut hs_a, &mut hs_b, start + one_way);
+        deliver(&mut hs_b, &mut hs_a, start + 2 * one_way);
+        deliver(&mut hs_a, &mut hs_b, start + 3 * one_way);
+        assert_eq!(rtt(&mut hs_a), Some(2 * one_way));
+        assert_eq!(rtt(&mut hs_b), Some(2 * one_way));
+
+        // Message 1 is lost and repeated: which copy message 2 answers is
+        // unknown, so the initiator takes no sample.
+        let (mut hs_a, mut hs_b) = pair();
+        while hs_a.poll_transmit().is_some() {}
+        let repeat = start + RETRANSMIT;
+        hs_a.handle_timeout(repeat);
+        deliver(&mut hs_a, &mut hs_b, repeat + one_way);
+        deliver(&mut hs_b, &mut hs_a, repeat + 2 * one_way);
+        deliver(&mut hs_a, &mut hs_b, repeat + 3 * one_way);
+        assert_eq!(rtt(&mut hs_a), None);
+        assert_eq!(rtt(&mut hs_b), Some(2 * one_way));
     }
 
     #[test]

@@ -503,9 +503,9 @@ impl Link {
                 route: on,
                 handshake,
                 ..
-            } if *on == route => handshake.handle_message(message),
+            } if *on == route => handshake.handle_message(now, message),
             // A repeat of the other peer's last flight: its answer was lost.
-            Phase::Secured(secured) => secured.handshake.handle_message(message),
+            Phase::Secured(secured) => secured.handshake.handle_message(now, message),
             _ => self.stats.foreign += 1,
         }
     }
@@ -1142,8 +1142,8 @@ impl Link {
         };
         let puncher = self.puncher.as_ref().expect("securing follows punching");
         let session_id = puncher.session_id();
-        let mut channel = self.config.channel.clone();
-        channel.max_payload = max_payload(&self.config, route, BASE_DATAGRAM);
+        let mut channel_config = self.config.channel.clone();
+        channel_config.max_payload = max_payload(&self.config, route, BASE_DATAGRAM);
         let mut paths = Paths::new(now, self.role, route, path.kind, path.rtt, self.seed);
         paths.track_candidates(puncher.candidates());
         if !keys.remote_path_checks {
@@ -1151,9 +1151,15 @@ impl Link {
         }
         let mut pmtu = Pmtu::new(self.seed);
         pmtu.on_path_change(searches_mtu(route, &paths));
+        let mut channel = Connection::new(channel_config, now);
+        // The punch or the handshake timed the path: the first probe timeout
+        // is then a few round trips, not the second of a 333 ms guess.
+        if let Some(rtt) = path.rtt.or(keys.rtt) {
+            channel.seed_rtt(rtt);
+        }
         self.phase = Phase::Secured(Box::new(Secured {
             handshake,
-            channel: Connection::new(channel, now),
+            channel,
             sealer: Sealer::new(now, session_id, keys.cipher, keys.send),
             opener: Opener::new(keys.cipher, keys.receive),
             paths,

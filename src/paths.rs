@@ -698,7 +698,9 @@ impl Paths {
         let old = self.active();
         let migration = match (old.route, self.paths[index].route) {
             (Route::Direct(a), Route::Direct(b)) if a.ip() == b.ip() => Migration::PortOnly,
-            _ => Migration::NewPath,
+            _ => Migration::NewPath {
+                rtt: self.paths[index].rtt,
+            },
         };
         if old.status == PathStatus::Active {
             self.paths[self.active].status = PathStatus::Backup;
@@ -978,11 +980,23 @@ mod tests {
                 let answer = Heard::Check(PathCheck::Response(data));
                 paths.handle_frame(now + Duration::from_millis(after), route, 51, answer);
             }
-            let moved = moves(&mut paths);
+            let moved: Vec<_> = std::iter::from_fn(|| paths.poll_event())
+                .filter(|event| *event != PathEvent::Silent)
+                .collect();
             if moves_there {
+                // The channel starts the new path from the round trip the
+                // check measured.
+                let migration = Migration::NewPath {
+                    rtt: Some(Duration::from_millis(rtt_ms)),
+                };
                 assert_eq!(
                     moved,
-                    [(candidate, MoveReason::BetterPath)],
+                    [PathEvent::Moved {
+                        route: candidate,
+                        via: CandidateKind::Host,
+                        reason: MoveReason::BetterPath,
+                        migration,
+                    }],
                     "{candidate} {rtt_ms} ms"
                 );
             } else {

@@ -79,6 +79,15 @@ impl RttEstimator {
         }
     }
 
+    /// An estimator that starts from a round trip measured outside the
+    /// channel, taken as its first sample.
+    pub fn measured(sample: Duration) -> Self {
+        Self {
+            has_sample: true,
+            ..Self::new(sample)
+        }
+    }
+
     /// An estimator whose path has `min` as its minimum and `recent` as
     /// every other figure, as if a queue of `recent - min` had stood for
     /// the last round trips.
@@ -308,6 +317,14 @@ impl Recovery {
             return None;
         }
         Some(self.last_ack_eliciting_sent? + self.backed_off_pto())
+    }
+
+    /// A round trip of the path measured outside the channel, taken as the
+    /// first sample if there is none yet.
+    pub fn seed_rtt(&mut self, sample: Duration) {
+        if !self.rtt.has_sample {
+            self.rtt = RttEstimator::measured(sample);
+        }
     }
 
     /// The connection's datagrams take another route: every packet in flight

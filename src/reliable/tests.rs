@@ -257,6 +257,46 @@ fn a_lost_tail_is_recovered_by_the_probe_timeout() {
     assert!(pair.elapsed() < 1200 * MS, "took {:?}", pair.elapsed());
 }
 
+/// The first flight's ACKs are lost: the probe that recovers it waits a
+/// PTO of the round trip the path was measured at, not of the 333 ms guess.
+#[test]
+fn a_seeded_round_trip_times_the_first_probe() {
+    // B answers the first flight's three packets with three datagrams.
+    let first_acks_lost = |from_a: bool, index: u64, _: &[u8]| !from_a && index < 3;
+    let message = pattern(3 * 1100, 4);
+    let mut guessed = Pair::new(Config::default());
+    guessed.drop = Box::new(first_acks_lost);
+    guessed.a.send(message.clone()).unwrap();
+    guessed.run_until(Duration::from_secs(10), |p| p.a.stats().probe_timeouts > 0);
+    assert!(guessed.elapsed() > 900 * MS, "took {:?}", guessed.elapsed());
+
+    let mut seeded = Pair::new(Config::default());
+    seeded.drop = Box::new(first_acks_lost);
+    seeded.a.seed_rtt(2 * seeded.one_way);
+    seeded.a.send(message).unwrap();
+    seeded.run_until(Duration::from_secs(10), |p| p.a.stats().probe_timeouts > 0);
+    assert!(seeded.elapsed() < 100 * MS, "took {:?}", seeded.elapsed());
+}
+
+#[test]
+fn a_new_path_starts_from_its_checked_round_trip_or_the_guess() {
+    let mut pair = Pair::new(Config::default());
+    pair.a.send(pattern(3 * 1100, 5)).unwrap();
+    pair.run_until(Duration::from_secs(10), |p| p.a.is_idle());
+    let measured = pair.a.stats().smoothed_rtt;
+    assert!(measured < 30 * MS, "{measured:?}");
+    let payload = pair.a.config().max_payload;
+
+    pair.a.migrate(Migration::PortOnly, payload);
+    assert_eq!(pair.a.stats().smoothed_rtt, measured);
+    let checked = Duration::from_millis(45);
+    pair.a
+        .migrate(Migration::NewPath { rtt: Some(checked) }, payload);
+    assert_eq!(pair.a.stats().smoothed_rtt, checked);
+    pair.a.migrate(Migration::NewPath { rtt: None }, payload);
+    assert_eq!(pair.a.stats().smoothed_rtt, Config::default().initial_rtt);
+}
+
 #[test]
 fn garbage_duplicates_and_bad_acks_are_counted_and_ignored() {
     let now = Instant::now();
