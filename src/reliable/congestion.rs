@@ -90,6 +90,12 @@ const RANDOM_LOSS_PRIOR: u64 = 1_000;
 /// there about once in 350 round trips).
 const RANDOM_LOSS_DEVIATIONS: f64 = 3.0;
 
+/// Slow start ends once this many round-trip samples in a row exceed the
+/// minimum by [`queue_threshold`] (RFC 9406's sample count): a queue has
+/// formed, and doubling on waits a round trip for the loss that shows it,
+/// by when the window is twice what the path and its queue hold.
+const QUEUED_SAMPLES_TO_EXIT: u32 = 8;
+
 /// How long the minimum round trip stands without a sample at or below it
 /// before a drain checks it (BBR's min_rtt filter window).
 const MIN_RTT_EXPIRY: Duration = Duration::from_secs(10);
@@ -174,8 +180,19 @@ pub(crate) struct Westwood {
     acked_packets: u64,
     random_loss: RandomLoss,
     round_losses: Option<RoundLosses>,
+    /// Round-trip samples in a row that showed a queue in slow start, and
+    /// the estimator's sample count when last looked at.
+    queued_samples: u32,
+    rtt_samples_seen: u64,
     /// Times the window was held small to measure the minimum again.
     drains: u64,
+}
+
+/// The queueing delay that ends slow start: an eighth of the minimum round
+/// trip, within 4-16 ms (RFC 9406's bounds, so that jitter does not end it
+/// on a short path nor a deep queue first fill on a long one).
+fn queue_threshold(min_rtt: Duration) -> Duration {
+    (min_rtt / 8).clamp(Duration::from_millis(4), Duration::from_millis(16))
 }
 
 /// Whether the round trips show a queue; both below [`MIN_WINDOW_RTT`]
@@ -203,6 +220,8 @@ impl Westwood {
             acked_packets: 0,
             random_loss: RandomLoss::default(),
             round_losses: None,
+            queued_samples: 0,
+            rtt_samples_seen: 0,
             drains: 0,
         }
     }
@@ -271,6 +290,10 @@ impl Westwood {
     /// the estimate). Call after the packets it acknowledged were reported.
     pub fn on_ack(&mut self, now: Instant, rtt: &RttEstimator) {
         self.check_min_rtt(now, rtt);
+        if self.in_slow_start() && rtt.samples() != self.rtt_samples_seen {
+            self.end_slow_start_at_a_queue(now, rtt);
+        }
+        self.rtt_samples_seen = rtt.samples();
         let acked = std::mem::take(&mut self.acked_packets);
         if !self.in_slow_start() {
             self.random_loss.record(0, acked);
@@ -296,6 +319,44 @@ impl Westwood {
             .push_back(self.sample_bytes as f64 / elapsed.as_secs_f64());
         self.sample_start = Some(now);
         self.sample_bytes = 0;
+    }
+
+    /// Counts round-trip samples that show a queue; after
+    /// [`QUEUED_SAMPLES_TO_EXIT`] in a row slow start ends, with the window
+    /// at most twice what the path delivers in a minimum round trip (the
+    /// path and as much queue again, what BBR's startup lets be in flight)
+    /// and at least half of what it was, as after a loss: behind another
+    /// flow's standing queue this flow's delivery rate is its share so far,
+    /// and a window cut to it would starve. What is in flight was sent into
+    /// the queue the samples show: a recovery period starts, so its losses
+    /// neither cut again nor count as random loss.
+    fn end_slow_start_at_a_queue(&mut self, now: Instant, rtt: &RttEstimator) {
+        let min_rtt = rtt.min().max(MIN_WINDOW_RTT);
+        if rtt.latest() < min_rtt + queue_threshold(min_rtt) {
+            self.queued_samples = 0;
+            return;
+        }
+        self.queued_samples += 1;
+        if self.queued_samples < QUEUED_SAMPLES_TO_EXIT {
+            return;
+        }
+        let product = self
+            .bandwidth_samples
+            .iter()
+            .copied()
+            .reduce(f64::max)
+            .map_or(u64::MAX, |bandwidth| {
+                (bandwidth * min_rtt.as_secs_f64()) as u64
+            });
+        self.window = self
+            .window
+            .min(product.saturating_mul(2))
+            .max(self.window / 2)
+            .max(self.minimum_window());
+        self.slow_start_threshold = self.window;
+        self.recovery_start = Some(now);
+        self.round_losses = None;
+        self.acked_in_avoidance = 0;
     }
 
     /// A packet of `size` bytes sent at `time_sent` was acknowledged.
@@ -530,6 +591,50 @@ mod tests {
             &path(RTT, queued),
         );
         assert_eq!(cc.window(), 3_000);
+    }
+
+    /// Feeds `samples` to `cc` as the round trips of ACKs 1 ms apart.
+    fn sample(cc: &mut Westwood, rtt: &mut RttEstimator, now: &mut Instant, samples: &[Duration]) {
+        for &sample in samples {
+            *now += Duration::from_millis(1);
+            rtt.update(*now, sample, Duration::ZERO);
+            cc.on_ack(*now, rtt);
+        }
+    }
+
+    #[test]
+    fn slow_start_ends_once_eight_round_trips_in_a_row_show_a_queue() {
+        // The product is 100 000 bytes; 5 ms is over the 4 ms threshold.
+        let (mut cc, mut now) = delivering_steadily(300_000);
+        let mut rtt = RttEstimator::measured(RTT);
+        let queued = RTT + Duration::from_millis(5);
+        let jitter = [[queued; 7].as_slice(), &[RTT], &[queued; 7]].concat();
+        sample(&mut cc, &mut rtt, &mut now, &jitter);
+        assert!(cc.in_slow_start(), "one sample at the minimum starts over");
+        sample(&mut cc, &mut rtt, &mut now, &[queued]);
+        assert!(!cc.in_slow_start());
+        assert_eq!(cc.window(), 200_000, "twice the product");
+        // What was in flight went into that queue: its losses are the
+        // same congestion.
+        assert!(!cc.on_congestion_event(now, now - RTT, 20, &path(RTT, queued)));
+        assert_eq!(cc.window(), 200_000);
+
+        // Behind another flow's queue the delivery rate is a share so far:
+        // the window halves at most.
+        let (mut cc, mut now) = delivering_steadily(1_000_000);
+        let mut rtt = RttEstimator::measured(RTT);
+        sample(&mut cc, &mut rtt, &mut now, &[queued; 8]);
+        assert_eq!(cc.window(), 500_000);
+    }
+
+    #[test]
+    fn a_lan_path_ends_slow_start_only_at_a_queue_of_milliseconds() {
+        let (mut cc, mut now) = delivering_steadily(300_000);
+        let mut rtt = RttEstimator::measured(Duration::from_micros(100));
+        sample(&mut cc, &mut rtt, &mut now, &[Duration::from_millis(4); 20]);
+        assert!(cc.in_slow_start(), "the host's millisecond is not a queue");
+        sample(&mut cc, &mut rtt, &mut now, &[Duration::from_millis(6); 8]);
+        assert!(!cc.in_slow_start());
     }
 
     #[test]

@@ -57,7 +57,8 @@ pub(crate) struct RttEstimator {
     smoothed: Duration,
     variance: Duration,
     min: Duration,
-    has_sample: bool,
+    /// Samples taken; a start from a measured round trip counts as one.
+    samples: u64,
     /// The smallest sample of the round trip under way (since `round_start`)
     /// and of the one before.
     round_min: Duration,
@@ -72,7 +73,7 @@ impl RttEstimator {
             smoothed: initial,
             variance: initial / 2,
             min: initial,
-            has_sample: false,
+            samples: 0,
             round_min: initial,
             previous_round_min: initial,
             round_start: None,
@@ -83,7 +84,7 @@ impl RttEstimator {
     /// channel, taken as its first sample.
     pub fn measured(sample: Duration) -> Self {
         Self {
-            has_sample: true,
+            samples: 1,
             ..Self::new(sample)
         }
     }
@@ -98,7 +99,7 @@ impl RttEstimator {
             smoothed: recent,
             variance: recent / 2,
             min,
-            has_sample: true,
+            samples: 1,
             round_min: recent,
             previous_round_min: recent,
             round_start: None,
@@ -123,8 +124,8 @@ impl RttEstimator {
                 self.round_start = Some(now);
             }
         }
-        if !self.has_sample {
-            self.has_sample = true;
+        self.samples += 1;
+        if self.samples == 1 {
             self.min = sample;
             self.smoothed = sample;
             self.variance = sample / 2;
@@ -141,6 +142,11 @@ impl RttEstimator {
         let deviation = self.smoothed.abs_diff(adjusted);
         self.variance = (self.variance * 3 + deviation) / 4;
         self.smoothed = (self.smoothed * 7 + adjusted) / 8;
+    }
+
+    /// Samples taken so far.
+    pub fn samples(&self) -> u64 {
+        self.samples
     }
 
     /// The latest sample.
@@ -322,7 +328,7 @@ impl Recovery {
     /// A round trip of the path measured outside the channel, taken as the
     /// first sample if there is none yet.
     pub fn seed_rtt(&mut self, sample: Duration) {
-        if !self.rtt.has_sample {
+        if self.rtt.samples == 0 {
             self.rtt = RttEstimator::measured(sample);
         }
     }
