@@ -7,8 +7,9 @@
 //! natter_mem receive --rendezvous RV:7777 --code CODE
 //!     counts what arrives until the end of the stream
 //! natter_mem send --rendezvous RV:7777 --code CODE --bytes N
-//!     prints {"bytes", "elapsed_ms", "channel"}: from connected to the peer
-//!     having acknowledged everything, and the channel's loss counters
+//!     prints {"bytes", "elapsed_ms", "started_on", "channel"}: from
+//!     connected to the peer having acknowledged everything, the kind of
+//!     path the session started on, and the channel's loss counters
 //! natter_mem chat-send --rendezvous RV:7777 --code CODE --messages N --interval-ms MS
 //!     sends N messages of 100 bytes, one every MS ms, each stamped with
 //!     the time it was sent
@@ -77,6 +78,7 @@ async fn main() {
     match args.get(1).map(String::as_str) {
         Some("send") => {
             let bytes: u64 = arg(&args, "--bytes").parse().unwrap_or_else(|_| usage());
+            let started_on = session.path().path.kind;
             let (sender, receiver) = session.split();
             let started = Instant::now();
             let chunk = vec![0u8; CHUNK];
@@ -91,7 +93,7 @@ async fn main() {
             let elapsed_ms = started.elapsed().as_millis();
             let c = sender.stats().await.expect("the session is open");
             println!(
-                "{{\"bytes\": {bytes}, \"elapsed_ms\": {elapsed_ms}, \"channel\": {{\"packets_lost\": {}, \"lost_by_reordering\": {}, \"lost_by_time\": {}, \"spurious_losses\": {}, \"probe_timeouts\": {}, \"congestion_events\": {}}}}}",
+                "{{\"bytes\": {bytes}, \"elapsed_ms\": {elapsed_ms}, \"started_on\": \"{started_on:?}\", \"channel\": {{\"packets_lost\": {}, \"lost_by_reordering\": {}, \"lost_by_time\": {}, \"spurious_losses\": {}, \"probe_timeouts\": {}, \"congestion_events\": {}}}}}",
                 c.packets_lost,
                 c.losses.by_reordering,
                 c.losses.by_time,

@@ -1144,7 +1144,9 @@ impl Link {
         let session_id = puncher.session_id();
         let mut channel_config = self.config.channel.clone();
         channel_config.max_payload = max_payload(&self.config, route, BASE_DATAGRAM);
-        let mut paths = Paths::new(now, self.role, route, path.kind, path.rtt, self.seed);
+        // The relay's round trip is the handshake's.
+        let rtt = path.rtt.or(keys.rtt);
+        let mut paths = Paths::new(now, self.role, route, path.kind, rtt, self.seed);
         paths.track_candidates(puncher.candidates());
         if !keys.remote_path_checks {
             paths.pin();
@@ -1154,7 +1156,7 @@ impl Link {
         let mut channel = Connection::new(channel_config, now);
         // The punch or the handshake timed the path: the first probe timeout
         // is then a few round trips, not the second of a 333 ms guess.
-        if let Some(rtt) = path.rtt.or(keys.rtt) {
+        if let Some(rtt) = rtt {
             channel.seed_rtt(rtt);
         }
         self.phase = Phase::Secured(Box::new(Secured {

@@ -21,7 +21,8 @@
 //!   relay. Either way the rendezvous hears from this peer at once, so that
 //!   an address that changed is introduced to the other peer again.
 //! - **Relay → direct**: while relayed (or while the active path has
-//!   failed), every direct candidate is challenged every [`PROBE_INTERVAL`]
+//!   failed), every direct candidate is challenged every [`PROBE_INTERVAL`],
+//!   the first time one relayed round trip after a session starts there,
 //!   while the session is in use, backing off to [`MAX_PROBE_INTERVAL`]
 //!   while it is idle; both peers do so, so their
 //!   challenges punch their NATs as the first probes did. The controlling
@@ -67,6 +68,10 @@ pub const TRUSTED_FOR: Duration = Duration::from_millis(6500);
 /// to [`MAX_PROBE_INTERVAL`]. It starts over when the rendezvous introduces
 /// new candidates.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+/// A session that starts on the relay checks the direct candidates one
+/// relayed round trip after it is secured, or this long when the handshake
+/// could not time one.
+pub const RELAYED_START_WAIT: Duration = Duration::from_secs(1);
 pub const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(60);
 /// While a direct path carries the session, the controlling peer checks the
 /// other direct candidates this often (Tailscale re-probes every minute)...
@@ -330,7 +335,15 @@ impl Paths {
             stats: PathStats::default(),
         };
         if route == Route::Relay {
-            paths.next_probe = Some(now + PROBE_INTERVAL);
+            // Soon: the relay may only mean the other peer was introduced
+            // late, after this one gave up punching, and is there now (at
+            // 10 % loss through the NAT lab, transfers between two
+            // full-cone NATs that started relayed spent their first five
+            // seconds on the relay). Not at once: the other peer may finish
+            // the handshake up to a relayed round trip later, and a direct
+            // challenge, faster than the relay, would reach it before it
+            // can open one.
+            paths.next_probe = Some(now + rtt.unwrap_or(RELAYED_START_WAIT));
         } else {
             paths.track(Route::Relay, CandidateKind::Relayed);
             paths.schedule_upgrade(now);
@@ -1060,11 +1073,26 @@ mod tests {
     fn a_relayed_session_probes_its_candidates_and_the_controlling_side_moves() {
         let start = Instant::now();
         for role in [Role::Controlling, Role::Controlled] {
-            let mut paths = Paths::new(start, role, Route::Relay, CandidateKind::Relayed, None, 2);
+            // The handshake took 400 ms over the relay.
+            let relayed_rtt = Some(Duration::from_millis(400));
+            let mut paths = Paths::new(
+                start,
+                role,
+                Route::Relay,
+                CandidateKind::Relayed,
+                relayed_rtt,
+                2,
+            );
             paths.set_relay_available(true);
             let candidate = addr("203.0.113.12:6000");
             paths.track_candidates([(candidate, CandidateKind::Reflexive)]);
-            assert_eq!(paths.poll_timeout(false), Some(start + PROBE_INTERVAL));
+            // A round one relayed round trip in, then every 5 s while in
+            // use (a message within 45 s of the start), then backing off to
+            // a minute.
+            assert_eq!(
+                paths.poll_timeout(false),
+                Some(start + Duration::from_millis(400))
+            );
             // Challenges to the candidate; the relay answers its heartbeats.
             let direct = |paths: &mut Paths, now: Instant| {
                 let mut direct = Vec::new();
@@ -1079,8 +1107,9 @@ mod tests {
                 direct
             };
             let mut rounds = Vec::new();
-            for at in 1..=200 {
-                let now = start + Duration::from_secs(at);
+            for at in 0..=200 {
+                // Seconds, 400 ms behind the first round.
+                let now = start + Duration::from_millis(400) + Duration::from_secs(at);
                 paths.handle_timeout(now, false);
                 match direct(&mut paths, now).len() {
                     0 => {}
@@ -1088,12 +1117,10 @@ mod tests {
                     n => panic!("{n} challenges to one candidate at {at} s"),
                 }
             }
-            // Every 5 s while in use (a message within 45 s of the start),
-            // then backing off to a minute.
-            let expected: Vec<u64> = (1..=10).map(|i| i * 5).chain([60, 80, 120, 180]).collect();
+            let expected: Vec<u64> = (0..=10).map(|i| i * 5).chain([60, 80, 120, 180]).collect();
             assert_eq!(rounds, expected);
             // The candidate answers the next round's challenge.
-            let now = start + Duration::from_secs(240);
+            let now = start + Duration::from_millis(400) + Duration::from_secs(240);
             paths.handle_timeout(now, false);
             let [(route, data)] = direct(&mut paths, now)[..] else {
                 panic!("one challenge")

@@ -7,6 +7,8 @@
 //! * the direct path goes dark and comes back;
 //! * a pair whose direct path is blocked at first starts on the relay and
 //!   moves to the direct path once it opens;
+//! * a pair relayed only because one peer was introduced late goes direct
+//!   at once;
 //! * an attacker races copies of the peers' frames from its own address;
 //! * seeded runs with random rebindings and outages (`NATTER_SIM_SEEDS`,
 //!   default 500; CI runs 20 000; `NATTER_SIM_SEED=N` replays one).
@@ -259,6 +261,47 @@ fn a_pair_blocked_at_first_starts_relayed_and_goes_direct() {
         assert_ne!(kind, CandidateKind::Relayed);
         assert!(at - lift_at < Duration::from_secs(10), "{moves:?}");
     }
+}
+
+/// One peer hears nothing from the rendezvous for its first 2.5 s, so it is
+/// introduced after the other gave up punching (1.5 s) and took the relay:
+/// a session that starts relayed for that reason checks the direct
+/// candidates at once and is direct within a second, not at the first
+/// five-second probe round.
+#[test]
+fn a_session_relayed_for_a_late_introduction_goes_direct_at_once() {
+    let late = Duration::from_millis(2500);
+    let mut relayed_starts = 0;
+    for slow_host in 0..2 {
+        let mut world = World::new(Some(NatType::FullCone), Some(NatType::FullCone));
+        let slow_ip = world.hosts[slow_host].nat.as_ref().unwrap().public_ip;
+        let server = world.server_addr;
+        world.drop_if = Some(Box::new(move |elapsed, from, to, _| {
+            elapsed < late && from == server && to.ip() == slow_ip
+        }));
+        let sent = stream(
+            &mut world,
+            Duration::from_secs(8),
+            Duration::from_millis(50),
+            |_, _| {},
+        );
+        check_delivery(&world, sent, "late introduction");
+        let (_, kind, connected_at) = world.hosts[0].connected.unwrap();
+        if kind != CandidateKind::Relayed {
+            continue;
+        }
+        relayed_starts += 1;
+        for host in 0..2 {
+            let moves = moves(&world, host);
+            println!(
+                "slow host {slow_host}, host {host}: connected at {connected_at:?}, {moves:?}"
+            );
+            let (at, kind, _) = *moves.first().expect("moved off the relay");
+            assert_ne!(kind, CandidateKind::Relayed);
+            assert!(at - connected_at < Duration::from_secs(1), "{moves:?}");
+        }
+    }
+    assert!(relayed_starts > 0, "no session started on the relay");
 }
 
 /// The attacker sees every frame between the peers and sends a copy from
