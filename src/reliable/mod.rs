@@ -108,7 +108,7 @@ impl Default for Config {
             receive_window: 16 * 1024 * 1024 + 8,
             max_ack_delay: Duration::from_millis(5),
             initial_rtt: Duration::from_millis(333),
-            min_pto: Duration::from_millis(30),
+            min_pto: Duration::from_millis(10),
             keepalive_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(60),
         }
@@ -366,7 +366,7 @@ impl Connection {
     /// peer finds its losses by such ACKs, so a shell reading a batch of
     /// datagrams should send before it reads more: at 10 % loss through
     /// the NAT lab, one ACK per 38 packets (a receive round's worth) let
-    /// whole windows go unacknowledged into 30 ms probe timeouts.
+    /// whole windows go unacknowledged into probe timeouts (30 ms then).
     pub fn owes_an_ack_with_a_hole(&self) -> bool {
         self.ack.shows_a_hole()
     }
