@@ -340,23 +340,25 @@ impl Westwood {
         if self.queued_samples < QUEUED_SAMPLES_TO_EXIT {
             return;
         }
-        let product = self
-            .bandwidth_samples
-            .iter()
-            .copied()
-            .reduce(f64::max)
-            .map_or(u64::MAX, |bandwidth| {
-                (bandwidth * min_rtt.as_secs_f64()) as u64
-            });
+        let product = self.delivered_per_round_trip(rtt).unwrap_or(u64::MAX);
         self.window = self
             .window
             .min(product.saturating_mul(2))
             .max(self.window / 2)
             .max(self.minimum_window());
         self.slow_start_threshold = self.window;
+        self.queued_samples = 0;
         self.recovery_start = Some(now);
         self.round_losses = None;
         self.acked_in_avoidance = 0;
+    }
+
+    /// What the path delivers in a minimum round trip (at least
+    /// [`MIN_WINDOW_RTT`]) at the estimated bandwidth: its capacity without
+    /// a queue. None before the first bandwidth sample.
+    fn delivered_per_round_trip(&self, rtt: &RttEstimator) -> Option<u64> {
+        let bandwidth = self.bandwidth_samples.iter().copied().reduce(f64::max)?;
+        Some((bandwidth * rtt.min().max(MIN_WINDOW_RTT).as_secs_f64()) as u64)
     }
 
     /// A packet of `size` bytes sent at `time_sent` was acknowledged.
@@ -400,12 +402,10 @@ impl Westwood {
             return false;
         }
         let min_rtt = rtt.min();
-        let bandwidth = self.bandwidth_samples.iter().copied().reduce(f64::max);
-        let target = match bandwidth {
-            Some(bandwidth) => (bandwidth * min_rtt.max(MIN_WINDOW_RTT).as_secs_f64()) as u64,
-            None => self.window / 2,
-        }
-        .max(self.minimum_window());
+        let target = self
+            .delivered_per_round_trip(rtt)
+            .unwrap_or(self.window / 2)
+            .max(self.minimum_window());
         let queued = queue_building(min_rtt, rtt.recent_min());
         let overshoot = target < self.window / OVERSHOOT;
         if !queued && !overshoot {
@@ -618,6 +618,10 @@ mod tests {
         // same congestion.
         assert!(!cc.on_congestion_event(now, now - RTT, 20, &path(RTT, queued)));
         assert_eq!(cc.window(), 200_000);
+        // Slow start again after persistent congestion needs 8 more.
+        cc.on_persistent_congestion();
+        sample(&mut cc, &mut rtt, &mut now, &[queued; 7]);
+        assert!(cc.in_slow_start());
 
         // Behind another flow's queue the delivery rate is a share so far:
         // the window halves at most.
