@@ -225,13 +225,27 @@ fn realistic(loss: f64) -> LinkParams {
 /// the median.
 const DELAY_CASE_SEEDS: u64 = 5;
 
-/// The simulator's delay cases, natter beside quinn-proto (Cubic and BBR)
-/// on the same links: each way `mbit` Mbit/s behind a drop-tail queue of
-/// one bandwidth-delay product, `rtt` round trip, random `loss` each way.
+/// The simulator's delay cases with a drop-tail queue of one
+/// bandwidth-delay product.
 fn delay_cases() {
+    delay_table("one bandwidth-delay product", 1);
+}
+
+/// The delay cases again with a queue of 1/8 of the product (a shallow
+/// switch buffer, a policer), which never shows in the round trips: the
+/// bytes offered per byte delivered say what each stack does to such a
+/// queue, and to whoever else uses it.
+fn shallow_queue_cases() {
+    delay_table("1/8 of the bandwidth-delay product", 8);
+}
+
+/// Natter beside quinn-proto (Cubic and BBR) on the same links: each way
+/// `mbit` Mbit/s behind a drop-tail queue of 1/`queue_divisor` of the
+/// bandwidth-delay product, `rtt` round trip, random `loss` each way.
+fn delay_table(queue: &str, queue_divisor: u64) {
     let total = 16 * MIB;
     println!(
-        "delay cases, {} MiB one way, queue of one bandwidth-delay product, beside quinn-proto \
+        "delay cases, {} MiB one way, queue of {queue}, beside quinn-proto \
          on the same simulated links (quinn timed from its handshake's end; lossy rows: median \
          of {DELAY_CASE_SEEDS} seeds):",
         total / MIB
@@ -255,7 +269,7 @@ fn delay_cases() {
                 loss,
                 delay: rtt / 2,
                 bandwidth: Some(rate),
-                queue_bytes: (rate as f64 * rtt.as_secs_f64()) as u64,
+                queue_bytes: (rate as f64 * rtt.as_secs_f64()) as u64 / queue_divisor,
                 ..LinkParams::ideal()
             };
             // One seed decides where the random losses fall, and at 1 % one
@@ -313,10 +327,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// The benchmark's parts; `cargo bench --bench reliable -- delay latency`
 /// runs only those named.
-const SECTIONS: [(&str, fn()); 5] = [
+const SECTIONS: [(&str, fn()); 6] = [
     ("memory", in_memory),
     ("bulk", bulk_loss),
     ("delay", delay_cases),
+    ("shallow", shallow_queue_cases),
     ("fairness", fairness),
     ("latency", latency_cases),
 ];
