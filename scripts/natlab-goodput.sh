@@ -63,13 +63,11 @@ EOF
 fi
 
 # Inside the lab: natlab.sh run put LAB_ID, RV_IP, ... in the environment.
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
-in_ns() { "$here/natlab.sh" exec "$LAB_ID" "$@"; }
+# shellcheck source=natlab-inner.sh
+source "$here/natlab-inner.sh"
 bytes=$((GOODPUT_MIB * 1024 * 1024))
 
-in_ns rv "$NATTER_RENDEZVOUS_BIN" --bind "$RV_IP:7777" --stats-secs 0 2>"$work/rv.err" &
-sleep 0.3
+start_rendezvous
 
 # natter: b receives and sends nothing, a sends.
 code="$((RANDOM % 900 + 100))-goodput-$RANDOM"

@@ -55,12 +55,10 @@ EOF
 fi
 
 # Inside the lab: natlab.sh run put LAB_ID, RV_IP, ... in the environment.
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
-in_ns() { "$here/natlab.sh" exec "$LAB_ID" "$@"; }
+# shellcheck source=natlab-inner.sh
+source "$here/natlab-inner.sh"
 
-in_ns rv "$NATTER_RENDEZVOUS_BIN" --bind "$RV_IP:7777" --stats-secs 0 2>"$work/rv.err" &
-sleep 0.3
+start_rendezvous
 
 code="$((RANDOM % 900 + 100))-latency-$RANDOM"
 in_ns b "$NATTER_MEM_BIN" chat-receive --code "$code" --rendezvous "$RV_IP:7777" \

@@ -55,9 +55,8 @@ EOF
 fi
 
 # Inside the lab: natlab.sh run put LAB_ID, RV_IP, ... in the environment.
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null; rm -rf "$work"' EXIT
-in_ns() { "$here/natlab.sh" exec "$LAB_ID" "$@"; }
+# shellcheck source=natlab-inner.sh
+source "$here/natlab-inner.sh"
 
 # Reads a byte stream (stdin, or one TCP connection on PORT) and logs
 # "seconds-since-start total-bytes" every 100 ms.
@@ -96,12 +95,12 @@ while time.monotonic() < end:
     sock.sendall(block)
 '
 
-in_ns rv "$NATTER_RENDEZVOUS_BIN" --bind "$RV_IP:7777" --stats-secs 0 2>"$work/rv.err" &
+start_rendezvous
 in_ns rv python3 -c "$counter" 5001 >"$work/tcp.log" &
-sleep 0.5 # the rendezvous and the TCP sink bind; both fail loudly below if not
+wait_listening rv t 5001
 if [[ -n ${BASELINE_CC:-} ]]; then
     in_ns rv python3 -c "$counter" 5002 >"$work/natter.log" &
-    sleep 0.3
+    wait_listening rv t 5002
     in_ns a python3 -c "$tcp_source" "$RV_IP" 5002 "$SHARE_SECS" "$BASELINE_CC" &
     first="TCP ($BASELINE_CC)"
 else

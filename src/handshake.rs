@@ -115,7 +115,6 @@ pub struct Handshake {
     /// When that message went out, until it is repeated: the answer to it
     /// times a round trip.
     last_sent_at: Option<Instant>,
-    rtt: Option<Duration>,
     /// Our reply to the peer's latest step, repeated on a duplicate of it.
     reply_to: Option<(u8, (u8, Vec<u8>))>,
     /// This side refused the peer's Noise message (wrong code).
@@ -145,7 +144,6 @@ impl Handshake {
             our_pake: None,
             last_sent: None,
             last_sent_at: None,
-            rtt: None,
             reply_to: None,
             rejected: false,
             deadline: now + HANDSHAKE_TIMEOUT,
@@ -340,11 +338,10 @@ impl Handshake {
         if let Some(error) = self.check_pin() {
             return self.fail(error);
         }
-        if step >= 2 {
-            self.rtt = self
-                .last_sent_at
-                .map(|sent| now.saturating_duration_since(sent));
-        }
+        // Steps 2 and 3 answer our last message, and complete the handshake.
+        let rtt = self
+            .last_sent_at
+            .map(|sent| now.saturating_duration_since(sent));
         match step {
             1 => {
                 self.write_step(now, 2);
@@ -353,9 +350,9 @@ impl Handshake {
             2 => {
                 self.write_step(now, 3);
                 self.reply_to = self.last_sent.clone().map(|sent| (2, sent));
-                self.finish();
+                self.finish(rtt);
             }
-            _ => self.finish(),
+            _ => self.finish(rtt),
         }
     }
 
@@ -403,7 +400,8 @@ impl Handshake {
         }
     }
 
-    fn finish(&mut self) {
+    /// `rtt`: the round trip of our last message, if it was not repeated.
+    fn finish(&mut self, rtt: Option<Duration>) {
         let Phase::Noise(mut state) = std::mem::replace(&mut self.phase, Phase::Done) else {
             return;
         };
@@ -425,7 +423,7 @@ impl Handshake {
             cipher: DataCipher::agree(self.local_fast_aes, self.remote_flags & FLAG_FAST_AES != 0),
             remote_path_checks: self.remote_flags & FLAG_PATH_CHECKS != 0,
             remote_static,
-            rtt: self.rtt,
+            rtt,
         }));
     }
 

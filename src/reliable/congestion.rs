@@ -341,15 +341,22 @@ impl Westwood {
             return;
         }
         let product = self.delivered_per_round_trip(rtt).unwrap_or(u64::MAX);
-        self.window = self
+        let window = self
             .window
             .min(product.saturating_mul(2))
             .max(self.window / 2)
             .max(self.minimum_window());
-        self.slow_start_threshold = self.window;
+        self.slow_start_threshold = window;
         self.queued_samples = 0;
+        self.reduce_window(now, window);
+    }
+
+    /// The window becomes `window` and a recovery period starts at `now`:
+    /// what was sent before neither cuts it again nor grows it.
+    fn reduce_window(&mut self, now: Instant, window: u64) {
         self.recovery_start = Some(now);
         self.round_losses = None;
+        self.window = window;
         self.acked_in_avoidance = 0;
     }
 
@@ -434,10 +441,7 @@ impl Westwood {
         if target >= self.window {
             return false;
         }
-        self.recovery_start = Some(now);
-        self.round_losses = None;
-        self.window = target;
-        self.acked_in_avoidance = 0;
+        self.reduce_window(now, target);
         true
     }
 
