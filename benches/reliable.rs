@@ -252,7 +252,7 @@ fn delay_table(queue: &str, queue_divisor: u64) {
     );
     println!(
         "  rate        RTT  loss   natter  quinn Cubic  quinn BBR  natter/best  (MB/s)  \
-         wire/byte: natter  best quinn"
+         wire/byte: natter  best quinn   lost pkts: natter  best quinn"
     );
     // Both at the datagram size their path MTU discovery reaches on an
     // Ethernet path: quinn's default upper bound, 1452 bytes, which natter's
@@ -275,10 +275,10 @@ fn delay_table(queue: &str, queue_divisor: u64) {
             // One seed decides where the random losses fall, and at 1 % one
             // cut more or less moves a row by a tenth: the median of a few.
             let seeds = if loss > 0.0 { DELAY_CASE_SEEDS } else { 1 };
-            // (MB/s, wire bytes per byte delivered) of the run with the
-            // median goodput.
-            let median = |run: &dyn Fn(u64) -> (f64, f64)| {
-                let mut runs: Vec<(f64, f64)> = (0..seeds).map(run).collect();
+            // (MB/s, wire bytes per byte delivered, packets declared lost)
+            // of the run with the median goodput.
+            let median = |run: &dyn Fn(u64) -> (f64, f64, u64)| {
+                let mut runs: Vec<(f64, f64, u64)> = (0..seeds).map(run).collect();
                 runs.sort_by(|x, y| x.0.total_cmp(&y.0));
                 runs[runs.len() / 2]
             };
@@ -294,6 +294,7 @@ fn delay_table(queue: &str, queue_divisor: u64) {
                 (
                     t.delivered as f64 / t.virtual_time.as_secs_f64() / 1e6,
                     wire as f64 / t.delivered as f64,
+                    t.a.packets_lost,
                 )
             });
             let quinn = |controller| {
@@ -302,13 +303,14 @@ fn delay_table(queue: &str, queue_divisor: u64) {
                     (
                         total as f64 / t.time.as_secs_f64() / 1e6,
                         t.wire_bytes as f64 / total as f64,
+                        t.lost_packets,
                     )
                 })
             };
             let (cubic, bbr) = (quinn(Controller::Cubic), quinn(Controller::Bbr));
             let best = if cubic.0 >= bbr.0 { cubic } else { bbr };
             println!(
-                "  {mbit:>3} Mbit/s {rtt_ms:>4} ms {:>4.0}%  {:>7.2}  {:>11.2}  {:>9.2}  {:>10.2}x  {:>11.4}  {:>10.4}",
+                "  {mbit:>3} Mbit/s {rtt_ms:>4} ms {:>4.0}%  {:>7.2}  {:>11.2}  {:>9.2}  {:>10.2}x  {:>11.4}  {:>10.4}  {:>17}  {:>10}",
                 loss * 100.0,
                 natter.0,
                 cubic.0,
@@ -316,6 +318,8 @@ fn delay_table(queue: &str, queue_divisor: u64) {
                 natter.0 / best.0,
                 natter.1,
                 best.1,
+                natter.2,
+                best.2,
             );
         }
     }

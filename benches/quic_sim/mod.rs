@@ -44,6 +44,8 @@ pub struct QuicTransfer {
     pub time: Duration,
     /// The client's datagrams on the bottleneck, with UDP/IP headers.
     pub wire_bytes: u64,
+    /// Packets the client declared lost.
+    pub lost_packets: u64,
 }
 
 /// Sends `total` bytes through `a_to_b` (acknowledgements come back through
@@ -156,10 +158,11 @@ pub fn bulk(
             }
         }
     }
-    let sent = a.stats().udp_tx;
+    let stats = a.stats();
     QuicTransfer {
         time: now - connected_at.expect("the data went after the handshake"),
-        wire_bytes: sent.bytes + sent.datagrams * UDP_IP_OVERHEAD as u64,
+        wire_bytes: stats.udp_tx.bytes + stats.udp_tx.datagrams * UDP_IP_OVERHEAD as u64,
+        lost_packets: stats.path.lost_packets,
     }
 }
 
