@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use natter::reliable::{Config, Connection, Event, SendError, Stats};
 use natter::seal::{DataCipher, Opener, Sealer};
 use natter::wire::SealedKind;
-use netsim::{Link, LinkParams, Net, WIRE_OVERHEAD};
+use netsim::{Link, LinkParams, Net, UDP_IP_OVERHEAD, WIRE_OVERHEAD};
 use quic_sim::Controller;
 
 const MIB: u64 = 1024 * 1024;
@@ -94,40 +94,33 @@ impl Seals {
         }
     }
 
-    /// `Net::transmit`, sealing each payload into a data frame.
+    /// `Net::transmit`, sealing each payload into a data frame numbered as
+    /// `link` numbers it.
     fn transmit(&mut self, net: &mut Net) {
-        while let Some(payload) = net.a.poll_transmit(net.now) {
-            net.a_to_b.send(
-                net.now,
-                self.a_sealer.seal(net.now, SealedKind::Data, &payload),
-            );
-        }
-        while let Some(payload) = net.b.poll_transmit(net.now) {
-            net.b_to_a.send(
-                net.now,
-                self.b_sealer.seal(net.now, SealedKind::Data, &payload),
-            );
+        let sides = [
+            (&mut net.a, &mut self.a_sealer, &mut net.a_to_b),
+            (&mut net.b, &mut self.b_sealer, &mut net.b_to_a),
+        ];
+        for (conn, sealer, link) in sides {
+            while let Some(payload) = conn.poll_transmit(net.now, sealer.next_sequence()) {
+                let frame = sealer.seal(net.now, SealedKind::Data, &payload);
+                link.send_sized(net.now, frame, UDP_IP_OVERHEAD);
+            }
         }
     }
 
     /// `Net::advance_to`, opening each frame before the channel sees it.
     fn advance_to(&mut self, net: &mut Net, at: Instant) {
         net.now = net.now.max(at);
-        while let Some(frame) = net.a_to_b.pop_arrived(net.now) {
-            let payload = self
-                .b_opener
-                .open(&frame)
-                .expect("an honest frame opens")
-                .payload;
-            net.b.handle_datagram(net.now, &payload);
-        }
-        while let Some(frame) = net.b_to_a.pop_arrived(net.now) {
-            let payload = self
-                .a_opener
-                .open(&frame)
-                .expect("an honest frame opens")
-                .payload;
-            net.a.handle_datagram(net.now, &payload);
+        let sides = [
+            (&mut net.a_to_b, &mut self.b_opener, &mut net.b),
+            (&mut net.b_to_a, &mut self.a_opener, &mut net.a),
+        ];
+        for (link, opener, conn) in sides {
+            while let Some(frame) = link.pop_arrived(net.now) {
+                let opened = opener.open(&frame).expect("an honest frame opens");
+                conn.handle_datagram(net.now, opened.sequence, &opened.payload);
+            }
         }
         for conn in [&mut net.a, &mut net.b] {
             if conn.poll_timeout().is_some_and(|t| t <= net.now) {
@@ -538,13 +531,18 @@ fn fairness() {
                     delivered[flow] += message.len() as u64;
                 }
             }
-            while let Some(mut payload) = senders[flow].poll_transmit(now) {
-                payload.insert(0, flow as u8);
-                forward.send(now, payload);
-            }
-            while let Some(mut payload) = receivers[flow].poll_transmit(now) {
-                payload.insert(0, flow as u8);
-                backward.send(now, payload);
+            // Each datagram starts with its flow's index.
+            let ends = [
+                (&mut senders[flow], &mut forward),
+                (&mut receivers[flow], &mut backward),
+            ];
+            for (conn, link) in ends {
+                let mut number = conn.next_packet_number();
+                while let Some(mut payload) = conn.poll_transmit(now, number) {
+                    payload.insert(0, flow as u8);
+                    link.send_packet(now, number, &payload);
+                    number += 1;
+                }
             }
         }
         let next_start = (now < second_starts).then_some(second_starts);
@@ -560,11 +558,11 @@ fn fairness() {
             .min()
             .unwrap_or(end);
         now = next.max(now);
-        while let Some(payload) = forward.pop_arrived(now) {
-            receivers[usize::from(payload[0])].handle_datagram(now, &payload[1..]);
+        while let Some((number, payload)) = forward.pop_arrived_packet(now) {
+            receivers[usize::from(payload[0])].handle_datagram(now, number, &payload[1..]);
         }
-        while let Some(payload) = backward.pop_arrived(now) {
-            senders[usize::from(payload[0])].handle_datagram(now, &payload[1..]);
+        while let Some((number, payload)) = backward.pop_arrived_packet(now) {
+            senders[usize::from(payload[0])].handle_datagram(now, number, &payload[1..]);
         }
         for conn in senders.iter_mut().chain(&mut receivers) {
             if conn.poll_timeout().is_some_and(|t| t <= now) {

@@ -577,7 +577,9 @@ impl Link {
         }
         secured.paths.handle_frame(now, route, frame.len(), heard);
         if opened.kind == SealedKind::Data {
-            secured.channel.handle_datagram(now, &opened.payload);
+            secured
+                .channel
+                .handle_datagram(now, opened.sequence, &opened.payload);
         }
     }
 
@@ -779,7 +781,9 @@ impl Link {
                     let frame = secured.sealer.seal(now, SealedKind::PathCheck, &challenge);
                     return Some((active, frame));
                 }
-                let payload = secured.channel.poll_transmit(now)?;
+                // The channel numbers its packet by the frame that carries it.
+                let number = secured.sealer.next_sequence();
+                let payload = secured.channel.poll_transmit(now, number)?;
                 Some((active, secured.sealer.seal(now, SealedKind::Data, &payload)))
             }
             Phase::Gathering { .. } | Phase::Meeting | Phase::Punching { .. } | Phase::Done => None,

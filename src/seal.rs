@@ -3,20 +3,22 @@
 //! Each frame is sealed with the AEAD the handshake agreed on
 //! ([`DataCipher`]: AES-256-GCM when both machines have AES instructions,
 //! ChaCha20-Poly1305 otherwise; ring's assembly for both) under the key of
-//! its direction, with the frame's counter as the nonce and its 18-byte header (kind, version,
-//! session id, counter) as associated data, so no bit of the frame can be
-//! changed unnoticed. The receiver drops forged frames and frames whose
-//! counter it has already accepted or that fall behind its anti-replay
-//! window (WireGuard's sliding bitmap).
+//! its direction, with the frame's sequence number as the nonce and its
+//! 10-byte header (kind, version, session id, counter) as associated data,
+//! so no bit of the frame can be changed unnoticed. The header carries the
+//! sequence number's low 31 bits; the receiver expands them to the whole
+//! number nearest the one after the highest it accepted (RFC 9000 §17.1:
+//! right while frames are reordered by less than 2^30). The receiver drops
+//! forged frames and frames whose sequence number it has already accepted
+//! or that fall behind its anti-replay window (WireGuard's sliding bitmap).
 //!
 //! Keys rotate, as in QUIC's key update: each epoch's key is Noise's REKEY
 //! of the previous one, and the counter's top bit is the key phase (the
-//! epoch's parity) over a 63-bit sequence number that simply counts frames.
-//! The sender moves to the next epoch after [`REKEY_AFTER_FRAMES`] frames or
-//! [`REKEY_AFTER`] of time. The receiver tries the next key when the phase
-//! flips on a sequence number beyond the epoch's start, moves to it only
-//! when a frame authenticates, and keeps the previous key for frames
-//! reordered across the change.
+//! epoch's parity). The sender moves to the next epoch after
+//! [`REKEY_AFTER_FRAMES`] frames or [`REKEY_AFTER`] of time. The receiver
+//! tries the next key when the phase flips on a sequence number beyond the
+//! epoch's start, moves to it only when a frame authenticates, and keeps
+//! the previous key for frames reordered across the change.
 
 use std::time::{Duration, Instant};
 
@@ -24,7 +26,9 @@ use natter_wire::{DataHeader, SealedKind, DATA_HEADER_LEN};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
 
 /// The counter's top bit: the key phase.
-const PHASE_BIT: u64 = 1 << 63;
+const PHASE_BIT: u32 = 1 << 31;
+/// Sequence numbers the counter's other 31 bits tell apart.
+const SEQUENCE_WINDOW: u64 = 1 << 31;
 /// Frames sealed under one key before the next (16.7 million, about 19 GiB
 /// of full frames).
 pub const REKEY_AFTER_FRAMES: u64 = 1 << 24;
@@ -102,16 +106,45 @@ pub fn has_fast_aes() -> bool {
     }
 }
 
-/// Splits a counter into its key phase and sequence number.
-fn split_counter(counter: u64) -> (bool, u64) {
+/// The header's counter: the key phase over the sequence number's low bits.
+fn counter(phase: bool, sequence: u64) -> u32 {
+    let low = (sequence % SEQUENCE_WINDOW) as u32;
+    if phase {
+        low | PHASE_BIT
+    } else {
+        low
+    }
+}
+
+/// Splits a counter into its key phase and truncated sequence number.
+fn split_counter(counter: u32) -> (bool, u32) {
     (counter & PHASE_BIT != 0, counter & !PHASE_BIT)
 }
 
+/// The sequence number whose low bits are `truncated`, nearest the one
+/// after `highest` (RFC 9000 Appendix A.3).
+fn expand(truncated: u32, highest: Option<u64>) -> u64 {
+    let expected = highest.map_or(0, |highest| highest + 1);
+    let candidate = (expected & !(SEQUENCE_WINDOW - 1)) | u64::from(truncated);
+    if candidate + SEQUENCE_WINDOW / 2 <= expected {
+        candidate + SEQUENCE_WINDOW
+    } else if candidate > expected + SEQUENCE_WINDOW / 2 && candidate >= SEQUENCE_WINDOW {
+        candidate - SEQUENCE_WINDOW
+    } else {
+        candidate
+    }
+}
+
 /// Noise's nonce layout for ChaChaPoly, used for both ciphers: four zero
-/// bytes, then the counter little-endian.
-fn nonce(counter: u64) -> Nonce {
+/// bytes, then the key phase over the sequence number, little-endian.
+fn nonce(phase: bool, sequence: u64) -> Nonce {
+    let value = if phase { sequence | 1 << 63 } else { sequence };
+    nonce_of(value)
+}
+
+fn nonce_of(value: u64) -> Nonce {
     let mut nonce = [0u8; 12];
-    nonce[4..].copy_from_slice(&counter.to_le_bytes());
+    nonce[4..].copy_from_slice(&value.to_le_bytes());
     Nonce::assume_unique_for_key(nonce)
 }
 
@@ -127,14 +160,15 @@ fn cipher(kind: DataCipher, key: &[u8; 32]) -> LessSafeKey {
 fn rekey(kind: DataCipher, key: &[u8; 32]) -> [u8; 32] {
     let mut block = [0u8; 32];
     let _tag = cipher(kind, key)
-        .seal_in_place_separate_tag(nonce(u64::MAX), Aad::empty(), &mut block)
+        .seal_in_place_separate_tag(nonce_of(u64::MAX), Aad::empty(), &mut block)
         .expect("32 bytes always seal");
     block
 }
 
 /// Seals this side's frames.
 pub struct Sealer {
-    session_id: u64,
+    /// The low 32 bits of the session id, as frames carry it.
+    session: u32,
     kind: DataCipher,
     key: [u8; 32],
     cipher: LessSafeKey,
@@ -147,7 +181,7 @@ pub struct Sealer {
 impl Sealer {
     pub fn new(now: Instant, session_id: u64, kind: DataCipher, key: [u8; 32]) -> Self {
         Self {
-            session_id,
+            session: session_id as u32,
             kind,
             cipher: cipher(kind, &key),
             key,
@@ -156,6 +190,12 @@ impl Sealer {
             epoch_first_sequence: 0,
             next_sequence: 0,
         }
+    }
+
+    /// The sequence number of the next frame sealed: the number of the
+    /// channel packet it will carry.
+    pub fn next_sequence(&self) -> u64 {
+        self.next_sequence
     }
 
     /// The whole datagram: a header of `kind`, then `payload` sealed.
@@ -172,13 +212,12 @@ impl Sealer {
             self.epoch_started = now;
             self.epoch_first_sequence = sequence;
         }
-        let phase = if self.epoch % 2 == 1 { PHASE_BIT } else { 0 };
-        let counter = sequence | phase;
+        let phase = self.epoch % 2 == 1;
         let mut frame = Vec::with_capacity(DATA_HEADER_LEN + payload.len() + TAG_LEN);
         DataHeader {
             kind,
-            session_id: self.session_id,
-            counter,
+            session: self.session,
+            counter: counter(phase, sequence),
         }
         .write(&mut frame);
         let header: [u8; DATA_HEADER_LEN] = frame[..].try_into().expect("header just written");
@@ -186,7 +225,7 @@ impl Sealer {
         let tag = self
             .cipher
             .seal_in_place_separate_tag(
-                nonce(counter),
+                nonce(phase, sequence),
                 Aad::from(header),
                 &mut frame[DATA_HEADER_LEN..],
             )
@@ -200,6 +239,8 @@ impl Sealer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opened {
     pub kind: SealedKind,
+    /// The frame's whole sequence number: the channel's packet number.
+    pub sequence: u64,
     /// No frame with a higher counter was opened before: the sender sent
     /// it last of all it sent so far (RFC 9000 §9.3 moves a connection
     /// only for such a frame, so reordered or delayed copies cannot).
@@ -238,7 +279,8 @@ impl Opener {
         if sealed.len() < TAG_LEN {
             return Err(OpenError::Forged);
         }
-        let (phase, sequence) = split_counter(header.counter);
+        let (phase, truncated) = split_counter(header.counter);
+        let sequence = expand(truncated, self.window.highest);
         self.window.check(sequence)?;
         let next;
         let key_update = phase != self.phase && sequence >= self.epoch_first_sequence;
@@ -253,7 +295,7 @@ impl Opener {
         let mut payload = sealed.to_vec();
         let plaintext_len = key
             .open_in_place(
-                nonce(header.counter),
+                nonce(phase, sequence),
                 Aad::from(&frame[..DATA_HEADER_LEN]),
                 &mut payload,
             )
@@ -275,6 +317,7 @@ impl Opener {
         }
         Ok(Opened {
             kind: header.kind,
+            sequence,
             newest,
             payload,
         })
@@ -500,6 +543,43 @@ mod tests {
                 b"y"
             );
             assert!(opener.phase);
+        }
+    }
+
+    #[test]
+    fn the_counter_expands_to_the_sequence_nearest_the_next_expected() {
+        assert_eq!(expand(5, None), 5);
+        assert_eq!(expand(0, Some(SEQUENCE_WINDOW - 1)), SEQUENCE_WINDOW);
+        // Reordered from just before the wrap.
+        let highest = 3 * SEQUENCE_WINDOW + 10;
+        let behind = highest - 100;
+        assert_eq!(
+            expand((behind % SEQUENCE_WINDOW) as u32, Some(highest)),
+            behind
+        );
+        let ahead = highest + 1000;
+        assert_eq!(
+            expand((ahead % SEQUENCE_WINDOW) as u32, Some(highest)),
+            ahead
+        );
+        // Low values from before the first wrap stay low.
+        assert_eq!(expand(7, Some(20)), 7);
+    }
+
+    #[test]
+    fn frames_across_the_counter_wrap_open_with_their_whole_sequence() {
+        for (mut sealer, mut opener, now) in pairs() {
+            sealer.next_sequence = SEQUENCE_WINDOW - 2;
+            let frames: Vec<_> = (0..4)
+                .map(|_| sealer.seal(now, SealedKind::Data, b"x"))
+                .collect();
+            let sequences: Vec<_> = [0, 1, 3, 2]
+                .iter()
+                .map(|&i| opener.open(&frames[i]).unwrap().sequence)
+                .collect();
+            let first = SEQUENCE_WINDOW - 2;
+            assert_eq!(sequences, [first, first + 1, first + 3, first + 2]);
+            assert_eq!(opener.open(&frames[1]), Err(OpenError::Replayed));
         }
     }
 

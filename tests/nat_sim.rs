@@ -173,7 +173,7 @@ fn a_relayed_link_shrugs_off_garbage() {
             } else {
                 0xC0 | rng.gen_range(0..16)
             };
-            bytes[1] = 1;
+            bytes[1] = natter::wire::VERSION;
         }
         let from = if rng.gen_bool(0.8) {
             world.server_addr

@@ -2240,8 +2240,8 @@ fn the_path_mtu_is_found_and_a_black_hole_falls_back() {
     }
     let _lock = lab_lock();
     let bins = Binaries::find();
-    // A channel payload is a datagram less the 18-byte header and 16-byte tag.
-    let overhead = 34;
+    // A channel payload is a datagram less the sealed header and the tag.
+    let overhead = (natter::wire::DATA_HEADER_LEN + natter::seal::TAG_LEN) as u64;
     let case = roaming_case(
         "port-restricted x port-restricted, 1400-byte MTU",
         "port-restricted",

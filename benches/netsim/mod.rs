@@ -15,9 +15,13 @@ use natter::reliable::Connection;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+/// UDP and IPv4 headers: what a datagram costs on the bottleneck beyond
+/// itself.
+pub const UDP_IP_OVERHEAD: usize = 28;
+
 /// Bytes a datagram costs on the bottleneck beyond the channel's payload:
 /// the natter data header, the AEAD tag reserve, and UDP plus IPv4 headers.
-pub const WIRE_OVERHEAD: usize = natter::wire::DATA_HEADER_LEN + 16 + 28;
+pub const WIRE_OVERHEAD: usize = natter::wire::DATA_HEADER_LEN + 16 + UDP_IP_OVERHEAD;
 
 /// One direction's behaviour.
 #[derive(Debug, Clone, PartialEq)]
@@ -86,10 +90,22 @@ impl Link {
         }
     }
 
-    /// Sends a channel payload, which costs [`WIRE_OVERHEAD`] more on the
-    /// bottleneck.
-    pub fn send(&mut self, now: Instant, payload: Vec<u8>) {
-        self.send_sized(now, payload, WIRE_OVERHEAD);
+    /// Sends channel packet `number`, which costs [`WIRE_OVERHEAD`] more
+    /// on the bottleneck. The link carries the number in 8 bytes before
+    /// the payload and does not charge them: the sealed header that carries
+    /// a real packet's number is in [`WIRE_OVERHEAD`].
+    pub fn send_packet(&mut self, now: Instant, number: u64, payload: &[u8]) {
+        let mut datagram = number.to_le_bytes().to_vec();
+        datagram.extend_from_slice(payload);
+        self.send_sized(now, datagram, WIRE_OVERHEAD - 8);
+    }
+
+    /// The next channel packet sent with [`send_packet`](Self::send_packet)
+    /// that has arrived by `now`: its number and payload.
+    pub fn pop_arrived_packet(&mut self, now: Instant) -> Option<(u64, Vec<u8>)> {
+        let datagram = self.pop_arrived(now)?;
+        let (number, payload) = datagram.split_first_chunk::<8>().expect("sent numbered");
+        Some((u64::from_le_bytes(*number), payload.to_vec()))
     }
 
     /// Sends a datagram that costs `overhead` bytes more on the bottleneck.
@@ -153,15 +169,21 @@ pub struct Net {
     pub now: Instant,
 }
 
+/// Sends `conn`'s next packet through `link`; false when it has none.
+fn transmit_one(conn: &mut Connection, link: &mut Link, now: Instant) -> bool {
+    let number = conn.next_packet_number();
+    let Some(payload) = conn.poll_transmit(now, number) else {
+        return false;
+    };
+    link.send_packet(now, number, &payload);
+    true
+}
+
 impl Net {
     /// Moves every datagram the connections want to send onto the links.
     pub fn transmit(&mut self) {
-        while let Some(payload) = self.a.poll_transmit(self.now) {
-            self.a_to_b.send(self.now, payload);
-        }
-        while let Some(payload) = self.b.poll_transmit(self.now) {
-            self.b_to_a.send(self.now, payload);
-        }
+        while transmit_one(&mut self.a, &mut self.a_to_b, self.now) {}
+        while transmit_one(&mut self.b, &mut self.b_to_a, self.now) {}
     }
 
     /// The next time anything happens: an arrival or a connection's timer.
@@ -181,11 +203,11 @@ impl Net {
     /// due by then.
     pub fn advance_to(&mut self, at: Instant) {
         self.now = self.now.max(at);
-        while let Some(payload) = self.a_to_b.pop_arrived(self.now) {
-            self.b.handle_datagram(self.now, &payload);
+        while let Some((number, payload)) = self.a_to_b.pop_arrived_packet(self.now) {
+            self.b.handle_datagram(self.now, number, &payload);
         }
-        while let Some(payload) = self.b_to_a.pop_arrived(self.now) {
-            self.a.handle_datagram(self.now, &payload);
+        while let Some((number, payload)) = self.b_to_a.pop_arrived_packet(self.now) {
+            self.a.handle_datagram(self.now, number, &payload);
         }
         for conn in [&mut self.a, &mut self.b] {
             if conn.poll_timeout().is_some_and(|t| t <= self.now) {

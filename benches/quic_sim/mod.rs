@@ -18,11 +18,8 @@ use quinn_proto::{
 };
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::netsim::{Link, LinkParams};
+use crate::netsim::{Link, LinkParams, UDP_IP_OVERHEAD};
 
-/// UDP and IPv4 headers: what a QUIC datagram costs on the bottleneck
-/// beyond itself.
-const UDP_IP_OVERHEAD: usize = 28;
 const CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

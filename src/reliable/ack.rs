@@ -330,9 +330,9 @@ mod tests {
     }
 
     fn ack_of(tracker: &mut AckTracker, now: Instant) -> Option<Vec<Range<u64>>> {
-        let mut out = vec![0];
+        let mut out = Vec::new();
         tracker.write(&mut out, now, 1000)?;
-        match decode(&out).unwrap().frames.remove(0) {
+        match decode(&out).unwrap().remove(0) {
             Frame::Ack(ack) => Some(ack.ranges),
             other => panic!("expected ACK, got {other:?}"),
         }

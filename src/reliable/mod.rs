@@ -43,14 +43,14 @@ use std::time::{Duration, Instant};
 use ack::{AckTracker, Arrival};
 use congestion::Westwood;
 use pacing::{Pacer, PacingInput};
-use packet::{Frame, Packet};
+use packet::{Frame, StreamEnd};
 pub use recovery::LossCounts;
 use recovery::{PacketContent, Recovery, SentPacket, Timeout, Verdict};
 use recv::{RecvStream, Refusal, INITIAL_CREDIT};
 use send::SendStream;
 
-/// Smallest `max_payload` honoured: room for a packet number, a full ACK
-/// frame header and a STREAM frame with some data.
+/// Smallest `max_payload` honoured: room for a full ACK frame header and a
+/// STREAM frame with some data.
 const MIN_PAYLOAD: usize = 64;
 
 /// Largest receive window: stream offsets, which grow by at most a window
@@ -371,6 +371,12 @@ impl Connection {
         self.ack.shows_a_hole()
     }
 
+    /// The smallest number the next packet may have: one past the last one
+    /// sent. A driver without a sealer numbers its packets with it.
+    pub fn next_packet_number(&self) -> u64 {
+        self.next_packet_number
+    }
+
     /// The smoothed round trip.
     pub fn smoothed_rtt(&self) -> Duration {
         self.recovery.rtt().smoothed()
@@ -472,18 +478,19 @@ impl Connection {
         self.events.pop_front()
     }
 
-    /// Processes one datagram payload from the peer. Anything malformed,
+    /// Processes one datagram payload from the peer, packet `number` (the
+    /// sequence number of the sealed frame it came in). Anything malformed,
     /// duplicate or stale is counted and dropped.
-    pub fn handle_datagram(&mut self, now: Instant, payload: &[u8]) {
+    pub fn handle_datagram(&mut self, now: Instant, number: u64, payload: &[u8]) {
         if self.state == State::Finished {
             return;
         }
         self.stats.bytes_received += payload.len() as u64;
-        let Ok(packet) = packet::decode(payload) else {
+        let Ok(frames) = packet::decode(payload) else {
             self.stats.malformed_packets += 1;
             return;
         };
-        match self.ack.classify(packet.number) {
+        match self.ack.classify(number) {
             Arrival::New => {}
             Arrival::Duplicate => {
                 self.stats.duplicate_packets += 1;
@@ -494,7 +501,7 @@ impl Connection {
                 return;
             }
         }
-        match self.vet(&packet) {
+        match self.vet(&frames) {
             Ok(()) => {}
             Err(Refusal::Violation) => {
                 self.stats.malformed_packets += 1;
@@ -507,17 +514,13 @@ impl Connection {
         }
         self.stats.packets_received += 1;
         self.last_received = now;
-        let ack_eliciting = packet.frames.iter().any(Frame::is_ack_eliciting);
-        let has_close = packet
-            .frames
-            .iter()
-            .any(|f| matches!(f, Frame::Close { .. }));
-        self.ack
-            .on_packet(packet.number, ack_eliciting, has_close, now);
+        let ack_eliciting = frames.iter().any(Frame::is_ack_eliciting);
+        let has_close = frames.iter().any(|f| matches!(f, Frame::Close { .. }));
+        self.ack.on_packet(number, ack_eliciting, has_close, now);
         if matches!(self.state, State::Draining { .. }) {
             return;
         }
-        for frame in packet.frames {
+        for frame in frames {
             self.apply(now, frame);
             if self.state == State::Finished {
                 return;
@@ -528,9 +531,9 @@ impl Connection {
 
     /// Checks a packet against the connection state before any of it is
     /// applied, so a refused packet changes nothing.
-    fn vet(&self, packet: &Packet<'_>) -> Result<(), Refusal> {
+    fn vet(&self, frames: &[Frame<'_>]) -> Result<(), Refusal> {
         let mut final_offset = self.peer_final;
-        for frame in &packet.frames {
+        for frame in frames {
             if let Frame::Close { final_offset: f } = frame {
                 let conflicting = final_offset.is_some_and(|known| known != *f);
                 if conflicting || *f < self.recv.received_end() || *f > self.recv.limit() {
@@ -539,7 +542,7 @@ impl Connection {
                 final_offset = Some(*f);
             }
         }
-        for frame in &packet.frames {
+        for frame in frames {
             match frame {
                 Frame::Ack(ack) if ack.largest() >= self.next_packet_number => {
                     return Err(Refusal::Violation);
@@ -791,8 +794,14 @@ impl Connection {
         }
     }
 
-    /// The next datagram payload to send, if any. Call until it returns None.
-    pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
+    /// The next datagram payload to send, if any, as packet `number`: the
+    /// sequence number of the sealed frame that will carry it, above every
+    /// number used before. Call until it returns None.
+    pub fn poll_transmit(&mut self, now: Instant, number: u64) -> Option<Vec<u8>> {
+        debug_assert!(
+            number >= self.next_packet_number,
+            "packet numbers only grow"
+        );
         let sending_data = match self.state {
             State::Finished => return None,
             State::Draining { .. } => false,
@@ -818,9 +827,7 @@ impl Connection {
             return None;
         }
 
-        let number = self.next_packet_number;
         let mut out = Vec::with_capacity(max_payload);
-        packet::write_varint(&mut out, number);
         let mut content = PacketContent::default();
         if self.ack.is_due(now) || self.ack.has_news() {
             let room = max_payload - out.len();
@@ -844,10 +851,13 @@ impl Connection {
                 content.close = true;
                 ack_eliciting = true;
             }
-            while let Some((range, repeated)) = self.write_stream(&mut out, size_limit) {
+            while let Some((range, repeated, end)) = self.write_stream(&mut out, size_limit) {
                 retransmission |= repeated;
                 content.stream.push(range);
                 ack_eliciting = true;
+                if end == StreamEnd::Packet {
+                    break;
+                }
             }
             if !ack_eliciting && (self.ping || probe) && out.len() < size_limit {
                 packet::write_ping(&mut out);
@@ -862,7 +872,7 @@ impl Connection {
             return None;
         }
 
-        self.next_packet_number += 1;
+        self.next_packet_number = number + 1;
         self.last_sent = now;
         self.stats.packets_sent += 1;
         self.stats.bytes_sent += out.len() as u64;
@@ -902,8 +912,8 @@ impl Connection {
         } else {
             0
         };
-        let pending = (packet::MAX_VARINT_LEN + CONTROL_FRAMES_MAX + ack) as u64
-            + self.send.pending_size_bound(self.peer_limit);
+        let pending =
+            (CONTROL_FRAMES_MAX + ack) as u64 + self.send.pending_size_bound(self.peer_limit);
         if pending <= room {
             room as usize
         } else {
@@ -936,21 +946,32 @@ impl Connection {
     }
 
     /// Adds one STREAM frame with as many bytes as fit. Returns the range
-    /// written and whether it was a retransmission, or None if no bytes are
-    /// sendable or none fit.
+    /// written, whether it was a retransmission and where the frame ends,
+    /// or None if no bytes are sendable or none fit. A frame that fills the
+    /// packet, or after which nothing is left to send, leaves its length
+    /// out: it ends the packet.
     fn write_stream(
         &mut self,
         out: &mut Vec<u8>,
         size_limit: usize,
-    ) -> Option<(std::ops::Range<u64>, bool)> {
+    ) -> Option<(std::ops::Range<u64>, bool, StreamEnd)> {
         let offset = self.send.next_offset(self.peer_limit)?;
         let room = size_limit.checked_sub(out.len())?;
-        let header = packet::stream_header_len(offset, room as u64);
+        let header = packet::stream_header_len(offset, StreamEnd::Packet);
         let max_len = room.checked_sub(header).filter(|&len| len > 0)? as u64;
         let (range, retransmission) = self.send.take_chunk(offset, max_len, self.peer_limit);
-        packet::write_stream_header(out, offset, range.end - range.start);
+        let len = range.end - range.start;
+        let with_length = StreamEnd::Length(len);
+        let fits_with_length =
+            packet::stream_header_len(offset, with_length) as u64 + len <= room as u64;
+        let end = if fits_with_length && self.send.next_offset(self.peer_limit).is_some() {
+            with_length
+        } else {
+            StreamEnd::Packet
+        };
+        packet::write_stream_header(out, offset, end);
         self.send.write(&range, out);
-        Some((range, retransmission))
+        Some((range, retransmission, end))
     }
 }
 

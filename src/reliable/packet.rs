@@ -6,14 +6,20 @@
 //! input can panic the decoder or make it allocate more than the datagram.
 //!
 //! ```text
-//! packet := packet_number:varint frame+
+//! packet := frame+
 //! frame  := 0x01                                            PING
 //!         | 0x02 largest:varint delay_us:varint count:varint
 //!                first_len:varint (gap:varint len:varint){count}   ACK
 //!         | 0x03 offset:varint length:varint data[length]   STREAM
 //!         | 0x04 limit:varint                               MAX_DATA
 //!         | 0x05 final_offset:varint                        CLOSE
+//!         | 0x06 offset:varint data[to the end]             STREAM (last)
 //! ```
+//!
+//! A packet's number is not in it: it is the sequence number of the sealed
+//! frame that carries it (`seal`), which the header sends truncated. A
+//! STREAM frame that ends the packet leaves its length out, as QUIC's
+//! does; a full packet then carries two more bytes of data.
 //!
 //! Varints are QUIC's (RFC 9000 §16): the top two bits of the first byte give
 //! the length (1, 2, 4 or 8 bytes), the rest is the value, big-endian.
@@ -31,6 +37,7 @@ const FRAME_ACK: u8 = 0x02;
 const FRAME_STREAM: u8 = 0x03;
 const FRAME_MAX_DATA: u8 = 0x04;
 const FRAME_CLOSE: u8 = 0x05;
+const FRAME_STREAM_TO_END: u8 = 0x06;
 
 /// Why a payload could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -150,18 +157,10 @@ impl Frame<'_> {
     }
 }
 
-/// A decoded payload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Packet<'a> {
-    pub number: u64,
-    pub frames: Vec<Frame<'a>>,
-}
-
-/// Decodes a whole payload; any error refuses the whole packet, so no frame
-/// of a malformed packet is ever acted on.
-pub(crate) fn decode(payload: &[u8]) -> Result<Packet<'_>, PacketError> {
+/// Decodes a whole payload into its frames; any error refuses the whole
+/// packet, so no frame of a malformed packet is ever acted on.
+pub(crate) fn decode(payload: &[u8]) -> Result<Vec<Frame<'_>>, PacketError> {
     let mut reader = Reader { bytes: payload };
-    let number = reader.varint()?;
     let mut frames = Vec::new();
     while !reader.is_empty() {
         frames.push(decode_frame(&mut reader)?);
@@ -169,7 +168,16 @@ pub(crate) fn decode(payload: &[u8]) -> Result<Packet<'_>, PacketError> {
     if frames.is_empty() {
         return Err(PacketError::NoFrames);
     }
-    Ok(Packet { number, frames })
+    Ok(frames)
+}
+
+/// A STREAM frame's data, once its offset and length are known.
+fn stream<'a>(reader: &mut Reader<'a>, offset: u64, len: u64) -> Result<Frame<'a>, PacketError> {
+    if offset.checked_add(len).is_none_or(|end| end > MAX_VARINT) {
+        return Err(PacketError::OffsetOverflow);
+    }
+    let data = reader.take(len)?;
+    Ok(Frame::Stream { offset, data })
 }
 
 fn decode_frame<'a>(reader: &mut Reader<'a>) -> Result<Frame<'a>, PacketError> {
@@ -179,11 +187,11 @@ fn decode_frame<'a>(reader: &mut Reader<'a>) -> Result<Frame<'a>, PacketError> {
         FRAME_STREAM => {
             let offset = reader.varint()?;
             let len = reader.varint()?;
-            if offset.checked_add(len).is_none_or(|end| end > MAX_VARINT) {
-                return Err(PacketError::OffsetOverflow);
-            }
-            let data = reader.take(len)?;
-            Ok(Frame::Stream { offset, data })
+            stream(reader, offset, len)
+        }
+        FRAME_STREAM_TO_END => {
+            let offset = reader.varint()?;
+            stream(reader, offset, reader.bytes.len() as u64)
         }
         FRAME_MAX_DATA => Ok(Frame::MaxData(reader.varint()?)),
         FRAME_CLOSE => Ok(Frame::Close {
@@ -272,16 +280,36 @@ pub(crate) fn write_ack(
     true
 }
 
-/// Bytes a STREAM frame header takes for this offset and length.
-pub(crate) fn stream_header_len(offset: u64, len: u64) -> usize {
-    1 + varint_len(offset) + varint_len(len)
+/// Where a STREAM frame's data ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamEnd {
+    /// After this many bytes; more frames may follow.
+    Length(u64),
+    /// At the end of the packet.
+    Packet,
 }
 
-/// Appends a STREAM frame.
-pub(crate) fn write_stream_header(out: &mut Vec<u8>, offset: u64, len: u64) {
-    out.push(FRAME_STREAM);
-    write_varint(out, offset);
-    write_varint(out, len);
+/// Bytes a STREAM frame header takes.
+pub(crate) fn stream_header_len(offset: u64, end: StreamEnd) -> usize {
+    match end {
+        StreamEnd::Length(len) => 1 + varint_len(offset) + varint_len(len),
+        StreamEnd::Packet => 1 + varint_len(offset),
+    }
+}
+
+/// Appends a STREAM frame's header; its data follows.
+pub(crate) fn write_stream_header(out: &mut Vec<u8>, offset: u64, end: StreamEnd) {
+    match end {
+        StreamEnd::Length(len) => {
+            out.push(FRAME_STREAM);
+            write_varint(out, offset);
+            write_varint(out, len);
+        }
+        StreamEnd::Packet => {
+            out.push(FRAME_STREAM_TO_END);
+            write_varint(out, offset);
+        }
+    }
 }
 
 pub(crate) fn write_ping(out: &mut Vec<u8>) {
@@ -317,17 +345,16 @@ mod tests {
     #[test]
     fn every_frame_round_trips() {
         let mut out = Vec::new();
-        write_varint(&mut out, 70_000);
         write_ping(&mut out);
         assert!(write_ack(&mut out, &[10..12, 5..8, 0..1], 1234, 100));
         write_max_data(&mut out, 1 << 40);
-        write_stream_header(&mut out, 99, 3);
+        write_stream_header(&mut out, 99, StreamEnd::Length(3));
         out.extend_from_slice(b"abc");
         write_close(&mut out, 102);
-        let packet = decode(&out).unwrap();
-        assert_eq!(packet.number, 70_000);
+        write_stream_header(&mut out, 1 << 20, StreamEnd::Packet);
+        out.extend_from_slice(b"to the end");
         assert_eq!(
-            packet.frames,
+            decode(&out).unwrap(),
             vec![
                 Frame::Ping,
                 Frame::Ack(AckFrame {
@@ -340,17 +367,26 @@ mod tests {
                     data: b"abc"
                 },
                 Frame::Close { final_offset: 102 },
+                Frame::Stream {
+                    offset: 1 << 20,
+                    data: b"to the end"
+                },
             ]
         );
+        for end in [StreamEnd::Length(3), StreamEnd::Packet] {
+            let mut out = Vec::new();
+            write_stream_header(&mut out, 1 << 20, end);
+            assert_eq!(out.len(), stream_header_len(1 << 20, end));
+        }
     }
 
     #[test]
     fn ack_keeps_only_the_ranges_that_fit() {
         let ranges: Vec<_> = (0..50u64).rev().map(|i| i * 10..i * 10 + 5).collect();
-        let mut out = vec![0];
+        let mut out = Vec::new();
         assert!(write_ack(&mut out, &ranges, 0, 40));
-        assert!(out.len() <= 41);
-        let Frame::Ack(ack) = &decode(&out).unwrap().frames[0] else {
+        assert!(out.len() <= 40);
+        let Frame::Ack(ack) = &decode(&out).unwrap()[0] else {
             panic!("not an ACK");
         };
         assert_eq!(ack.ranges[..], ranges[..ack.ranges.len()]);
@@ -360,27 +396,30 @@ mod tests {
 
     #[test]
     fn hostile_payloads_are_refused() {
-        assert_eq!(decode(&[]), Err(PacketError::Truncated));
-        assert_eq!(decode(&[7]), Err(PacketError::NoFrames));
-        assert_eq!(decode(&[7, 0x3f]), Err(PacketError::UnknownFrame(0x3f)));
+        assert_eq!(decode(&[]), Err(PacketError::NoFrames));
+        assert_eq!(decode(&[0x3f]), Err(PacketError::UnknownFrame(0x3f)));
         // ACK whose first range runs below zero.
-        assert_eq!(decode(&[7, 2, 1, 0, 0, 2]), Err(PacketError::AckUnderflow));
+        assert_eq!(decode(&[2, 1, 0, 0, 2]), Err(PacketError::AckUnderflow));
         // ACK whose gap runs below zero.
         assert_eq!(
-            decode(&[7, 2, 5, 0, 1, 0, 4, 0]),
+            decode(&[2, 5, 0, 1, 0, 4, 0]),
             Err(PacketError::AckUnderflow)
         );
         // ACK claiming a huge range count with no bytes behind it.
-        let mut out = vec![7, 2, 5, 0];
+        let mut out = vec![2, 5, 0];
         write_varint(&mut out, MAX_VARINT);
         out.push(0);
         assert_eq!(decode(&out), Err(PacketError::Truncated));
         // STREAM claiming more bytes than the payload holds.
-        assert_eq!(decode(&[7, 3, 0, 5, 1, 2]), Err(PacketError::Truncated));
-        // STREAM ending past the largest offset.
-        let mut out = vec![7, 3];
+        assert_eq!(decode(&[3, 0, 5, 1, 2]), Err(PacketError::Truncated));
+        // STREAM ending past the largest offset, with a length or without.
+        let mut out = vec![3];
         write_varint(&mut out, MAX_VARINT);
         out.extend_from_slice(&[1, 0]);
+        assert_eq!(decode(&out), Err(PacketError::OffsetOverflow));
+        let mut out = vec![6];
+        write_varint(&mut out, MAX_VARINT);
+        out.push(0);
         assert_eq!(decode(&out), Err(PacketError::OffsetOverflow));
     }
 
@@ -398,10 +437,9 @@ mod tests {
             // Build disjoint, non-adjacent ranges from sorted start points.
             let points: Vec<u64> = starts.into_iter().map(|s| s * 4).collect();
             let ranges: Vec<Range<u64>> = points.iter().rev().map(|&s| s..s + 2).collect();
-            let mut out = vec![1];
+            let mut out = Vec::new();
             prop_assert!(write_ack(&mut out, &ranges, delay, 2000));
-            let packet = decode(&out).unwrap();
-            prop_assert_eq!(&packet.frames[0], &Frame::Ack(AckFrame { delay_micros: delay, ranges }));
+            prop_assert_eq!(&decode(&out).unwrap()[0], &Frame::Ack(AckFrame { delay_micros: delay, ranges }));
         }
     }
 }

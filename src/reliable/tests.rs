@@ -13,14 +13,23 @@ const MS: Duration = Duration::from_millis(1);
 /// side's datagrams, payload).
 type DropRule = Box<dyn FnMut(bool, u64, &[u8]) -> bool>;
 
+/// The next packet `conn` sends, numbered one past its last, as a sealer
+/// with nothing else to seal would number it.
+fn transmit(conn: &mut Connection, now: Instant) -> Option<(u64, Vec<u8>)> {
+    let number = conn.next_packet_number();
+    conn.poll_transmit(now, number)
+        .map(|payload| (number, payload))
+}
+
 struct Pair {
     a: Connection,
     b: Connection,
     start: Instant,
     now: Instant,
     one_way: Duration,
-    /// Datagrams in flight: arrival time, whether for B, payload.
-    wire: VecDeque<(Instant, bool, Vec<u8>)>,
+    /// Datagrams in flight: arrival time, whether for B, packet number,
+    /// payload.
+    wire: VecDeque<(Instant, bool, u64, Vec<u8>)>,
     sent: [u64; 2],
     drop: DropRule,
     a_events: Vec<Event>,
@@ -56,7 +65,7 @@ impl Pair {
         for from_a in [true, false] {
             loop {
                 let conn = if from_a { &mut self.a } else { &mut self.b };
-                let Some(payload) = conn.poll_transmit(self.now) else {
+                let Some((number, payload)) = transmit(conn, self.now) else {
                     break;
                 };
                 assert!(payload.len() <= conn.config().max_payload);
@@ -64,7 +73,7 @@ impl Pair {
                 *index += 1;
                 if !(self.drop)(from_a, *index - 1, &payload) {
                     self.wire
-                        .push_back((self.now + self.one_way, from_a, payload));
+                        .push_back((self.now + self.one_way, from_a, number, payload));
                 }
             }
         }
@@ -84,7 +93,7 @@ impl Pair {
                 return;
             }
             let next = [
-                self.wire.front().map(|(at, _, _)| *at),
+                self.wire.front().map(|(at, ..)| *at),
                 self.a.poll_timeout(),
                 self.b.poll_timeout(),
             ]
@@ -98,10 +107,10 @@ impl Pair {
                     return;
                 }
             }
-            while self.wire.front().is_some_and(|(at, _, _)| *at <= self.now) {
-                let (_, to_b, payload) = self.wire.pop_front().unwrap();
+            while self.wire.front().is_some_and(|(at, ..)| *at <= self.now) {
+                let (_, to_b, number, payload) = self.wire.pop_front().unwrap();
                 let conn = if to_b { &mut self.b } else { &mut self.a };
-                conn.handle_datagram(self.now, &payload);
+                conn.handle_datagram(self.now, number, &payload);
             }
             for conn in [&mut self.a, &mut self.b] {
                 if conn.poll_timeout().is_some_and(|t| t <= self.now) {
@@ -216,12 +225,15 @@ fn a_lost_packet_is_retransmitted_fast_in_a_new_packet() {
 fn a_small_message_may_use_the_windows_remainder_but_bulk_waits_for_a_full_packet() {
     let now = Instant::now();
     let mut a = Connection::new(Config::default(), now);
-    a.send(vec![1; 10_500]).unwrap();
-    while a.poll_transmit(now).is_some() {}
+    // A message that leaves about half a packet of the initial window.
+    let first = (a.stats().cwnd - a.config().max_payload as u64 / 2) as usize;
+    a.send(vec![1; first]).unwrap();
+    while transmit(&mut a, now).is_some() {}
     let stats = a.stats();
     let room = stats.cwnd - stats.bytes_in_flight;
     assert_eq!(
-        stats.stream_sent, 10_502,
+        stats.stream_sent,
+        first as u64 + 2,
         "the first message went out whole"
     );
     assert!(
@@ -230,13 +242,11 @@ fn a_small_message_may_use_the_windows_remainder_but_bulk_waits_for_a_full_packe
     );
 
     a.send(vec![2; 50]).unwrap();
-    let packet = a
-        .poll_transmit(now)
-        .expect("a small message fits the remainder");
+    let (_, packet) = transmit(&mut a, now).expect("a small message fits the remainder");
     assert!(packet.len() as u64 <= room);
     a.send(vec![3; 5000]).unwrap();
     assert_eq!(
-        a.poll_transmit(now),
+        transmit(&mut a, now),
         None,
         "bulk data waits for a full packet"
     );
@@ -303,16 +313,15 @@ fn garbage_duplicates_and_bad_acks_are_counted_and_ignored() {
     let mut a = Connection::new(Config::default(), now);
     let mut b = Connection::new(Config::default(), now);
     a.send(b"hi".to_vec()).unwrap();
-    let packet = a.poll_transmit(now).unwrap();
-    b.handle_datagram(now, &packet);
-    b.handle_datagram(now, &packet);
-    b.handle_datagram(now, &[]);
-    b.handle_datagram(now, &[0xff; 40]);
+    let (number, packet) = transmit(&mut a, now).unwrap();
+    b.handle_datagram(now, number, &packet);
+    b.handle_datagram(now, number, &packet);
+    b.handle_datagram(now, 1, &[]);
+    b.handle_datagram(now, 2, &[0xff; 40]);
     // An ACK for a packet B never sent.
     let mut bogus = Vec::new();
-    packet::write_varint(&mut bogus, 1);
     packet::write_ack(&mut bogus, &[5..6], 0, 100);
-    b.handle_datagram(now, &bogus);
+    b.handle_datagram(now, 3, &bogus);
     let stats = b.stats();
     assert_eq!(stats.packets_received, 1);
     assert_eq!(stats.duplicate_packets, 1);
@@ -326,13 +335,12 @@ fn stream_data_beyond_the_window_is_refused() {
     let now = Instant::now();
     let mut b = Connection::new(Config::default(), now);
     let mut hostile = Vec::new();
-    packet::write_varint(&mut hostile, 0);
     // Before B's first MAX_DATA reaches it, the peer may only assume the
     // initial credit... but B enforces its own, larger, window.
     let window = b.config().receive_window as u64;
-    packet::write_stream_header(&mut hostile, window, 1);
+    packet::write_stream_header(&mut hostile, window, StreamEnd::Length(1));
     hostile.push(0);
-    b.handle_datagram(now, &hostile);
+    b.handle_datagram(now, 0, &hostile);
     assert_eq!(b.stats().malformed_packets, 1);
     assert_eq!(b.stats().receive_buffered, 0);
 }
@@ -534,12 +542,12 @@ fn timers_of_any_length_are_accepted() {
     };
     let mut conn = Connection::new(config, now);
     conn.send(vec![0; 10]).unwrap();
-    while conn.poll_transmit(now).is_some() {}
+    while transmit(&mut conn, now).is_some() {}
     let later = now + Duration::from_secs(3600 * 24 * 365);
     conn.handle_timeout(later);
     assert!(!conn.is_closed(), "the idle timeout never fires");
     assert!(
-        conn.poll_transmit(later).is_some(),
+        transmit(&mut conn, later).is_some(),
         "the probe timeout still does"
     );
 }

@@ -1,24 +1,30 @@
 //! The header of a sealed peer-to-peer frame, and the body of a path check.
 //!
 //! ```text
-//! | 0xC4 or 0xC8 | version | session id (u64 BE) | counter (u64 BE) | payload ... |
+//! | 0xC4 or 0xC8 | version | session (u32 BE) | counter (u32 BE) | payload ... |
 //! ```
 //!
 //! Two kinds of frame are sealed with the session keys: data (`0xC4`, the
 //! reliable channel's packets) and path checks (`0xC8`, a challenge or its
-//! response on one route). Both count in the same counter space, so a nonce
-//! is never used twice, and the kind byte is part of the authenticated
-//! header, so neither can be passed off as the other.
+//! response on one route). Both count in the same sequence space, so a
+//! nonce is never used twice, and the kind byte is part of the
+//! authenticated header, so neither can be passed off as the other.
 //!
-//! The session id names the session the rendezvous introduced, so a frame for
-//! an old or foreign session is dropped before any work. The counter grows by
-//! one per frame sent; it is the AEAD nonce and the whole header is the
-//! associated data, so nothing in it can be altered.
+//! The session field is the low 32 bits of the id of the session the
+//! rendezvous introduced (WireGuard's receiver index is as long): enough to
+//! tell a host's sessions apart; the handshake binds the whole id into the
+//! keys, so a frame of another session never opens. The counter is the
+//! key phase (its top bit) over the low 31 bits of the frame's sequence
+//! number, which grows by one per frame sent; the receiver expands it to the
+//! whole number nearest the next one it expects, as QUIC expands packet
+//! numbers. The whole number is the AEAD nonce and the channel's packet
+//! number; the whole header is the associated data, so nothing in it can
+//! be altered.
 
 use super::{push_header, split_header, FrameKind, WireError, HEADER_LEN};
 
 /// Bytes from the start of a sealed frame to its payload.
-pub const DATA_HEADER_LEN: usize = HEADER_LEN + 16;
+pub const DATA_HEADER_LEN: usize = HEADER_LEN + 8;
 
 /// What a sealed frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,8 +47,10 @@ impl SealedKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DataHeader {
     pub kind: SealedKind,
-    pub session_id: u64,
-    pub counter: u64,
+    /// The low 32 bits of the session id.
+    pub session: u32,
+    /// Key phase and truncated sequence number, as sent.
+    pub counter: u32,
 }
 
 impl DataHeader {
@@ -55,7 +63,7 @@ impl DataHeader {
     /// Appends the header to `out`; the caller appends the payload.
     pub fn write(&self, out: &mut Vec<u8>) {
         push_header(out, self.kind.frame_kind());
-        out.extend_from_slice(&self.session_id.to_be_bytes());
+        out.extend_from_slice(&self.session.to_be_bytes());
         out.extend_from_slice(&self.counter.to_be_bytes());
     }
 
@@ -71,16 +79,16 @@ impl DataHeader {
                 })
             }
         };
-        let Some((session_id, rest)) = body.split_first_chunk::<8>() else {
+        let Some((session, rest)) = body.split_first_chunk::<4>() else {
             return Err(WireError::Truncated);
         };
-        let Some((counter, payload)) = rest.split_first_chunk::<8>() else {
+        let Some((counter, payload)) = rest.split_first_chunk::<4>() else {
             return Err(WireError::Truncated);
         };
         let header = Self {
             kind,
-            session_id: u64::from_be_bytes(*session_id),
-            counter: u64::from_be_bytes(*counter),
+            session: u32::from_be_bytes(*session),
+            counter: u32::from_be_bytes(*counter),
         };
         Ok((header, payload))
     }
@@ -155,8 +163,8 @@ mod tests {
         for kind in [SealedKind::Data, SealedKind::PathCheck] {
             let header = DataHeader {
                 kind,
-                session_id: 0x0102_0304_0506_0708,
-                counter: u64::MAX - 1,
+                session: 0x0102_0304,
+                counter: u32::MAX - 1,
             };
             let mut bytes = Vec::new();
             header.write(&mut bytes);
@@ -190,7 +198,7 @@ mod tests {
         let mut bytes = Vec::new();
         DataHeader {
             kind: SealedKind::Data,
-            session_id: 1,
+            session: 1,
             counter: 2,
         }
         .write(&mut bytes);

@@ -49,8 +49,10 @@ pub use handshake::{HandshakeMessage, MAX_HANDSHAKE_MESSAGE};
 pub use punch::PunchMessage;
 pub use relay::{parse_relayed, RelayRequest, RELAYED_HEADER_LEN, RELAY_HEADER_LEN};
 
-/// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+/// The protocol version this build speaks. Version 2: sealed frames carry
+/// 4 bytes of session id and a 4-byte counter (8 each before), and the
+/// channel's packets no packet number of their own (the counter is it).
+pub const VERSION: u8 = 2;
 
 /// Largest datagram natter sends before it knows the path, header
 /// included, and the largest of the rendezvous protocol, the handshake and
@@ -215,9 +217,10 @@ mod tests {
             split_header(&[0xCF, 9, 0]),
             Err(WireError::UnsupportedVersion { got: 9 })
         );
+        // Version 1 (8-byte counters in sealed frames) is refused too.
         assert_eq!(
-            split_header(&[0xC1, 2]),
-            Err(WireError::UnsupportedVersion { got: 2 })
+            split_header(&[0xC1, 1]),
+            Err(WireError::UnsupportedVersion { got: 1 })
         );
     }
 
