@@ -927,6 +927,7 @@ impl Connection {
             smoothed_rtt: self.recovery.rtt().smoothed(),
             min_rtt: self.recovery.rtt().min(),
             max_datagram: self.config.max_payload as u64,
+            bandwidth: self.congestion.bandwidth(),
         }
     }
 

@@ -4,8 +4,13 @@
 //! §7.7).
 //!
 //! A token bucket. Tokens accrue at 5/4 of the window per smoothed round
-//! trip, and a packet goes when the bucket holds its size. The margin lets
-//! a window that grows during the round trip be sent within it. (Linux's
+//! trip, or of the path's measured bandwidth if that is more, and a packet
+//! goes when the bucket holds its size. The margin lets a window that grows
+//! during the round trip be sent within it. The bandwidth floor is for the
+//! round trips after a cut: the smoothed round trip still holds the queue
+//! the cut is draining, and the window over it paced the sender below the
+//! link (simulated 10 Mbit/s, 20 ms, one-product queue: the link idled
+//! while the queue was gone). (Linux's
 //! TCP paces slow start at twice the window per round trip; in the
 //! simulator that made no difference to goodput beyond the spread across
 //! seeds, and two flows sharing a queue split it less evenly: Jain index
@@ -44,13 +49,16 @@ pub(crate) struct PacingInput {
     pub smoothed_rtt: Duration,
     pub min_rtt: Duration,
     pub max_datagram: u64,
+    /// What the path was measured to deliver, bytes per second.
+    pub bandwidth: Option<f64>,
 }
 
 impl PacingInput {
     /// Bytes per second the pacer lets out.
     fn rate(&self) -> f64 {
         let rtt = self.smoothed_rtt.as_secs_f64().max(f64::MIN_POSITIVE);
-        self.window as f64 / rtt * GAIN_NUMERATOR / GAIN_DENOMINATOR
+        let per_round_trip = self.window as f64 / rtt;
+        per_round_trip.max(self.bandwidth.unwrap_or(0.0)) * GAIN_NUMERATOR / GAIN_DENOMINATOR
     }
 
     /// The bucket's size: a burst interval's worth at the pacing rate, at
@@ -121,6 +129,7 @@ mod tests {
             smoothed_rtt: rtt,
             min_rtt: rtt,
             max_datagram: MTU,
+            bandwidth: None,
         }
     }
 
@@ -149,6 +158,37 @@ mod tests {
         // The first 12 go at once, the other 88 at 5/4 of 100 per 20 ms.
         assert!(
             (Duration::from_millis(13)..=Duration::from_millis(15)).contains(&took),
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn the_pace_never_falls_below_what_the_path_delivers() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new();
+        // Just after a cut: a window of 20 packets over a round trip still
+        // swollen by the queue (40 ms), on a path measured to deliver a
+        // packet a millisecond. The window alone would pace 100 packets
+        // over 160 ms, leaving the link idle a third of the time.
+        let path = PacingInput {
+            bandwidth: Some(MTU as f64 * 1000.0),
+            ..path(20 * MTU, Duration::from_millis(40))
+        };
+        let mut now = start;
+        let mut sent = 0;
+        while sent < 100 {
+            match pacer.release_time(now, MTU, path) {
+                None => {
+                    pacer.on_sent(MTU);
+                    sent += 1;
+                }
+                Some(at) => now = at,
+            }
+        }
+        // The first 10 at once, the other 90 at 5/4 of a packet per ms.
+        let took = now - start;
+        assert!(
+            (Duration::from_millis(71)..=Duration::from_millis(73)).contains(&took),
             "{took:?}"
         );
     }
