@@ -133,16 +133,13 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_window_goes_out_over_the_round_trip_not_at_once() {
+    /// How long a fresh pacer takes to let `packets` full packets go.
+    fn time_to_send(packets: u64, path: PacingInput) -> Duration {
         let start = Instant::now();
         let mut pacer = Pacer::new();
-        // 100 packets per 20 ms round trip: 6.25 MB/s paced, a bucket of
-        // 12.5 packets.
-        let path = path(100 * MTU, Duration::from_millis(20));
         let mut now = start;
         let mut sent = 0;
-        while sent < 100 {
+        while sent < packets {
             match pacer.release_time(now, MTU, path) {
                 None => {
                     pacer.on_sent(MTU);
@@ -154,7 +151,14 @@ mod tests {
                 }
             }
         }
-        let took = now - start;
+        now - start
+    }
+
+    #[test]
+    fn a_window_goes_out_over_the_round_trip_not_at_once() {
+        // 100 packets per 20 ms round trip: 6.25 MB/s paced, a bucket of
+        // 12.5 packets.
+        let took = time_to_send(100, path(100 * MTU, Duration::from_millis(20)));
         // The first 12 go at once, the other 88 at 5/4 of 100 per 20 ms.
         assert!(
             (Duration::from_millis(13)..=Duration::from_millis(15)).contains(&took),
@@ -164,29 +168,18 @@ mod tests {
 
     #[test]
     fn the_pace_never_falls_below_what_the_path_delivers() {
-        let start = Instant::now();
-        let mut pacer = Pacer::new();
         // Just after a cut: a window of 20 packets over a round trip still
         // swollen by the queue (40 ms), on a path measured to deliver a
-        // packet a millisecond. The window alone would pace 100 packets
-        // over 160 ms, leaving the link idle a third of the time.
-        let path = PacingInput {
-            bandwidth: Some(MTU as f64 * 1000.0),
-            ..path(20 * MTU, Duration::from_millis(40))
-        };
-        let mut now = start;
-        let mut sent = 0;
-        while sent < 100 {
-            match pacer.release_time(now, MTU, path) {
-                None => {
-                    pacer.on_sent(MTU);
-                    sent += 1;
-                }
-                Some(at) => now = at,
-            }
-        }
+        // packet a millisecond. The window alone would pace 0.625 packets
+        // a millisecond, leaving the link idle over a third of the time.
+        let took = time_to_send(
+            100,
+            PacingInput {
+                bandwidth: Some(MTU as f64 * 1000.0),
+                ..path(20 * MTU, Duration::from_millis(40))
+            },
+        );
         // The first 10 at once, the other 90 at 5/4 of a packet per ms.
-        let took = now - start;
         assert!(
             (Duration::from_millis(71)..=Duration::from_millis(73)).contains(&took),
             "{took:?}"
