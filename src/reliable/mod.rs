@@ -486,7 +486,12 @@ impl Connection {
             return;
         }
         self.stats.bytes_received += payload.len() as u64;
-        let Ok(frames) = packet::decode(payload) else {
+        // ACK frames carry numbers as varints: a larger one could never be
+        // acknowledged.
+        let decoded = packet::decode(payload)
+            .ok()
+            .filter(|_| number <= packet::MAX_VARINT);
+        let Some(frames) = decoded else {
             self.stats.malformed_packets += 1;
             return;
         };

@@ -343,6 +343,7 @@ fn garbage_duplicates_and_bad_acks_are_counted_and_ignored() {
     b.handle_datagram(now, number, &packet);
     b.handle_datagram(now, 1, &[]);
     b.handle_datagram(now, 2, &[0xff; 40]);
+    b.handle_datagram(now, u64::MAX, &packet);
     // An ACK for a packet B never sent.
     let mut bogus = Vec::new();
     packet::write_ack(&mut bogus, &[5..6], 0, 100);
@@ -350,7 +351,7 @@ fn garbage_duplicates_and_bad_acks_are_counted_and_ignored() {
     let stats = b.stats();
     assert_eq!(stats.packets_received, 1);
     assert_eq!(stats.duplicate_packets, 1);
-    assert_eq!(stats.malformed_packets, 3);
+    assert_eq!(stats.malformed_packets, 4);
     assert_eq!(b.poll_event(), Some(Event::Message(b"hi".to_vec())));
     assert_eq!(b.poll_event(), None);
 }
