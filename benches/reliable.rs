@@ -537,11 +537,13 @@ fn fairness() {
                 (&mut receivers[flow], &mut backward),
             ];
             for (conn, link) in ends {
-                let mut number = conn.next_packet_number();
-                while let Some(mut payload) = conn.poll_transmit(now, number) {
+                loop {
+                    let number = conn.next_packet_number();
+                    let Some(mut payload) = conn.poll_transmit(now, number) else {
+                        break;
+                    };
                     payload.insert(0, flow as u8);
                     link.send_packet(now, number, &payload);
-                    number += 1;
                 }
             }
         }

@@ -424,8 +424,8 @@ impl Westwood {
             return false;
         }
         let min_rtt = rtt.min();
-        let target = self
-            .delivered_per_round_trip(rtt)
+        let product = self.delivered_per_round_trip(rtt);
+        let target = product
             .unwrap_or(self.window / 2)
             .max(self.minimum_window());
         let queued = queue_building(min_rtt, rtt.recent_min());
@@ -459,7 +459,7 @@ impl Westwood {
             }
             let half = self.window / 2;
             let slack = ACK_SLACK_PACKETS * self.max_datagram;
-            let product = self.delivered_per_round_trip(rtt).unwrap_or(0);
+            let product = product.unwrap_or(0);
             half.max((product + slack).min(half + slack))
                 .max(self.minimum_window())
         } else {
