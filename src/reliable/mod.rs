@@ -311,7 +311,11 @@ impl Connection {
             pacer: Pacer::new(),
             paced_until: None,
             send: SendStream::new(config.send_buffer),
-            recv: RecvStream::new(window, config.max_message_size as u64),
+            recv: RecvStream::new(
+                window,
+                config.max_message_size as u64,
+                config.max_payload as u64,
+            ),
             peer_limit: INITIAL_CREDIT,
             probes: 0,
             ping: false,
