@@ -307,7 +307,7 @@ impl Connection {
             next_packet_number: 0,
             ack: AckTracker::new(config.max_ack_delay),
             recovery: Recovery::new(config.initial_rtt, config.max_ack_delay, config.min_pto),
-            congestion: Westwood::new(config.max_payload),
+            congestion: Westwood::new(config.max_payload, None),
             pacer: Pacer::new(),
             paced_until: None,
             send: SendStream::new(config.send_buffer),
@@ -340,12 +340,16 @@ impl Connection {
         for packet in self.recovery.abandon_in_flight(new_path) {
             self.requeue(&packet.content);
         }
-        if let Migration::NewPath { rtt: Some(rtt) } = migration {
+        let rtt = match migration {
+            Migration::NewPath { rtt } => rtt,
+            Migration::PortOnly => None,
+        };
+        if let Some(rtt) = rtt {
             self.recovery.seed_rtt(rtt);
         }
         self.config.max_payload = max_payload.max(MIN_PAYLOAD);
         if new_path {
-            self.congestion = Westwood::new(self.config.max_payload);
+            self.congestion = Westwood::new(self.config.max_payload, rtt);
             self.pacer = Pacer::new();
         }
     }
@@ -355,8 +359,12 @@ impl Connection {
     /// it the first probe timeout is the second that the 333 ms initial
     /// guess gives: at 10 % loss through the NAT lab, 8 of 28 transfers
     /// lost the first flight's ACK and stalled for that second.
+    /// Before the first packet, it also sizes the first window.
     pub fn seed_rtt(&mut self, rtt: Duration) {
         self.recovery.seed_rtt(rtt);
+        if self.stats.packets_sent == 0 {
+            self.congestion = Westwood::new(self.config.max_payload, Some(rtt));
+        }
     }
 
     /// The route's datagrams can now carry `max_payload` (its MTU was

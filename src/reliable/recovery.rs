@@ -57,8 +57,11 @@ pub(crate) struct RttEstimator {
     smoothed: Duration,
     variance: Duration,
     min: Duration,
-    /// Samples taken; a start from a measured round trip counts as one.
+    /// Samples the channel took; a round trip measured outside it is not one.
     samples: u64,
+    /// Whether the estimate started from a round trip measured outside the
+    /// channel, which the first sample then refines instead of replacing.
+    seeded: bool,
     /// The smallest sample of the round trip under way (since `round_start`)
     /// and of the one before.
     round_min: Duration,
@@ -74,6 +77,7 @@ impl RttEstimator {
             variance: initial / 2,
             min: initial,
             samples: 0,
+            seeded: false,
             round_min: initial,
             previous_round_min: initial,
             round_start: None,
@@ -84,7 +88,7 @@ impl RttEstimator {
     /// channel, taken as its first sample.
     pub fn measured(sample: Duration) -> Self {
         Self {
-            samples: 1,
+            seeded: true,
             ..Self::new(sample)
         }
     }
@@ -100,6 +104,7 @@ impl RttEstimator {
             variance: recent / 2,
             min,
             samples: 1,
+            seeded: false,
             round_min: recent,
             previous_round_min: recent,
             round_start: None,
@@ -126,12 +131,19 @@ impl RttEstimator {
         }
         self.samples += 1;
         if self.samples == 1 {
+            // The minimum is the channel's own: a handshake's small packets
+            // cross a slow link faster than full ones, and a minimum under
+            // every later sample kept the window short of the path and
+            // never confirmed, so it drained every ten seconds.
             self.min = sample;
-            self.smoothed = sample;
-            self.variance = sample / 2;
-            return;
+            if !self.seeded {
+                self.smoothed = sample;
+                self.variance = sample / 2;
+                return;
+            }
+        } else {
+            self.min = self.min.min(sample);
         }
-        self.min = self.min.min(sample);
         // Subtract the ACK delay only if that leaves at least min_rtt, so a
         // lying or confused peer cannot drive the estimate below the floor.
         let adjusted = if sample >= self.min + ack_delay {

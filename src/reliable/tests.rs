@@ -332,6 +332,27 @@ fn a_new_path_starts_from_its_checked_round_trip_or_the_guess() {
     assert_eq!(pair.a.stats().smoothed_rtt, Config::default().initial_rtt);
 }
 
+/// The handshake's round trip sizes the first window (the initial pace
+/// over it) and times the first probe, but the minimum round trip is the
+/// channel's own: full packets cross a slow link slower than the
+/// handshake's small ones.
+#[test]
+fn a_seeded_round_trip_sizes_the_first_window_and_yields_the_minimum() {
+    let mut pair = Pair::new(Config::default());
+    let standard = pair.a.stats().cwnd;
+    let handshake = 2 * pair.one_way - MS;
+    pair.a.seed_rtt(handshake);
+    assert!(pair.a.stats().cwnd > standard, "{}", pair.a.stats().cwnd);
+    assert_eq!(pair.a.stats().min_rtt, handshake);
+    pair.a.send(pattern(3 * 1100, 6)).unwrap();
+    pair.run_until(Duration::from_secs(10), |p| p.a.is_idle());
+    assert!(
+        pair.a.stats().min_rtt > handshake,
+        "{:?}",
+        pair.a.stats().min_rtt
+    );
+}
+
 #[test]
 fn garbage_duplicates_and_bad_acks_are_counted_and_ignored() {
     let now = Instant::now();
