@@ -978,9 +978,10 @@ impl Link {
                     secured
                         .pmtu
                         .on_path_change(searches_mtu(route, &secured.paths));
-                    secured
-                        .channel
-                        .migrate(migration, max_payload(&self.config, route, BASE_DATAGRAM));
+                    let payload = max_payload(&self.config, route, BASE_DATAGRAM);
+                    secured.channel.migrate(migration, payload);
+                    let rate = route_rate(route, self.rendezvous.relay_route(), payload);
+                    secured.channel.set_route_rate(rate);
                     let path = Path {
                         remote: match route {
                             Route::Direct(addr) => addr,
@@ -1042,6 +1043,8 @@ impl Link {
                 if secured.paths.active().route == Route::Relay {
                     let payload = max_payload(&self.config, Route::Relay, BASE_DATAGRAM);
                     secured.channel.migrate(Migration::PortOnly, payload);
+                    let rate = route_rate(Route::Relay, self.rendezvous.relay_route(), payload);
+                    secured.channel.set_route_rate(rate);
                 }
                 return;
             }
@@ -1157,7 +1160,13 @@ impl Link {
         }
         let mut pmtu = Pmtu::new(self.seed);
         pmtu.on_path_change(searches_mtu(route, &paths));
+        let rate = route_rate(
+            route,
+            self.rendezvous.relay_route(),
+            channel_config.max_payload,
+        );
         let mut channel = Connection::new(channel_config, now);
+        channel.set_route_rate(rate);
         // The punch or the handshake timed the path: the first probe timeout
         // is then a few round trips, not the second of a 333 ms guess.
         if let Some(rtt) = rtt {
@@ -1243,6 +1252,18 @@ fn max_payload(config: &LinkConfig, route: Route, datagram: usize) -> usize {
         .channel
         .max_payload
         .min(DataHeader::max_payload(datagram) - seal::TAG_LEN)
+}
+
+/// The channel's payload bytes per second on `route`: on the relay, the
+/// server's rate for this peer less each request's relay header, data
+/// header and tag, with a 32nd to spare for path checks and probes;
+/// no limit on a direct route.
+fn route_rate(route: Route, relay: Option<RelayRoute>, payload: usize) -> Option<u64> {
+    let Route::Relay = route else {
+        return None;
+    };
+    let frame = (payload + RELAY_HEADER_LEN + DATA_HEADER_LEN + seal::TAG_LEN) as u64;
+    relay.map(|relay| u64::from(relay.rate) * payload as u64 / frame * 31 / 32)
 }
 
 /// Whether to search for the MTU of `route`: only a direct one, and only

@@ -89,12 +89,14 @@ pub enum RendezvousEvent {
     Failed(ConnectError),
 }
 
-/// Where relay requests go: the current session at the server, and the
-/// token that shows the server who sends.
+/// Where relay requests go: the current session at the server, the token
+/// that shows the server who sends, and the bytes per second it relays for
+/// this peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayRoute {
     pub session_id: u64,
     pub peer_token: u64,
+    pub rate: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,8 +146,9 @@ pub struct RendezvousClient {
     next_send: Instant,
     retransmit: Duration,
     refresh_interval: Duration,
-    /// The server relays for pairs that cannot punch.
-    relay_offered: bool,
+    /// Bytes per second the server relays for each peer of a pair that
+    /// cannot punch; 0 if it does not relay.
+    relay_rate: u32,
     introduced: Option<u64>,
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<RendezvousEvent>,
@@ -180,7 +183,7 @@ impl RendezvousClient {
             last_heard: None,
             next_send: now,
             refresh_interval: Duration::from_secs(15),
-            relay_offered: false,
+            relay_rate: 0,
             introduced: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -216,10 +219,11 @@ impl RendezvousClient {
     /// NAT rebinding), and a relayed session follows them.
     pub fn relay_route(&self) -> Option<RelayRoute> {
         match (self.state, self.token, self.introduced) {
-            (State::Registered, Some(peer_token), Some(session_id)) if self.relay_offered => {
+            (State::Registered, Some(peer_token), Some(session_id)) if self.relay_rate > 0 => {
                 Some(RelayRoute {
                     session_id,
                     peer_token,
+                    rate: self.relay_rate,
                 })
             }
             _ => None,
@@ -256,10 +260,10 @@ impl RendezvousClient {
                 reflexive,
                 peer_token,
                 refresh_interval_ms,
-                relay,
+                relay_rate,
             } if client_nonce == self.nonce => {
                 self.token = Some(peer_token);
-                self.relay_offered = relay;
+                self.relay_rate = relay_rate;
                 self.busy_backoff = BUSY_RETRY_MIN;
                 self.refresh_interval =
                     Duration::from_millis(refresh_interval_ms.into()).max(Duration::from_secs(1));
@@ -543,7 +547,7 @@ mod tests {
             reflexive: "198.51.100.4:4000".parse().unwrap(),
             peer_token: 5,
             refresh_interval_ms: 15_000,
-            relay: true,
+            relay_rate: 1 << 20,
         }
         .encode()
         .unwrap()
@@ -796,7 +800,8 @@ mod tests {
             c.relay_route(),
             Some(RelayRoute {
                 session_id: 8,
-                peer_token: 5
+                peer_token: 5,
+                rate: 1 << 20,
             })
         );
     }

@@ -415,7 +415,7 @@ fn port_mapping_cases() -> Vec<Case> {
 }
 
 /// Two symmetric NATs: 4 MiB each way through the relay, whose default rate
-/// (1 MiB/s per pair, both directions together) bounds the transfer.
+/// (1 MiB/s per peer) bounds the transfer.
 fn relayed_transfer_case() -> Case {
     Case {
         name: "symmetric x symmetric, relayed".into(),
@@ -1141,6 +1141,17 @@ fn check_peer(
                     other => fail(format!(
                         "expected a \"relaying\" event with the candidates tried, got {other:?}"
                     )),
+                }
+                // Paced under the relay's rate, which drops what goes over
+                // (unpaced, half of what the channel sent was lost there).
+                if let Some(t) = p.event("transferred") {
+                    let count = |key: &str| t["channel"][key].as_u64().unwrap_or(0);
+                    let (lost, sent) = (count("packets_lost"), count("packets_sent"));
+                    if lost * 20 > sent {
+                        fail(format!(
+                            "lost {lost} of {sent} packets on the relay, over 5 %"
+                        ));
+                    }
                 }
             }
             if p.status.is_some() && p.exit_code() != Some(0) {

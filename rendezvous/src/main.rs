@@ -46,8 +46,9 @@ struct Cli {
     /// Burst of datagrams accepted from one IP address, all ports together.
     #[arg(long, default_value_t = 4_000.0)]
     burst_per_ip: f32,
-    /// Bytes per second relayed for one pair of peers that could not punch
-    /// a direct path (0: do not relay; such pairs then fail to connect).
+    /// Bytes per second relayed for each peer of a pair that could not
+    /// punch a direct path (0: do not relay; such pairs then fail to
+    /// connect). Peers pace their relayed frames under it.
     #[arg(long, default_value_t = 1 << 20)]
     relay_rate: u32,
     /// Datagrams per second, all sources together, above which the server

@@ -40,7 +40,8 @@ pub struct Config {
     pub rate_limit: RateLimit,
     /// Datagrams from one address (IPv6: /64), all its ports together.
     pub address_rate_limit: RateLimit,
-    /// Bytes per second the server relays for one session (0: no relay).
+    /// Bytes per second the server relays for each peer of a session (0: no
+    /// relay).
     pub relay_rate: u32,
     /// Datagrams per second, from all sources together, above which the
     /// server is under load: it then serves only sources that echo an
@@ -128,9 +129,10 @@ struct Member {
     /// Its tag for registering again after a restart.
     rejoin: Option<RejoinTag>,
     last_seen: Instant,
-    /// Sent a relay request with its token from `reflexive`: it wants relayed
-    /// frames and receives them there.
-    relaying: bool,
+    /// Sent a relay request with its token from `reflexive`: it takes
+    /// relayed frames there, and may relay what this budget holds
+    /// (`relay_rate` a second, from its first request).
+    relay: Option<Bucket>,
 }
 
 /// Up to two members; the first registered is the controlling one.
@@ -140,8 +142,6 @@ struct Room {
     session_id: Option<u64>,
     /// The member whose restart began this session (see `Register::rejoin`).
     restarted: Option<usize>,
-    /// The session's relay budget, from its first relayed frame.
-    relay_budget: Option<Bucket>,
 }
 
 /// Relay bursts may use a quarter of a second of the rate at once.
@@ -153,10 +153,9 @@ impl Room {
         if let Some(session_id) = self.session_id.take() {
             sessions.remove(&session_id);
         }
-        self.relay_budget = None;
         self.restarted = None;
         for member in &mut self.members {
-            member.relaying = false;
+            member.relay = None;
         }
     }
 }
@@ -461,8 +460,10 @@ impl Server {
         else {
             return self.stats.drop(DropReason::BadToken);
         };
+        let rate = self.config.relay_rate as f32;
+        let burst = rate * RELAY_BURST_SECONDS;
         let sender = &mut room.members[index];
-        sender.relaying = true;
+        sender.relay.get_or_insert_with(|| Bucket::full(now, burst));
         sender.last_seen = now;
         if request.inner.is_empty() {
             // A hello: the peer will take relayed frames from now on.
@@ -470,15 +471,14 @@ impl Server {
             return;
         }
         let receiver = &room.members[1 - index];
-        if !receiver.relaying {
+        if receiver.relay.is_none() {
             return self.stats.drop(DropReason::RelayPeerNotReady);
         }
         let (via, to) = (receiver.via, receiver.reflexive);
-        let rate = self.config.relay_rate as f32;
-        let burst = rate * RELAY_BURST_SECONDS;
-        let budget = room
-            .relay_budget
-            .get_or_insert_with(|| Bucket::full(now, burst));
+        let budget = room.members[index]
+            .relay
+            .as_mut()
+            .expect("the sender's budget was made above");
         if !budget.take(now, rate, burst, bytes.len() as f32) {
             return self.stats.drop(DropReason::RelayRateLimited);
         }
@@ -538,7 +538,7 @@ impl Server {
             if peer_token.is_none() && rebound {
                 // A new process: the old one's token (and relaying) end.
                 member.token = self.rng.gen();
-                member.relaying = false;
+                member.relay = None;
             }
             // A port mapping that appeared (or changed) after the peer
             // registered is a new way in: the other peer must hear of it.
@@ -586,7 +586,7 @@ impl Server {
             mapped,
             rejoin,
             last_seen: now,
-            relaying: false,
+            relay: None,
         });
         let full = room.members.len() == 2;
         self.peers += 1;
@@ -620,7 +620,7 @@ impl Server {
             reflexive: to,
             peer_token,
             refresh_interval_ms: self.config.refresh_interval.as_millis() as u32,
-            relay: self.config.relay_rate > 0,
+            relay_rate: self.config.relay_rate,
         };
         self.send_message(via, to, &reply);
     }
@@ -1578,7 +1578,7 @@ mod tests {
     }
 
     #[test]
-    fn each_session_is_held_to_its_byte_rate() {
+    fn each_peer_is_held_to_its_byte_rate() {
         let mut h = Harness::with_config(Config {
             relay_rate: 40_000,
             ..Config::default()
@@ -1591,6 +1591,11 @@ mod tests {
             .count();
         assert_eq!(forwarded, 9);
         assert_eq!(h.server.stats().dropped(DropReason::RelayRateLimited), 41);
+        // B's frames (its ACKs, in a transfer from A) draw on its own budget.
+        let forwarded = (0..50)
+            .filter(|_| !h.relay(B, session, b, 1000).is_empty())
+            .count();
+        assert_eq!(forwarded, 9);
         // A second later, 40 000 more bytes (capped at the burst).
         h.now += Duration::from_secs(1);
         let forwarded = (0..50)
@@ -1609,7 +1614,7 @@ mod tests {
         });
         assert!(matches!(
             h.register(A, None).as_slice(),
-            [(_, ServerMessage::Registered { relay: false, .. })]
+            [(_, ServerMessage::Registered { relay_rate: 0, .. })]
         ));
         let (a, b, session) = session(&mut h);
         h.relay(B, session, b, 10);

@@ -270,6 +270,9 @@ pub struct Connection {
     recovery: Recovery,
     congestion: Westwood,
     pacer: Pacer,
+    /// Payload bytes per second the route carries at most (a relay's
+    /// rate), if it has a limit: the pacer never goes over it.
+    route_rate: Option<u64>,
     /// Packets wait for the pacer until then (set by the last
     /// `poll_transmit` that had one to send).
     paced_until: Option<Instant>,
@@ -309,6 +312,7 @@ impl Connection {
             recovery: Recovery::new(config.initial_rtt, config.max_ack_delay, config.min_pto),
             congestion: Westwood::new(config.max_payload, None),
             pacer: Pacer::new(),
+            route_rate: None,
             paced_until: None,
             send: SendStream::new(config.send_buffer),
             recv: RecvStream::new(
@@ -372,6 +376,15 @@ impl Connection {
     /// their size.
     pub fn set_max_payload(&mut self, max_payload: usize) {
         self.config.max_payload = max_payload.max(MIN_PAYLOAD);
+    }
+
+    /// The route carries at most `rate` payload bytes per second (a relay
+    /// that drops what goes over), or has no such limit: the pacer keeps
+    /// under it, on any round trip. Without it the window took the relay's
+    /// drops for random loss, with no queue to show, and offered it twice
+    /// what it passed.
+    pub fn set_route_rate(&mut self, rate: Option<u64>) {
+        self.route_rate = rate;
     }
 
     /// Whether the ACK owed shows a packet that arrived out of order. The
@@ -945,6 +958,7 @@ impl Connection {
             min_rtt: self.recovery.rtt().min(),
             max_datagram: self.config.max_payload as u64,
             bandwidth: self.congestion.bandwidth(),
+            route_rate: self.route_rate.map(|rate| rate as f64),
         }
     }
 

@@ -171,9 +171,12 @@ pub enum ServerMessage {
         reflexive: SocketAddr,
         peer_token: u64,
         refresh_interval_ms: u32,
-        /// The server relays frames between the two peers of a session
-        /// when punching fails.
-        relay: bool,
+        /// Bytes per second the server relays for each peer of a session
+        /// when punching fails, counting whole relay requests; 0: it does
+        /// not relay. A peer paces its relayed frames under it: the server
+        /// drops what goes over, and a drop without a queue looks like
+        /// random loss to the sender.
+        relay_rate: u32,
     },
     /// Sent to both peers of a room at once, so their punch bursts start
     /// together.
@@ -455,7 +458,7 @@ mod tests {
                 reflexive: "203.0.113.7:61000".parse().unwrap(),
                 peer_token: 77,
                 refresh_interval_ms: 15_000,
-                relay: true,
+                relay_rate: 1 << 20,
             },
             largest_introduce(),
             ServerMessage::Error {

@@ -52,7 +52,8 @@ pub use relay::{parse_relayed, RelayRequest, RELAYED_HEADER_LEN, RELAY_HEADER_LE
 /// The protocol version this build speaks. Version 2: sealed frames carry
 /// 4 bytes of session id and a 4-byte counter (8 each before), and the
 /// channel's packets no packet number of their own (the counter is it).
-pub const VERSION: u8 = 2;
+/// Version 3: `Registered` tells the relay's rate per peer (a flag before).
+pub const VERSION: u8 = 3;
 
 /// Largest datagram natter sends before it knows the path, header
 /// included, and the largest of the rendezvous protocol, the handshake and
