@@ -157,6 +157,12 @@ mod tests {
         }
     }
 
+    /// `took` lies within `ms` milliseconds.
+    fn assert_took(took: Duration, ms: std::ops::RangeInclusive<u64>) {
+        let within = Duration::from_millis(*ms.start())..=Duration::from_millis(*ms.end());
+        assert!(within.contains(&took), "{took:?}");
+    }
+
     /// How long a fresh pacer takes to let `packets` full packets go.
     fn time_to_send(packets: u64, path: PacingInput) -> Duration {
         let start = Instant::now();
@@ -184,10 +190,7 @@ mod tests {
         // 12.5 packets.
         let took = time_to_send(100, path(100 * MTU, Duration::from_millis(20)));
         // The first 12 go at once, the other 88 at 5/4 of 100 per 20 ms.
-        assert!(
-            (Duration::from_millis(13)..=Duration::from_millis(15)).contains(&took),
-            "{took:?}"
-        );
+        assert_took(took, 13..=15);
     }
 
     #[test]
@@ -205,10 +208,7 @@ mod tests {
         );
         // The first 5 (a quarter of the window) at once, the other 95 at
         // 5/4 of a packet per ms.
-        assert!(
-            (Duration::from_millis(75)..=Duration::from_millis(77)).contains(&took),
-            "{took:?}"
-        );
+        assert_took(took, 75..=77);
     }
 
     #[test]
@@ -220,10 +220,7 @@ mod tests {
             ..path(8 * MTU, Duration::from_millis(100))
         };
         let took = time_to_send(8, slow);
-        assert!(
-            (Duration::from_millis(59)..=Duration::from_millis(61)).contains(&took),
-            "{took:?}"
-        );
+        assert_took(took, 59..=61);
     }
 
     #[test]
@@ -236,10 +233,7 @@ mod tests {
         };
         // The first 10 at once, the other 90 at a packet a millisecond.
         let took = time_to_send(100, relay);
-        assert!(
-            (Duration::from_millis(89)..=Duration::from_millis(91)).contains(&took),
-            "{took:?}"
-        );
+        assert_took(took, 89..=91);
         assert_eq!(
             time_to_send(100, path(200 * MTU, Duration::from_micros(100))),
             Duration::ZERO
